@@ -7,11 +7,13 @@ pulled repo without touching the network. huggingface_hub is imported only insid
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import CheckpointError, EdgeQwenError, ModelNotFoundError
 from .store import hf_cache_dir
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -23,8 +25,6 @@ def _repo_folder(repo_id: str) -> Path:
 
 
 def _check_repo_id(repo_id: str) -> None:
-    from .errors import EdgeQwenError
-
     if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", repo_id or "") or ".." in repo_id:
         raise EdgeQwenError(
             f"{repo_id!r} is not a Hugging Face repo id; give it as ORG/NAME, e.g. Qwen/Qwen2.5-0.5B-Instruct",
@@ -58,3 +58,171 @@ def snapshot_path(repo_id: str, revision: str | None = None) -> Path:
             f"({snap} has no config.json); {hint} to complete it"
         )
     return snap
+
+
+# What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json",
+    "*.safetensors", "model.safetensors.index.json",
+    "LICENSE*", "README.md",
+]
+QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
+
+
+@dataclass
+class PullResult:
+    """What `pull` did: the snapshot it left in the store and what it had to download for it."""
+
+    repo_id: str
+    revision: str
+    commit: str
+    path: Path
+    files: list[str]  # every file of the snapshot (relative paths)
+    fetched: list[str]  # the files this call downloaded (the rest were already in the store)
+    bytes_fetched: int
+    total_bytes: int
+    architecture: str | None
+    offline: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def _endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _offline() -> bool:
+    v = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return v.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _tqdm_class(quiet: bool):
+    """A tqdm class for huggingface_hub's bars, silent under the same rule as edge_qwen.progress."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+
+    class _Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = disable
+            kwargs.setdefault("file", sys.stderr)
+            super().__init__(*args, **kwargs)
+
+    return _Bar
+
+
+def _snapshot_files(snap: Path) -> list[Path]:
+    return sorted(p for p in snap.rglob("*") if p.is_file())
+
+
+def _cache_state(folder: Path) -> tuple[set[str], set[Path]]:
+    """Blob names and snapshot files present before a pull, to tell what the pull fetched."""
+    blobs = {p.name for p in (folder / "blobs").glob("*")} if (folder / "blobs").is_dir() else set()
+    files = {p for p in (folder / "snapshots").rglob("*") if p.is_file()} if (folder / "snapshots").is_dir() else set()
+    return blobs, files
+
+
+def read_architecture(snap: Path) -> str | None:
+    """The first entry of config.json's `architectures`, or None if it has none."""
+    cfg = snap / "config.json"
+    try:
+        archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return archs[0] if archs and isinstance(archs[0], str) else None
+
+
+def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> EdgeQwenError:
+    """huggingface_hub's exceptions -> one-line errors that say what to do."""
+    from huggingface_hub import errors as hf
+
+    where = _endpoint()
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if isinstance(e, hf.GatedRepoError):
+        return EdgeQwenError(
+            f"{repo_id} is a gated repo on {where} (HTTP {status}): accept its conditions on its Hub page, "
+            "then set HF_TOKEN (or pass --token) to a token of that account", code="unauthorized")
+    if isinstance(e, hf.RevisionNotFoundError):
+        return ModelNotFoundError(
+            f"revision {revision!r} does not exist in {repo_id} on {where}; give a branch, tag or commit "
+            "hash that exists (or leave out --revision for main)")
+    if isinstance(e, hf.RepositoryNotFoundError):
+        if status == 401:
+            return EdgeQwenError(
+                f"{repo_id} on {where} needs authentication or does not exist (HTTP 401): for a private or "
+                "gated repo set HF_TOKEN (or pass --token); otherwise check the repo id", code="unauthorized")
+        return ModelNotFoundError(f"{repo_id} does not exist on {where} (HTTP {status or 404}); check the repo id, "
+                                  "e.g. Qwen/Qwen2.5-0.5B-Instruct (`edge-qwen models --known` lists them)")
+    if isinstance(e, hf.HfHubHTTPError) and status in (401, 403):
+        return EdgeQwenError(f"{where} refused access to {repo_id} (HTTP {status}): set HF_TOKEN (or pass --token) "
+                             "to a token allowed to read it", code="unauthorized")
+    if isinstance(e, hf.LocalEntryNotFoundError) or offline:
+        missing = ""
+        if isinstance(e, hf.IncompleteSnapshotError):
+            m = re.search(r"(\d+ file\(s\) are missing \([^)]*\))", str(e))
+            missing = f" ({m.group(1)})" if m else " (some files are missing)"
+        if offline:
+            return ModelNotFoundError(
+                f"{repo_id} (revision {revision}) is not completely in the model store{missing} and the network "
+                "is off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download it")
+        return EdgeQwenError(
+            f"cannot reach the Hub at {where} to pull {repo_id}{missing}: check your connection, set HF_ENDPOINT "
+            "to a reachable mirror, or work offline (HF_HUB_OFFLINE=1) with what is in the store", code="offline")
+    if isinstance(e, hf.HfHubHTTPError):
+        return EdgeQwenError(f"{where} answered HTTP {status} while pulling {repo_id}; try again later "
+                             f"({str(e).strip().splitlines()[0]})", code="hub_error")
+    return EdgeQwenError(f"pulling {repo_id} failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}; "
+                         "run the pull again to resume it", code="hub_error")
+
+
+def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False,
+         allow_patterns: list[str] | None = None) -> PullResult:
+    """Download a Hugging Face checkpoint repo into the model store (resuming what is already there).
+
+    Only the files conversion needs are fetched (`ALLOW_PATTERNS`). Honours HF_ENDPOINT,
+    HF_TOKEN (or `token`) and HF_HUB_OFFLINE (offline: the cached snapshot is used if complete).
+    Warns (in `PullResult.warnings`) when config.json's architecture is not Qwen2ForCausalLM.
+    """
+    _check_repo_id(repo_id)
+    rev = revision or "main"
+    offline = _offline()
+    patterns = list(allow_patterns or ALLOW_PATTERNS)
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; follow the environment as it is now.
+    constants.HF_HUB_OFFLINE = offline
+    folder = _repo_folder(repo_id)
+    blobs_before, files_before = _cache_state(folder)
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=patterns,
+            token=token or os.environ.get("HF_TOKEN") or None, local_files_only=offline,
+            endpoint=_endpoint(), tqdm_class=_tqdm_class(quiet), max_workers=4)
+    except (OSError, ValueError) as e:  # every huggingface_hub download error is one of these
+        raise _translate(e, repo_id, rev, offline) from None
+    snap = Path(path)
+    files, fetched, nbytes, total = [], [], 0, 0
+    for f in _snapshot_files(snap):
+        size = f.stat().st_size
+        rel = f.relative_to(snap).as_posix()
+        files.append(rel)
+        total += size
+        new = (f.resolve().name not in blobs_before) if f.is_symlink() else (f not in files_before)
+        if new:
+            fetched.append(rel)
+            nbytes += size
+    if not files:
+        raise CheckpointError(f"{repo_id} (revision {rev}) has none of the files conversion needs "
+                              f"({', '.join(patterns)}); is it a model repo with safetensors weights?")
+    arch = read_architecture(snap)
+    warnings = []
+    if arch != QWEN2_ARCHITECTURE:
+        warnings.append(f"{repo_id}: config.json's architecture is {arch or 'missing'}, not {QWEN2_ARCHITECTURE}; "
+                        "edge-qwen can convert Qwen2 / Qwen2.5 checkpoints only")
+    return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap, files=files, fetched=fetched,
+                      bytes_fetched=nbytes, total_bytes=total, architecture=arch, offline=offline, warnings=warnings)
