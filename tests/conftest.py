@@ -32,3 +32,13 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def llm(default_model):
+    """The real default model loaded once for the whole session (EdgeQwen, n_ctx=4096), closed at the end."""
+    from edge_qwen import EdgeQwen
+
+    model = EdgeQwen(default_model, n_ctx=4096)
+    yield model
+    model.close()
