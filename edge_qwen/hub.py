@@ -52,12 +52,32 @@ def snapshot_path(repo_id: str, revision: str | None = None) -> Path:
             )
         commit = ref.read_text(encoding="utf-8").strip()
     snap = folder / "snapshots" / commit
-    if not (snap / "config.json").is_file():
+    missing = "it has no config.json" if not (snap / "config.json").is_file() else _missing_files(repo_id, commit)
+    if missing:
         raise ModelNotFoundError(
-            f"{repo_id} (revision {rev}, commit {commit[:12]}) is not completely in the model store "
-            f"({snap} has no config.json); {hint} to complete it"
+            f"{repo_id} (revision {rev}, commit {commit[:12]}) is only partly in the model store ({missing}); "
+            f"{hint} to complete it"
         )
     return snap
+
+
+def _missing_files(repo_id: str, commit: str) -> str:
+    """'' if the snapshot holds every allowed file of the commit's listing, else what is missing.
+
+    huggingface_hub keeps the commit's file listing beside the snapshot; its offline
+    `snapshot_download` compares the two, so an interrupted pull is never taken for a complete one.
+    """
+    from huggingface_hub import errors as hf
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, revision=commit, cache_dir=str(hf_cache_dir()),
+                          allow_patterns=ALLOW_PATTERNS, local_files_only=True)
+    except hf.IncompleteSnapshotError as e:
+        return _missing_summary(e)
+    except hf.LocalEntryNotFoundError:
+        return "its snapshot folder is missing"
+    return ""
 
 
 # What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
@@ -136,6 +156,12 @@ def read_architecture(snap: Path) -> str | None:
     return archs[0] if archs and isinstance(archs[0], str) else None
 
 
+def _missing_summary(e: Exception) -> str:
+    # huggingface_hub's IncompleteSnapshotError message names the missing files; keep that part.
+    m = re.search(r"(\d+ file\(s\) are missing \(.*?\))\.(\s|$)", str(e), re.S)
+    return m.group(1) if m else "some files are missing"
+
+
 def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> EdgeQwenError:
     """huggingface_hub's exceptions -> one-line errors that say what to do."""
     from huggingface_hub import errors as hf
@@ -161,14 +187,13 @@ def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> Edge
         return EdgeQwenError(f"{where} refused access to {repo_id} (HTTP {status}): set HF_TOKEN (or pass --token) "
                              "to a token allowed to read it", code="unauthorized")
     if isinstance(e, hf.LocalEntryNotFoundError) or offline:
-        missing = ""
-        if isinstance(e, hf.IncompleteSnapshotError):
-            m = re.search(r"(\d+ file\(s\) are missing \([^)]*\))", str(e))
-            missing = f" ({m.group(1)})" if m else " (some files are missing)"
+        partial = isinstance(e, hf.IncompleteSnapshotError)
+        state = f"is only partly in the model store ({_missing_summary(e)})" if partial else "is not in the model store"
         if offline:
             return ModelNotFoundError(
-                f"{repo_id} (revision {revision}) is not completely in the model store{missing} and the network "
-                "is off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download it")
+                f"{repo_id} (revision {revision}) {state} and the network is off (HF_HUB_OFFLINE=1); "
+                f"unset HF_HUB_OFFLINE to download it")
+        missing = f" ({_missing_summary(e)})" if partial else ""
         return EdgeQwenError(
             f"cannot reach the Hub at {where} to pull {repo_id}{missing}: check your connection, set HF_ENDPOINT "
             "to a reachable mirror, or work offline (HF_HUB_OFFLINE=1) with what is in the store", code="offline")
@@ -226,3 +251,96 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
                         "edge-qwen can convert Qwen2 / Qwen2.5 checkpoints only")
     return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap, files=files, fetched=fetched,
                       bytes_fetched=nbytes, total_bytes=total, architecture=arch, offline=offline, warnings=warnings)
+
+
+@dataclass
+class StoredCheckpoint:
+    """A pulled checkpoint snapshot in the store's HF cache."""
+
+    repo_id: str
+    revisions: list[str]  # branch/tag names pointing at this commit (empty: pulled by hash)
+    commit: str
+    path: Path
+    size: int
+    n_files: int
+    architecture: str | None
+
+
+@dataclass
+class StoredGGUF:
+    """A GGUF file in the store's models folder, as check_gguf sees it."""
+
+    name: str
+    path: Path
+    size: int
+    architecture: str | None
+    file_type: str | None  # llama.cpp's name, e.g. Q4_K_M
+    error: str | None = None  # why check_gguf refused it, if it did
+
+
+def list_checkpoints() -> list[StoredCheckpoint]:
+    """Every snapshot in the store's HF cache (read from disk only, no network)."""
+    out = []
+    root = hf_cache_dir()
+    for folder in sorted(root.glob("models--*")) if root.is_dir() else []:
+        repo_id = folder.name[len("models--"):].replace("--", "/", 1)
+        refs: dict[str, list[str]] = {}
+        for ref in sorted((folder / "refs").rglob("*")) if (folder / "refs").is_dir() else []:
+            if ref.is_file():
+                name = ref.relative_to(folder / "refs").as_posix()
+                refs.setdefault(ref.read_text(encoding="utf-8").strip(), []).append(name)
+        for snap in sorted((folder / "snapshots").glob("*")) if (folder / "snapshots").is_dir() else []:
+            files = _snapshot_files(snap)
+            out.append(StoredCheckpoint(repo_id=repo_id, revisions=refs.get(snap.name, []), commit=snap.name,
+                                        path=snap, size=sum(f.stat().st_size for f in files),
+                                        n_files=len(files), architecture=read_architecture(snap)))
+    return out
+
+
+def _file_type_name(ft: int | None) -> str | None:
+    if ft is None:
+        return None
+    import gguf
+
+    try:
+        return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"type {ft}"
+
+
+def list_ggufs() -> list[StoredGGUF]:
+    """Every *.gguf in the store's models folder, checked with check_gguf (damaged ones say why)."""
+    from .errors import ModelFileError
+    from .gguf_file import check_gguf
+    from .store import models_dir
+
+    out = []
+    for p in sorted(models_dir().glob("*.gguf")):
+        try:
+            info = check_gguf(p, architectures=None)
+        except ModelFileError as e:
+            out.append(StoredGGUF(p.stem, p, p.stat().st_size, None, None, error=e.message))
+            continue
+        out.append(StoredGGUF(p.stem, p, info.size, info.architecture, _file_type_name(info.file_type)))
+    return out
+
+
+def store_summary() -> dict:
+    """The whole store as plain data: home, checkpoints, GGUF files and the default model's state."""
+    from .errors import ModelFileError
+    from .store import DEFAULT_MODEL_NAME, default_model_path, home, models_dir
+
+    try:
+        default = {"name": DEFAULT_MODEL_NAME, "assembled": True, "path": str(default_model_path(assemble=False))}
+    except ModelFileError:
+        default = {"name": DEFAULT_MODEL_NAME, "assembled": False,
+                   "path": str(models_dir() / f"{DEFAULT_MODEL_NAME}.gguf")}
+    return {
+        "home": str(home()),
+        "default_model": default,
+        "checkpoints": [{"repo": c.repo_id, "revisions": c.revisions, "commit": c.commit, "path": str(c.path),
+                         "size": c.size, "files": c.n_files, "architecture": c.architecture}
+                        for c in list_checkpoints()],
+        "gguf": [{"name": g.name, "path": str(g.path), "size": g.size, "architecture": g.architecture,
+                  "file_type": g.file_type, "error": g.error} for g in list_ggufs()],
+    }
