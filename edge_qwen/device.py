@@ -169,8 +169,8 @@ class DoctorReport:
             out.append(f"offload check      {c.get('offloaded', '?')}/{c.get('n_layers', '?')} layers on "
                        f"{c.get('device', '?')}: {'OK' if c.get('ok') else 'FAILED'}")
         elif not self.gpu_offload:
-            out.append(f"GPU                 not in this build; for Metal: {INSTALL_HINT['metal']}")
-            out.append(f"                    for CUDA:  {INSTALL_HINT['cuda']}")
+            out.append(f"GPU                not in this build; for Metal: {INSTALL_HINT['metal']}")
+            out.append(f"                   for CUDA:  {INSTALL_HINT['cuda']}")
         out.append(f"system info        {self.system_info}")
         out.extend(f"problem            {p}" for p in self.problems)
         return out

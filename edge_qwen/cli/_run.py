@@ -1,7 +1,168 @@
-"""CLI commands (filled in by their issue)."""
+"""`edge-qwen chat` and `edge-qwen doctor`: thin shells over EdgeQwen and edge_qwen.device.
+
+`one_shot` and `repl` are plain functions (an EdgeQwen, text in, a write callback out) so
+desktop apps and tests drive the same code the command runs.
+"""
 
 from __future__ import annotations
 
-import click  # noqa: F401
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
-from . import main  # noqa: F401
+import click
+
+from . import main
+from .options import model_argument, sampling_options
+
+REPL_HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) quits."
+
+
+def _stream_reply(llm, messages: list[dict], write: Callable[[str], None], **kw: Any) -> tuple[str, str]:
+    """Stream one reply through `write`; return (text, finish_reason). Ctrl-C cancels the reply only."""
+    parts, finish = [], "stop"
+    stream = llm.generate(messages, **kw)
+    try:
+        for chunk in stream:
+            if chunk.text:
+                write(chunk.text)
+                parts.append(chunk.text)
+            if chunk.finish_reason:
+                finish = chunk.finish_reason
+    except KeyboardInterrupt:
+        finish = "cancelled"
+    finally:
+        stream.close()  # releases the model even when interrupted
+    return "".join(parts), finish
+
+
+def one_shot(llm, prompt: str, write: Callable[[str], None], *, system: str | None = None,
+             **kw: Any) -> tuple[str, str]:
+    """Answer one prompt, streaming the text through `write`; return (text, finish_reason)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text, finish = _stream_reply(llm, messages, write, **kw)
+    write("\n")
+    return text, finish
+
+
+def repl(llm, lines: Iterable[str], write: Callable[[str], None], *, system: str | None = None,
+         prompt: Callable[[], None] | None = None, **kw: Any) -> list[dict]:
+    """Multi-turn chat over input `lines`; return the final conversation.
+
+    "/exit" ends, "/reset" forgets the conversation (keeping the system prompt). Each reply is
+    streamed through `write` and appended to the history, so later turns see earlier ones.
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    history = list(head)
+    if prompt:
+        prompt()
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit", "/bye"):
+            break
+        if cmd == "/reset":
+            history = list(head)
+            write("(conversation reset)\n")
+        elif cmd:
+            history.append({"role": "user", "content": line})
+            text, finish = _stream_reply(llm, history, write, **kw)
+            write("\n")
+            if finish == "length":
+                write("(reply cut at --max-tokens)\n")
+            elif finish == "cancelled":
+                write("(cancelled)\n")
+            history.append({"role": "assistant", "content": text})
+        if prompt:
+            prompt()
+    return history
+
+
+def _response_format(as_json: bool, schema: str | None) -> dict | None:
+    if schema is not None:
+        path = Path(schema)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint="--schema") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"{path} is not valid JSON ({e}); give a JSON schema file",
+                                     param_hint="--schema") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter(f"{path} holds a {type(data).__name__}, not a JSON schema object",
+                                     param_hint="--schema")
+        return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": data, "strict": True}}
+    if as_json:
+        return {"type": "json_object"}
+    return None
+
+
+def _split_model_prompt(model: str | None, prompt: str | None) -> tuple[str | None, str | None]:
+    """With one positional argument, decide whether it names a model or is the prompt.
+
+    It is a model when it ends in .gguf, contains a path separator, is an existing file or a
+    name in the store; anything else is the prompt for the default model.
+    """
+    if model is None or prompt is not None:
+        return model, prompt
+    from ..store import models_dir
+
+    p = Path(model).expanduser()
+    looks_like_model = (model.endswith(".gguf") or "/" in model or "\\" in model or p.exists()
+                        or (models_dir() / f"{model}.gguf").is_file() or (models_dir() / model).is_file())
+    return (model, None) if looks_like_model else (None, model)
+
+
+@main.command()
+@model_argument()
+@click.argument("prompt", required=False)
+@click.option("--system", "-s", help="System prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Answer with a JSON object.")
+@click.option("--schema", type=click.Path(dir_okay=False), help="Answer with JSON valid against this schema file.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
+              help="Where to run the model.")
+@sampling_options
+def chat(model: str | None, prompt: str | None, system: str | None, as_json: bool, schema: str | None,
+         device: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
+         stop: tuple[str, ...], n_ctx: int) -> None:
+    """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it."""
+    from ..runtime import EdgeQwen
+
+    model, prompt = _split_model_prompt(model, prompt)
+    fmt = _response_format(as_json, schema)
+    kw = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+              stop=list(stop) or None, response_format=fmt)
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+
+    with EdgeQwen(model, n_ctx=n_ctx, device=device) as llm:
+        if prompt is not None:
+            _, finish = one_shot(llm, prompt, write, system=system, **kw)
+            if finish == "length":
+                click.echo(f"(reply cut at --max-tokens {max_tokens})", err=True)
+            return
+        stdin = click.get_text_stream("stdin")
+        interactive = stdin.isatty()
+        if interactive:
+            click.echo(f"{llm.model_name} on {llm.device}. {REPL_HELP}", err=True)
+        repl(llm, stdin, write, system=system,
+             prompt=(lambda: click.echo(">>> ", nl=False, err=True)) if interactive else None, **kw)
+
+
+@main.command()
+@click.option("--no-offload-check", is_flag=True, help="Skip loading the model on the GPU to prove offload.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(no_offload_check: bool, as_json: bool) -> None:
+    """Report the llama.cpp build (CPU/Metal/CUDA), CPU features, threads and the default model."""
+    from dataclasses import asdict
+
+    from ..device import doctor as run_doctor
+
+    report = run_doctor(check_offload=not no_offload_check)
+    if as_json:
+        click.echo(json.dumps(asdict(report), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
