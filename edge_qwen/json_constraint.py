@@ -1,0 +1,257 @@
+"""JSON output that is always valid: llguidance token masks plus fast-forward of forced tokens.
+
+The decode loop (edge_qwen.generate) drives a constraint through four calls per request:
+
+    c = make_constraint(llm, response_format)        # None for free text
+    c.mask_logits(logits)                            # before sampling: disallowed tokens -> -inf
+    forced = c.commit(token)                         # after sampling: tokens the grammar forces next
+    c.is_finished()                                  # root value closed: stop with "stop"
+    c.finalize(text, finish_reason)                  # "stop": parse + jsonschema, or raise
+
+The loop feeds `[token] + forced` to the model in one llama_decode batch, so the keys, quotes
+and colons a schema fixes cost one forward pass together instead of one pass each: that is
+why constrained output can be produced faster than free text.
+
+Per model, the llguidance tokenizer (built from the llama.cpp vocab, about 1 s) is cached;
+per schema, the compiled matcher is cached and deep-copied per request (microseconds).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+from .errors import ConstraintViolation, RequestError, SchemaError
+from .json_schema_support import check_schema, engine_error, validate_output
+
+# Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
+# plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
+# students" -> {"students":[]}); unbounded whitespace lets the model run away until
+# max_tokens. The pattern is matched at most once per place, so the bound holds.
+WHITESPACE_PATTERN = r"[ ]?|\n[ ]{0,24}"
+
+# Any JSON object: {"type": "json_object"} without a schema.
+ANY_OBJECT: dict = {"type": "object"}
+
+_MATCHER_CACHE_SIZE = 128
+_lock = threading.Lock()
+_tables: "weakref.WeakKeyDictionary[Any, _ModelTables]" = weakref.WeakKeyDictionary()
+
+
+class _ModelTables:
+    """llguidance tables tied to one loaded model: its tokenizer and compiled schemas."""
+
+    def __init__(self, llama: Any):
+        import llama_cpp
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        # <|im_end|> ends an assistant turn in ChatML; it is the token a finished JSON answer
+        # may be followed by. The tokenizer keeps a pointer to the vocab, so these tables
+        # live exactly as long as the Llama object (weak key) and are never shared across loads.
+        self.eos = llama.token_eos()
+        self.n_vocab = llama.n_vocab()
+        self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
+        self.matchers: OrderedDict[str, Any] = OrderedDict()
+
+    def matcher(self, schema: dict, param: str) -> Any:
+        """A fresh matcher for `schema`: compiled once, then deep-copied per request."""
+        from llguidance import LLMatcher
+
+        key = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))  # key order matters
+        with _lock:
+            template = self.matchers.get(key)
+            if template is not None:
+                self.matchers.move_to_end(key)
+                return template.deep_copy()
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(
+                schema, defaults={"whitespace_pattern": WHITESPACE_PATTERN}
+            )
+        except ValueError as exc:
+            raise engine_error(str(exc), param) from None
+        template = LLMatcher(self.tokenizer, grammar, log_level=0)
+        if template.is_error():
+            raise engine_error(template.get_error(), param)
+        with _lock:
+            self.matchers[key] = template
+            while len(self.matchers) > _MATCHER_CACHE_SIZE:
+                self.matchers.popitem(last=False)
+        return template.deep_copy()
+
+
+def _llama_of(llm: Any) -> Any:
+    """The llama_cpp.Llama behind `llm` (an EdgeQwen, or a Llama itself)."""
+    import llama_cpp
+
+    if isinstance(llm, llama_cpp.Llama):
+        return llm
+    for name in ("llama", "_llama", "_llm", "model"):
+        inner = getattr(llm, name, None)
+        if isinstance(inner, llama_cpp.Llama):
+            return inner
+    raise TypeError(f"make_constraint needs an EdgeQwen or llama_cpp.Llama, got {type(llm).__name__}")
+
+
+def model_tables(llm: Any) -> _ModelTables:
+    """The cached llguidance tables of a model (built on first use, about 1 s)."""
+    llama = _llama_of(llm)
+    with _lock:
+        tables = _tables.get(llama)
+    if tables is None:
+        tables = _ModelTables(llama)  # built outside the lock: ~1 s, and idempotent
+        with _lock:
+            tables = _tables.setdefault(llama, tables)
+    return tables
+
+
+def parse_response_format(response_format: Any, param: str = "response_format") -> dict | None:
+    """Normalise a response_format to the JSON schema to enforce, or None for free text.
+
+    Accepted: None / {"type": "text"}; {"type": "json_object"} (any object); the OpenAI form
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}; the llama-cpp-python
+    form {"type": "json_object", "schema": S}. Anything else raises RequestError.
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise RequestError(
+            f"{param} must be an object like {{\"type\": \"json_object\"}}, got {type(response_format).__name__}",
+            param=param,
+        )
+    kind = response_format.get("type")
+    allowed = {"text": {"type"}, "json_object": {"type", "schema"}, "json_schema": {"type", "json_schema"}}
+    if kind not in allowed:
+        raise RequestError(
+            f"{param}.type must be 'text', 'json_object' or 'json_schema', got {json.dumps(kind)}",
+            param=param,
+        )
+    extra = set(response_format) - allowed[kind]
+    if extra:
+        raise RequestError(
+            f"{param} of type {kind!r} does not take {', '.join(sorted(map(repr, extra)))}", param=param
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        return ANY_OBJECT if schema is None else schema
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError(
+            f"{param}.json_schema must be an object with 'name' and 'schema', got {json.dumps(spec)[:60]}",
+            param=param,
+        )
+    unknown = set(spec) - {"name", "schema", "strict", "description"}
+    if unknown:
+        raise RequestError(
+            f"{param}.json_schema has unknown keys {', '.join(sorted(map(repr, unknown)))}; "
+            "expected name, schema, strict, description",
+            param=param,
+        )
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise RequestError(f"{param}.json_schema.name must be a string, got {json.dumps(name)}", param=param)
+    if "strict" in spec and not isinstance(spec["strict"], bool):
+        raise RequestError(
+            f"{param}.json_schema.strict must be true or false, got {json.dumps(spec['strict'])}", param=param
+        )
+    # strict=false is still enforced: we never hand back output that does not match.
+    schema = spec.get("schema")
+    return ANY_OBJECT if schema is None else schema
+
+
+class JsonConstraint:
+    """One request's grammar state: masks logits, records tokens, forces what the schema fixes."""
+
+    def __init__(self, tables: _ModelTables, matcher: Any, schema: dict | None):
+        import numpy as np
+
+        self._np = np
+        self._matcher = matcher
+        self._schema = schema  # None: any JSON object
+        self._n_vocab = tables.n_vocab
+        self._eos = tables.eos
+        self._bitmask = np.full((1, (tables.n_vocab + 31) // 32), -1, dtype=np.int32)
+        self.sampled_tokens = 0
+        self.forced_tokens = 0
+
+    def mask_logits(self, logits: Any) -> None:
+        """Set the logits of tokens the grammar does not allow next to -inf, in place."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        np = self._np
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        if self._matcher.is_error():
+            raise ConstraintViolation(f"JSON engine failed computing the token mask: {self._matcher.get_error()}")
+        n = min(len(logits), self._n_vocab)
+        # One bit per token, little-endian within each 32-bit word: unpack to a bool per token.
+        allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:n].view(bool)
+        logits[:n][~allowed] = -np.inf
+        if len(logits) > n:
+            logits[n:] = -np.inf
+
+    def commit(self, token_id: int) -> list[int]:
+        """Record the sampled token; return the tokens the grammar forces next (already recorded)."""
+        m = self._matcher
+        if not m.consume_token(int(token_id)):
+            raise ConstraintViolation(
+                f"JSON engine rejected sampled token {token_id}: {m.get_error() or 'not allowed here'}; "
+                "the loop must call mask_logits before sampling"
+            )
+        self.sampled_tokens += 1
+        if m.is_stopped():
+            return []
+        forced = m.compute_ff_tokens()
+        if forced:
+            if not m.consume_tokens(forced):
+                raise ConstraintViolation(f"JSON engine rejected its own forced tokens: {m.get_error()}")
+            self.forced_tokens += len(forced)
+        return list(forced)
+
+    def is_finished(self) -> bool:
+        """True once the root JSON value has closed (only end-of-turn may follow)."""
+        return self._matcher.is_stopped()
+
+    def is_eos(self, token_id: int) -> bool:
+        """Whether `token_id` is the end-of-turn token the grammar allows after the root value."""
+        return int(token_id) == self._eos
+
+    def finalize(self, text: str, finish_reason: str) -> Any:
+        """Check the finished output: for "stop", parse and validate it (ConstraintViolation if not).
+
+        For "length" (cut by max_tokens) nothing is claimed and None is returned.
+        """
+        if finish_reason != "stop":
+            return None
+        return validate_output(text, self._schema)
+
+
+def make_constraint(llm: Any, response_format: Any, param: str = "response_format") -> JsonConstraint | None:
+    """Build the JSON constraint for one request, or None when `response_format` asks for free text.
+
+    `llm` is an EdgeQwen (or a llama_cpp.Llama). Raises RequestError for a malformed
+    response_format and SchemaError for an invalid schema or keywords the engine cannot enforce.
+    """
+    schema = parse_response_format(response_format, param)
+    if schema is None:
+        return None
+    any_object = schema is ANY_OBJECT
+    schema = check_schema(schema, param)
+    tables = model_tables(llm)
+    matcher = tables.matcher(schema, param)
+    return JsonConstraint(tables, matcher, None if any_object else schema)
+
+
+__all__ = [
+    "ANY_OBJECT",
+    "JsonConstraint",
+    "SchemaError",
+    "WHITESPACE_PATTERN",
+    "make_constraint",
+    "model_tables",
+    "parse_response_format",
+]
