@@ -1,0 +1,227 @@
+"""Hugging Face Qwen2 checkpoint -> GGUF, written with gguf-py's GGUFWriter.
+
+The header (hyper-parameters, tokenizer, provenance, tensor directory) is written first;
+then tensor data streams in row chunks from the checkpoint's memory maps straight into the
+file, so peak memory is one chunk plus the tokenizer, not the model. Tensor names come
+from the table in `edge_qwen.checkpoint.QWEN2_TENSORS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import Checkpoint, expected_tensors, open_checkpoint
+from .errors import CheckpointError
+from .files import atomic_output
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+ARCH = "qwen2"
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a repo id ("Qwen/Qwen2.5-0.5B-Instruct") already pulled into the store."""
+    p = Path(src).expanduser()
+    if p.exists():
+        return p
+    text = str(src)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        try:
+            from .hub import snapshot_path  # type: ignore[attr-defined]
+        except ImportError:
+            raise CheckpointError(f"{text!r} is not a folder, and this edge-qwen cannot look up pulled repositories; "
+                                  "give the checkpoint folder") from None
+        return Path(snapshot_path(text, revision=None))
+    raise CheckpointError(f"{text!r} is neither a checkpoint folder nor a repo id (org/name); "
+                          "give a Hugging Face checkpoint folder or pull the repository first")
+
+
+def _provenance(ckpt: Checkpoint) -> dict[str, str]:
+    """Where the weights came from: repo and revision (from a hub cache path) and a folder hash."""
+    folder = ckpt.path.resolve()
+    info: dict[str, str] = {}
+    parts = folder.parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 2 < len(parts) and parts[i + 1] == "snapshots":
+            info["repo"] = part[len("models--"):].replace("--", "/")
+            info["revision"] = parts[i + 2]
+    if "repo" not in info:
+        name = str(ckpt.config.get("_name_or_path") or "")
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
+            info["repo"] = name
+    # The folder's identity: config.json plus the index (or the single file's tensor header).
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        h.update(index.read_bytes())
+    else:
+        with open(ckpt.files[0], "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(n))
+    info["sha256"] = h.hexdigest()
+    lic = _license(folder, ckpt.config)
+    if lic:
+        info["license"] = lic
+    return info
+
+
+def _license(folder: Path, config: dict[str, Any]) -> str | None:
+    if isinstance(config.get("license"), str):
+        return config["license"]
+    readme = folder / "README.md"
+    if readme.is_file():
+        m = re.search(r"^license:\s*([\w.+-]+)\s*$", readme.read_text(encoding="utf-8", errors="replace")[:4000], re.M)
+        if m:
+            return m.group(1)
+    lic = folder / "LICENSE"
+    if lic.is_file():
+        first = lic.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        if first:
+            return first[0].strip()[:200]
+    return None
+
+
+def _add_hparams(w: Any, config: dict[str, Any], path: Path) -> None:
+    import gguf
+
+    h, nh = config["hidden_size"], config["num_attention_heads"]
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(int(config.get("max_position_embeddings") or 32768))
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(nh)
+    w.add_head_count_kv(int(config.get("num_key_value_heads") or nh))
+    # transformers >= 5 writes rope settings under "rope_parameters"; older configs at top level
+    rope = dict(config.get("rope_parameters") or {})
+    w.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if config.get("head_dim") and config["head_dim"] != h // nh:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    if config.get("use_sliding_window"):
+        raise CheckpointError(f"{path / 'config.json'}: use_sliding_window is true; llama.cpp's qwen2 has no sliding "
+                              "window attention, so the model would run differently; set it to false if unused")
+    rs = config.get("rope_scaling") or rope
+    if rs:
+        kind = rs.get("rope_type") or rs.get("type")
+        if kind == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+            w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings") or 32768))
+        elif kind == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+        elif kind not in (None, "default"):
+            raise CheckpointError(f"{path / 'config.json'}: rope_scaling type {kind!r} is not supported "
+                                  "(edge-qwen writes yarn and linear); remove rope_scaling or use one of those")
+
+
+def _tensor_type(outtype: str, shape: tuple[int, ...]):
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) < 2:
+        return T.F32  # norms and biases stay float32, as llama.cpp expects
+    if outtype == "q8_0":
+        return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype]
+
+
+def _encode(block: Any, qtype: Any) -> Any:
+    import gguf
+    import numpy as np
+
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return np.ascontiguousarray(block, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return block.astype(np.float16)
+    return gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtype: str = "f16",
+            force: bool = False, quiet: bool = False, name: str | None = None,
+            chunk_bytes: int = 64 << 20) -> Path:
+    """Convert a Hugging Face Qwen2 checkpoint folder (or pulled repo id) to a GGUF file.
+
+    `outtype`: f32, f16, bf16 or q8_0 (norms and biases are always f32). The output is
+    written under a temporary name and renamed when complete; an existing `out` is kept
+    unless `force`. Returns the output path. Raises CheckpointError / OutputExistsError.
+    """
+    import gguf
+    import numpy as np
+
+    from .progress import progress
+    from .tokenizer_gguf import add_vocab, read_vocab
+
+    if outtype not in OUTTYPES:
+        raise CheckpointError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
+    folder = resolve_source(src)
+    ckpt = open_checkpoint(folder)
+    if out is None:
+        from .store import models_dir
+
+        out = models_dir() / f"{folder.resolve().name.lower()}-{outtype}.gguf"
+    from .files import check_output
+
+    check_output(out, force)  # fail before the slow tokenizer work
+    vocab = read_vocab(folder, int(ckpt.config["vocab_size"]))
+    prov = _provenance(ckpt)
+    plan = []  # (gguf name, hf tensor, gguf type, nbytes)
+    for hf_name, (gguf_name, shape) in expected_tensors(ckpt.config, folder).items():
+        if hf_name == "lm_head.weight" and ckpt.tied:
+            continue  # deliberate skip, see checkpoint.SKIPPED_TENSORS
+        ref = ckpt.tensors[hf_name]
+        qtype = _tensor_type(outtype, shape)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        plan.append((gguf_name, ref, qtype, int(np.prod(shape)) // block * size))
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
+
+    with atomic_output(out, force) as tmp:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        try:
+            w.add_type(gguf.GGUFType.MODEL)
+            w.add_name(name or str(ckpt.config.get("_name_or_path") or "").split("/")[-1] or folder.resolve().name)
+            if "repo" in prov:
+                w.add_source_repo_url(f"https://huggingface.co/{prov['repo']}")
+                w.add_string("edge_qwen.source.repo", prov["repo"])
+            if "revision" in prov:
+                w.add_string("edge_qwen.source.revision", prov["revision"])
+            if "license" in prov:
+                w.add_license(prov["license"])
+            w.add_string("edge_qwen.source.sha256", prov["sha256"])
+            w.add_string("edge_qwen.version", __version__)
+            w.add_string("edge_qwen.outtype", outtype)
+            _add_hparams(w, ckpt.config, folder)
+            w.add_file_type(file_type)
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            add_vocab(w, vocab)
+            for gguf_name, ref, qtype, nbytes in plan:
+                w.add_tensor_info(gguf_name, ref.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            del vocab
+            fout = w.fout[0]
+            total = sum(p[3] for p in plan)
+            with progress(total, f"converting to {outtype}", "B", quiet, unit_scale=True) as bar:
+                for i, (gguf_name, ref, qtype, nbytes) in enumerate(plan, 1):
+                    w.write_padding(fout, fout.tell())
+                    written = 0
+                    for block in ref.chunks(chunk_bytes):
+                        data = _encode(block, qtype)
+                        data.tofile(fout)
+                        written += data.nbytes
+                        bar.update(data.nbytes)
+                    if written != nbytes:  # would silently corrupt every later tensor
+                        raise RuntimeError(f"internal error: {gguf_name} wrote {written} bytes, planned {nbytes}")
+                    w.write_padding(fout, nbytes)
+                    bar.set_postfix_str(f"tensor {i}/{len(plan)}", refresh=False)
+            fout.flush()
+        finally:
+            w.close()
+    return Path(out)
