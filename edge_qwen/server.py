@@ -1,0 +1,546 @@
+"""The HTTP server: OpenAI-compatible chat completions and the Qwen API shape over EdgeQwen.
+
+Endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models,
+GET /health, and the OpenAPI schema (/openapi.json, /docs).
+
+How a request runs: each served model has one slot (one generation at a time, as EdgeQwen
+holds one llama.cpp context) and a bounded FIFO queue in front of it; a request that finds
+the queue full is answered 503 with Retry-After. Generation runs in a worker thread (the
+event loop never waits on llama.cpp); streamed chunks cross to the loop through an asyncio
+queue and go out as server-sent events. A client that disconnects sets the request's cancel
+event, which stops the decode loop at the next token.
+
+Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Request
+validation failures (malformed JSON, wrong types, missing fields) are 400, never FastAPI's
+422, because OpenAI clients expect 400 for a bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .client import error_body, error_body_of
+from .errors import BusyError, EdgeQwenError, ModelNotFoundError
+from .server_schemas import ChatRequest, ErrorBody, QwenPredictRequest
+
+log = logging.getLogger("edge_qwen.server")
+
+DEFAULT_NAME = "qwen2.5"
+DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_BODY = 1_000_000
+RETRY_AFTER_S = 2
+
+
+class AuthError(EdgeQwenError):
+    """A request without the server's API key."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class QueueFullError(BusyError):
+    """Every place in a model's queue is taken."""
+
+    code = "queue_full"
+
+
+def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """Served names for `serve`'s arguments: NAME=PATH entries and bare paths (named by file stem).
+
+    With neither, the default model is served as "qwen2.5". Raises RequestError for a
+    malformed or repeated name.
+    """
+    from .errors import RequestError
+    from .store import resolve_model
+
+    table: dict[str, Path] = {}
+
+    def add(name: str, path: str) -> None:
+        if not name or not path:
+            raise RequestError(f"--model {name}={path}: give it as NAME=PATH, e.g. --model qwen-0.5b=models/x.gguf")
+        if name in table:
+            raise RequestError(f"model name {name!r} is given twice ({table[name]} and {path}); give each a unique NAME")
+        table[name] = resolve_model(path)
+
+    for spec in named:
+        if "=" not in spec:
+            raise RequestError(f"--model {spec!r}: expected NAME=PATH, e.g. --model qwen-0.5b=models/x.gguf")
+        name, path = spec.split("=", 1)
+        add(name.strip(), path.strip())
+    for path in paths:
+        add(Path(path).stem, path)
+    if not table:
+        table[DEFAULT_NAME] = resolve_model(None)
+    return table
+
+
+class _Slot:
+    """One served model: its EdgeQwen, its one-at-a-time lock and the queue in front of it."""
+
+    def __init__(self, name: str, path: Path, max_queue: int, llm_options: dict[str, Any]):
+        self.name, self.path, self.max_queue = name, path, max_queue
+        self.llm_options = llm_options
+        self.llm: Any = None
+        self._load_lock = threading.Lock()
+        self.lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
+        self.pending = 0  # generating + waiting
+        self.stats = {"requests": 0, "cancelled": 0, "last_completion_tokens": 0}
+
+    def model(self) -> Any:
+        """The EdgeQwen, loaded on first call (at startup when the app preloads)."""
+        with self._load_lock:
+            if self.llm is None:
+                from .runtime import EdgeQwen
+
+                self.llm = EdgeQwen(self.path, **self.llm_options)
+            return self.llm
+
+    async def acquire(self) -> None:
+        if self.pending > self.max_queue:
+            raise QueueFullError(
+                f"model {self.name!r} is busy: 1 request generating and {self.pending - 1} waiting, the most "
+                f"this server queues (--max-queue {self.max_queue}); retry in a few seconds")
+        self.pending += 1
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self.pending -= 1
+            raise
+
+    def release(self, tokens: int = 0, cancelled: bool = False) -> None:
+        self.stats["requests"] += 1
+        self.stats["cancelled"] += int(cancelled)
+        self.stats["last_completion_tokens"] = tokens
+        self.pending -= 1
+        self.lock.release()
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": str(self.path), "loaded": self.llm is not None, "generating": self.lock.locked(),
+                "waiting": max(self.pending - 1, 0), **self.stats}
+
+
+class _Models:
+    """Served names -> slots. The first model also answers to "qwen2.5", "default" and no name."""
+
+    def __init__(self, table: Mapping[str, Any], max_queue: int, llm_options: dict[str, Any]):
+        from .gguf_file import check_gguf
+
+        if not table:
+            raise ValueError("create_app needs at least one model")
+        self.slots: dict[str, _Slot] = {}
+        for name, model in table.items():
+            if hasattr(model, "chat") and hasattr(model, "model_path"):  # an EdgeQwen already loaded
+                self.slots[name] = _Slot(name, Path(model.model_path), max_queue, llm_options)
+                self.slots[name].llm = model
+                continue
+            check_gguf(model)  # a bad file fails here with a clear message, before llama.cpp sees it
+            self.slots[name] = _Slot(name, Path(model), max_queue, llm_options)
+        first = next(iter(self.slots.values()))
+        self.aliases = {a: first for a in (DEFAULT_NAME, "default", first.path.stem) if a not in self.slots}
+
+    def get(self, name: str | None) -> _Slot:
+        if name is None or name == "":
+            return next(iter(self.slots.values()))
+        slot = self.slots.get(name) or self.aliases.get(name)
+        if slot is None:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served here; available models: {', '.join(self.slots)} "
+                f"(the first also answers to {', '.join(repr(a) for a in self.aliases)})", param="model")
+        return slot
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
+
+    def __init__(self, content: Any, on_close: Any):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    # The body is already read, so the next ASGI message can only be the disconnect.
+    while not cancel.is_set():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before any parsing."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _reject(self, send: Any, size: str) -> None:
+        body = json.dumps(error_body(f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
+                                     "(serve --max-body); send a shorter request", param=None,
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(send, value.decode())
+        parts, total = [], 0
+        while True:  # buffer the body (it is small by definition) so chunked uploads are counted too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.limit:
+                return await self._reject(send, f"more than {self.limit}")
+            parts.append(chunk)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    # Drop "body" and pydantic's union-member tags ("str", "list[TextPart]") from the location.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message = f"request body is not valid JSON ({first.get('msg')}); send a JSON object"
+        param, code = None, "invalid_json"
+    else:
+        message = f"{param or 'body'}: {first.get('msg')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        code = "invalid_request"
+    return JSONResponse(error_body(message, param=param, code=code), status_code=400)
+
+
+def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
+               max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
+               max_tokens_limit: int | None = None, preload: bool = True, **llm_options: Any) -> FastAPI:
+    """The FastAPI app serving `models` ({name: GGUF path or loaded EdgeQwen}; None: the default model
+    as "qwen2.5"). A loaded EdgeQwen is used as it is (and not closed by the server).
+
+    Every path is checked (check_gguf) here. With `preload` the models are loaded now, so the
+    first request is fast; otherwise on first use. `max_queue` requests may wait per model
+    behind the one generating; `max_tokens_limit` caps what any request may ask for;
+    `api_key` makes every endpoint but /health and the docs demand `Authorization: Bearer KEY`.
+    Extra keyword arguments go to EdgeQwen.
+    """
+    table = dict(models) if models else model_table()
+    registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
+    if preload:
+        for slot in registry.slots.values():
+            slot.model()
+    live_cancels: set[threading.Event] = set()
+
+    async def lifespan(app: FastAPI):
+        yield
+        for ev in list(live_cancels):  # shutting down: stop every generation still running
+            ev.set()
+
+    app = FastAPI(title="edge-qwen", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible and Qwen-shaped chat API over a local quantized Qwen2.5 (llama.cpp). "
+                              "Errors are {\"error\": {message, type, param, code}}; invalid requests are 400.",
+                  responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                             413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    app.state.models = registry
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
+
+    async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key is None:
+            return
+        if creds is None or not hmac.compare_digest(creds.credentials.encode(), api_key.encode()):
+            raise AuthError("missing or wrong API key: send the header `Authorization: Bearer <key>` "
+                            "with the key the server was started with (--api-key / EDGE_QWEN_API_KEY)")
+
+    @app.exception_handler(EdgeQwenError)
+    async def _edge_error(request: Request, exc: EdgeQwenError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, BusyError) else None
+        if isinstance(exc, AuthError):
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse(error_body_of(exc), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += "; endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models, GET /health"
+        return JSONResponse(error_body(message, code=kind), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal server error ({type(exc).__name__}); see the server log",
+                                       type="server_error", code="internal_error"), status_code=500)
+
+    async def complete(request: Request, body: ChatRequest) -> Any:
+        slot = registry.get(body.model)
+        max_tokens = body.limit()
+        if max_tokens_limit is not None:
+            max_tokens = min(max_tokens, max_tokens_limit)
+        kwargs = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens,
+                  "stop": body.stop, "seed": body.seed,
+                  "response_format": body.response_format.runtime_form() if body.response_format else None}
+        messages = [m.plain() for m in body.messages]
+        cancel = threading.Event()
+        await slot.acquire()
+        live_cancels.add(cancel)
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+
+        def done() -> None:
+            cancel.set()
+            watcher.cancel()
+            live_cancels.discard(cancel)
+
+        if body.stream:
+            return await _stream(slot, messages, kwargs, cancel, done)
+        import anyio
+
+        released = False
+        try:
+            def run() -> dict[str, Any]:
+                return slot.model().chat(messages, stream=False, cancel=cancel, **kwargs)
+
+            result = await anyio.to_thread.run_sync(run)
+            slot.release(int(result["usage"]["completion_tokens"]),
+                         result["choices"][0]["finish_reason"] == "cancelled")
+            released = True
+        finally:
+            if not released:
+                slot.release(0, cancel.is_set())
+            done()
+        result["model"] = slot.name
+        return JSONResponse(result)
+
+    async def _stream(slot: _Slot, messages: list[dict[str, str]], kwargs: dict[str, Any],
+                      cancel: threading.Event, done: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(kind: str, item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+            except RuntimeError:  # the loop is gone (server shutting down)
+                cancel.set()
+
+        def produce() -> None:
+            # The whole generator lives in this one thread: it may hold locks that must be
+            # released by the thread that took them.
+            n, cancelled, late = 0, False, 0
+            try:
+                chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
+                try:
+                    for chunk in chunks:
+                        usage = chunk.get("usage")
+                        if usage:  # the final chunk: the true token count and how it ended
+                            n = usage.get("completion_tokens", n)
+                            cancelled = chunk["choices"][0].get("finish_reason") == "cancelled"
+                        chunk["model"] = slot.name
+                        put("chunk", chunk)
+                        # The runtime ends with a "cancelled" chunk at the next token once `cancel`
+                        # is set; this only guards against a loop that would not listen.
+                        late += cancel.is_set()
+                        if late > 4:
+                            cancelled = True
+                            break
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close:
+                        close()
+            except EdgeQwenError as e:
+                put("error", e)
+            except Exception as e:  # never kill the thread silently: the client gets a 500-shaped event
+                log.exception("generation failed")
+                put("error", e)
+            finally:
+                put("end", None)
+                try:
+                    loop.call_soon_threadsafe(slot.release, n, cancelled)
+                except RuntimeError:
+                    pass
+
+        threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
+        kind, first = await queue.get()
+        if kind == "error":  # failed before the first token: a plain HTTP error, not a broken stream
+            done()
+            raise first
+
+        async def events():
+            try:
+                k, item = kind, first
+                while k != "end":
+                    if k == "chunk":
+                        yield _sse(item)
+                    else:
+                        status = item.status if isinstance(item, EdgeQwenError) else 500
+                        body = error_body_of(item) if isinstance(item, EdgeQwenError) else error_body(
+                            f"internal server error ({type(item).__name__})", type="server_error", code="internal_error")
+                        yield _sse({**body, "status": status})
+                    k, item = await queue.get()
+                yield b"data: [DONE]\n\n"
+            finally:
+                cancel.set()
+
+        return _EventStream(events(), done)
+
+    deps = [Depends(check_key)]
+
+    @app.post("/v1/chat/completions", dependencies=deps, summary="OpenAI chat completions (SSE when stream=true)")
+    async def chat_completions(request: Request, body: ChatRequest) -> Any:
+        return await complete(request, body)
+
+    @app.post("/api/v1/qwen/predict", dependencies=deps, summary="Qwen API chat (flat or DashScope-nested parameters)")
+    async def qwen_predict(request: Request, body: QwenPredictRequest) -> Any:
+        return await complete(request, body.to_chat())
+
+    @app.get("/v1/models", dependencies=deps, summary="Served models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
+            for name, slot in registry.slots.items()]}
+
+    @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "time": time.time(),
+                "models": {name: slot.describe() for name, slot in registry.slots.items()}}
+
+    return app
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from .errors import RequestError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RequestError(f"--host {host!r} cannot be resolved ({e}); use an address like 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise RequestError(f"cannot listen on {host}:{port} ({e.strerror}); is another server running there? "
+                               "pick another --port") from None
+
+
+def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY,
+          n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, **llm_options: Any) -> None:
+    """Check every model, load them, then serve on host:port until Ctrl-C (which returns normally).
+
+    Binds 127.0.0.1 unless told otherwise. Bad model paths and a busy port fail here with a
+    clear message before anything listens.
+    """
+    import sys
+
+    import uvicorn
+
+    _check_port(host, port)
+    app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
+                     max_tokens_limit=max_tokens_limit, preload=True, **llm_options)
+    names = ", ".join(f"{name} ({slot.path})" for name, slot in app.state.models.slots.items())
+    shown = f"[{host}]" if ":" in host else host
+    print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "
+          f"POST /api/v1/qwen/predict, GET /v1/models, /health, /docs){'  API key required' if api_key else ''}\n"
+          "  Ctrl-C to stop", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
+                            timeout_graceful_shutdown=3, access_log=not quiet)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+        pass
+    print("edge-qwen: server stopped", file=sys.stderr, flush=True)
+
+
+class ServerThread:
+    """Run an app under uvicorn in a background thread (for desktop apps embedding the server, and tests).
+
+        with ServerThread(create_app(...)) as url:   # "http://127.0.0.1:<free port>"
+            ...
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))  # port 0: the OS picks a free port, no race with other tests
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="edge-qwen-uvicorn", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server thread did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

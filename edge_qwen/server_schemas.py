@@ -1,0 +1,241 @@
+"""Request bodies the HTTP server accepts: the OpenAI chat shape and the Qwen API shape.
+
+These pydantic models are what FastAPI validates requests against and what the served
+OpenAPI schema describes. Unknown fields are tolerated (ignored), as OpenAI clients send
+fields we have no use for. Bounds here are the ones the runtime can honour, so a value that
+passes validation never reaches llama.cpp as something it cannot take.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_TOKENS = 1024
+
+_LAX = ConfigDict(extra="ignore")
+
+
+def _check_text(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"); they cannot be encoded to UTF-8 for the tokenizer.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text contains a lone UTF-16 surrogate, which is not valid Unicode; "
+                         "send well-formed UTF-8 text") from None
+    return text
+
+
+class TextPart(BaseModel):
+    """One part of a multi-part message content (only text parts are supported)."""
+
+    model_config = _LAX
+    type: Literal["text"]
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _check_text(v)
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = _LAX
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _check_text(v)
+        return v
+
+    def plain(self) -> dict[str, str]:
+        """The message as the runtime takes it: {"role", "content"} with the parts joined."""
+        c = self.content
+        if c is None:
+            text = ""
+        elif isinstance(c, str):
+            text = c
+        else:
+            text = "".join(p.text for p in c)
+        return {"role": self.role, "content": text}
+
+
+class JSONSchemaSpec(BaseModel):
+    """The `json_schema` member of an OpenAI `response_format`."""
+
+    model_config = _LAX
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: text (the default), any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    json_schema: JSONSchemaSpec | None = None
+
+    def runtime_form(self) -> dict[str, Any] | None:
+        """The dict EdgeQwen.generate takes, or None for plain text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            out: dict[str, Any] = {"type": "json_object"}
+            if self.schema_ is not None:
+                out["schema"] = self.schema_
+            return out
+        if self.json_schema is None:
+            from .errors import RequestError
+
+            raise RequestError('response_format type "json_schema" needs a "json_schema" object with a "schema"',
+                               param="response_format.json_schema")
+        spec = {"name": self.json_schema.name}
+        if self.json_schema.schema_ is not None:
+            spec["schema"] = self.json_schema.schema_
+        if self.json_schema.strict is not None:
+            spec["strict"] = self.json_schema.strict
+        return {"type": "json_schema", "json_schema": spec}
+
+
+class StreamOptions(BaseModel):
+    model_config = _LAX
+    include_usage: bool = False
+
+
+Stop = Union[str, list[str], None]
+Seed = Field(default=None, ge=0, le=2**32 - 1, description="Sampling seed (0 to 2**32-1).")
+
+
+def _check_stop(v: Stop) -> Stop:
+    items = [v] if isinstance(v, str) else (v or [])
+    if any(s == "" for s in items):
+        raise ValueError("stop strings must not be empty")
+    if len(items) > 16:
+        raise ValueError("at most 16 stop strings are supported")
+    return v
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions (OpenAI chat completions)."""
+
+    model_config = _LAX
+    model: str | None = Field(default=None, description="Served model name; omitted means the first (default) model.")
+    messages: list[Message] = Field(min_length=1)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(default=DEFAULT_TOP_P, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, description=f"Default {DEFAULT_MAX_TOKENS}.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Alias of max_tokens.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: int | None = Seed
+    n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
+    response_format: ResponseFormat | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        return _check_stop(v)
+
+    def limit(self) -> int:
+        return self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS
+
+
+class QwenParameters(BaseModel):
+    """The `parameters` object of the Qwen (DashScope) request shape."""
+
+    model_config = _LAX
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = None
+    stop: Stop = None
+    seed: int | None = Seed
+    response_format: ResponseFormat | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        return _check_stop(v)
+
+
+class QwenInput(BaseModel):
+    model_config = _LAX
+    messages: list[Message] = Field(min_length=1)
+
+
+class QwenPredictRequest(BaseModel):
+    """POST /api/v1/qwen/predict: the Qwen API parameters, flat or DashScope-nested.
+
+    Either `messages` or `input.messages`; parameters at the top level or under
+    `parameters` (top level wins). Defaults are the Qwen API's: temperature 0.7,
+    top_p 0.9, max_tokens 1024, stream false.
+    """
+
+    model_config = _LAX
+    model: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    input: QwenInput | None = None
+    parameters: QwenParameters | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stream: bool | None = None
+    stop: Stop = None
+    seed: int | None = Seed
+    response_format: ResponseFormat | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        return _check_stop(v)
+
+    def to_chat(self) -> ChatRequest:
+        """The same request in the OpenAI shape (raises RequestError without messages)."""
+        from .errors import RequestError
+
+        p = self.parameters or QwenParameters()
+        messages = self.messages or (self.input.messages if self.input else None)
+        if not messages:
+            raise RequestError('no messages: give "messages" (or "input": {"messages": [...]}) with at least one message',
+                               param="messages")
+
+        def pick(name: str, default: Any) -> Any:
+            top = getattr(self, name)
+            if top is not None:
+                return top
+            nested = getattr(p, name)
+            return default if nested is None else nested
+
+        return ChatRequest.model_construct(
+            model=self.model, messages=messages,
+            temperature=pick("temperature", DEFAULT_TEMPERATURE), top_p=pick("top_p", DEFAULT_TOP_P),
+            max_tokens=pick("max_tokens", DEFAULT_MAX_TOKENS), max_completion_tokens=None,
+            stream=pick("stream", False), stream_options=None, stop=pick("stop", None),
+            seed=pick("seed", None), n=1, response_format=pick("response_format", None))
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error the server answers: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorDetail
