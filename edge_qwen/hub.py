@@ -156,6 +156,20 @@ def read_architecture(snap: Path) -> str | None:
     return archs[0] if archs and isinstance(archs[0], str) else None
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    # Network failures that outlast huggingface_hub's own retries surface as its HTTP client's
+    # exceptions (httpx2 in huggingface_hub 2.x, httpx before), which are not OSError.
+    import importlib
+
+    errs = []
+    for name in ("httpx2", "httpx"):
+        try:
+            errs.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errs)
+
+
 def _missing_summary(e: Exception) -> str:
     # huggingface_hub's IncompleteSnapshotError message names the missing files; keep that part.
     m = re.search(r"(\d+ file\(s\) are missing \(.*?\))\.(\s|$)", str(e), re.S)
@@ -186,7 +200,7 @@ def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> Edge
     if isinstance(e, hf.HfHubHTTPError) and status in (401, 403):
         return EdgeQwenError(f"{where} refused access to {repo_id} (HTTP {status}): set HF_TOKEN (or pass --token) "
                              "to a token allowed to read it", code="unauthorized")
-    if isinstance(e, hf.LocalEntryNotFoundError) or offline:
+    if isinstance(e, hf.LocalEntryNotFoundError) or isinstance(e, _transport_errors()) or offline:
         partial = isinstance(e, hf.IncompleteSnapshotError)
         state = f"is only partly in the model store ({_missing_summary(e)})" if partial else "is not in the model store"
         if offline:
@@ -219,17 +233,20 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
     import huggingface_hub
     from huggingface_hub import constants
 
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; follow the environment as it is now.
-    constants.HF_HUB_OFFLINE = offline
     folder = _repo_folder(repo_id)
     blobs_before, files_before = _cache_state(folder)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; follow the environment as it is now,
+    # and put the library's setting back afterwards for whoever else uses it in this process.
+    was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
     try:
         path = huggingface_hub.snapshot_download(
             repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=patterns,
             token=token or os.environ.get("HF_TOKEN") or None, local_files_only=offline,
             endpoint=_endpoint(), tqdm_class=_tqdm_class(quiet), max_workers=4)
-    except (OSError, ValueError) as e:  # every huggingface_hub download error is one of these
+    except (OSError, ValueError, *_transport_errors()) as e:  # huggingface_hub's errors are OSError/ValueError
         raise _translate(e, repo_id, rev, offline) from None
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
     snap = Path(path)
     files, fetched, nbytes, total = [], [], 0, 0
     for f in _snapshot_files(snap):

@@ -11,7 +11,7 @@ It serves, from in-memory repos, the endpoints huggingface_hub 2.x uses in `snap
 with the Hub's error conventions (X-Error-Code: RepoNotFound, RevisionNotFound, EntryNotFound,
 GatedRepo; 401 for a private repo without a valid token). It logs every request so tests can
 check what was fetched and which headers were sent, and can drop a connection mid-file once
-(`drop_once`) to exercise resumed downloads. huggingface_hub is pointed at it with HF_ENDPOINT.
+(`drop_once`) or fail a file (`fail`) to exercise resumed downloads. huggingface_hub is pointed at it with HF_ENDPOINT.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class StubRepo:
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
 
 
 class HubStub:
@@ -55,6 +55,7 @@ class HubStub:
         self.repos: dict[str, StubRepo] = {}
         self.requests: list[Request] = []
         self.drop_once: set[str] = set()  # file paths whose first full GET is cut off halfway
+        self.fail: set[str] = set()  # file paths whose GET answers 500 (a Hub outage mid-pull)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -174,7 +175,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self) -> None:
         url = urlsplit(self.path)
         with self.hub._lock:
-            self.hub.requests.append(Request(self.command, url.path, {k: v for k, v in self.headers.items()}))
+            self.hub.requests.append(Request(self.command, url.path, {k.lower(): v for k, v in self.headers.items()}))
         parts = [p for p in url.path.split("/") if p]
         if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):
             found = self._find(parts[2:4])
@@ -235,6 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _file(self, name: str, data: bytes, headers: dict[str, str]) -> None:
         rng = self.headers.get("Range")
+        if self.command == "GET" and name in self.hub.fail:
+            return self._error(500, "InternalError", "the stub Hub is down for this file")
         if self.command == "GET" and rng is None and name in self.hub.drop_once:
             # Promise the whole file, send half, hang up: a network cut mid-download.
             self.hub.drop_once.discard(name)
