@@ -225,3 +225,26 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
         finally:
             w.close()
     return Path(out)
+
+
+PROVENANCE_PREFIXES = ("general.", "edge_qwen.")
+
+
+def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
+    """A summary of a GGUF file: size, parameters, bits per weight, tensor types, metadata, provenance."""
+    from .gguf_file import check_gguf
+
+    info = check_gguf(path, architectures=None)
+    meta = {k: v for k, v in info.metadata.items()}
+    return {
+        "path": str(info.path),
+        "architecture": info.architecture,
+        "size_bytes": info.size,
+        "n_tensors": info.n_tensors,
+        "n_params": info.n_params,
+        "bits_per_weight": round(info.bits_per_weight, 3),
+        "file_type": info.file_type,
+        "tensor_types": dict(sorted(info.tensor_types.items())),
+        "provenance": {k: v for k, v in meta.items() if k.startswith(PROVENANCE_PREFIXES)},
+        "metadata": {k: v for k, v in meta.items() if not k.startswith(PROVENANCE_PREFIXES)},
+    }

@@ -1,7 +1,65 @@
-"""CLI commands (filled in by their issue)."""
+"""`edge-qwen convert`, `inspect` and `rebuild`: thin shells over edge_qwen.convert / rebuild."""
 
 from __future__ import annotations
 
-import click  # noqa: F401
+import click
 
-from . import main  # noqa: F401
+from . import main
+from .options import force_option, quiet_option
+
+
+@main.command()
+@click.argument("src")
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output GGUF file (default: <store>/models/<folder>-<outtype>.gguf).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Type of the weight matrices (norms and biases stay f32).")
+@force_option
+@quiet_option
+def convert(src: str, out: str | None, outtype: str, force: bool, quiet: bool) -> None:
+    """Convert a Hugging Face Qwen2 checkpoint (folder or pulled repo id) to GGUF."""
+    from ..convert import convert as run_convert
+
+    path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(file: str, as_json: bool) -> None:
+    """Show a GGUF file's metadata, tensor types, size, bits per weight and provenance."""
+    import json
+
+    from ..convert import inspect_gguf
+
+    info = inspect_gguf(file)
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False, indent=2))
+        return
+    click.echo(f"{info['path']}: {info['architecture']}, {info['size_bytes'] / 1e6:.1f} MB, "
+               f"{info['n_params'] / 1e6:.1f} M parameters, {info['bits_per_weight']:.2f} bits/weight")
+    click.echo("tensors: " + ", ".join(f"{t} {n}" for t, n in info["tensor_types"].items())
+               + f" ({info['n_tensors']} in all)")
+    for title, section in (("provenance", info["provenance"]), ("metadata", info["metadata"])):
+        click.echo(f"{title}:")
+        for k, v in section.items():
+            text = str(v).replace("\n", "\\n")
+            click.echo(f"  {k} = {text[:100] + '…' if len(text) > 100 else text}")
+
+
+@main.command()
+@click.argument("gguf_file", metavar="GGUF", type=click.Path(dir_okay=False))
+@click.argument("outdir", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True)
+@click.option("--shard-size", type=int, default=None, metavar="BYTES", help="Split weights into shards of at most BYTES.")
+@force_option
+@quiet_option
+def rebuild(gguf_file: str, outdir: str, dtype: str, shard_size: int | None, force: bool, quiet: bool) -> None:
+    """Rebuild a Hugging Face checkpoint folder from a qwen2 GGUF (dequantized)."""
+    from ..rebuild import rebuild_checkpoint
+
+    path = rebuild_checkpoint(gguf_file, outdir, dtype=dtype, max_shard_bytes=shard_size, force=force, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {path}")
