@@ -281,6 +281,7 @@ class StoredCheckpoint:
     size: int
     n_files: int
     architecture: str | None
+    missing: str = ""  # what an interrupted pull left out ("" when complete)
 
 
 @dataclass
@@ -310,7 +311,8 @@ def list_checkpoints() -> list[StoredCheckpoint]:
             files = _snapshot_files(snap)
             out.append(StoredCheckpoint(repo_id=repo_id, revisions=refs.get(snap.name, []), commit=snap.name,
                                         path=snap, size=sum(f.stat().st_size for f in files),
-                                        n_files=len(files), architecture=read_architecture(snap)))
+                                        n_files=len(files), architecture=read_architecture(snap),
+                                        missing=_missing_files(repo_id, snap.name)))
     return out
 
 
@@ -356,7 +358,8 @@ def store_summary() -> dict:
         "home": str(home()),
         "default_model": default,
         "checkpoints": [{"repo": c.repo_id, "revisions": c.revisions, "commit": c.commit, "path": str(c.path),
-                         "size": c.size, "files": c.n_files, "architecture": c.architecture}
+                         "size": c.size, "files": c.n_files, "architecture": c.architecture,
+                         "complete": not c.missing, "missing": c.missing}
                         for c in list_checkpoints()],
         "gguf": [{"name": g.name, "path": str(g.path), "size": g.size, "architecture": g.architecture,
                   "file_type": g.file_type, "error": g.error} for g in list_ggufs()],

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_qwen.errors import EdgeQwenError, ModelNotFoundError
-from edge_qwen.hub import ALLOW_PATTERNS, pull, snapshot_path
+from edge_qwen.hub import ALLOW_PATTERNS, list_checkpoints, pull, snapshot_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubstub import HubStub  # noqa: E402
@@ -171,6 +171,8 @@ def test_interrupted_pull_completes_later(hub, online, monkeypatch):
     assert "model.safetensors" in missing and len(missing) < len(WANTED)
     with pytest.raises(ModelNotFoundError, match=r"only partly.*model\.safetensors.*edge-qwen pull"):
         snapshot_path(REPO)
+    [ck] = list_checkpoints()
+    assert ck.repo_id == REPO and ck.n_files == len(WANTED) - len(missing) and "model.safetensors" in ck.missing
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError, match=r"only partly.*model\.safetensors.*HF_HUB_OFFLINE"):
         pull(REPO, quiet=True)
@@ -243,7 +245,7 @@ def test_cli_pull_offline_and_models(hub, online, default_model):
     listing = json.loads(p.stdout)
     [ck] = listing["checkpoints"]
     assert (ck["repo"], ck["revisions"], ck["commit"], ck["files"]) == (REPO, ["main"], hub.main_commit, len(WANTED))
-    assert ck["architecture"] == "Qwen2ForCausalLM" and Path(ck["path"]) == Path(out["path"])
+    assert ck["architecture"] == "Qwen2ForCausalLM" and Path(ck["path"]) == Path(out["path"]) and ck["complete"]
     ggufs = {g["name"]: g for g in listing["gguf"]}
     assert ggufs["qwen-default"]["file_type"] == "Q4_K_M" and ggufs["qwen-default"]["size"] == 491_400_064
     assert ggufs["broken"]["error"] and ggufs["broken"]["file_type"] is None

@@ -89,7 +89,8 @@ def models(known: bool, as_json: bool) -> None:
     click.echo("\nCheckpoints (edge-qwen pull):")
     if s["checkpoints"]:
         rows = [[c["repo"], ",".join(c["revisions"]) or "-", c["commit"][:12], _size(c["size"]), str(c["files"]),
-                 c["architecture"] or "?", c["path"]] for c in s["checkpoints"]]
+                 c["architecture"] or "?", c["path"] if c["complete"] else f"INCOMPLETE ({c['missing']}): pull again"]
+                for c in s["checkpoints"]]
         click.echo(_table(rows, ["REPO", "REVISION", "COMMIT", "SIZE", "FILES", "ARCHITECTURE", "PATH"]))
     else:
         click.echo("  none (edge-qwen models --known lists the official repos)")
