@@ -1,0 +1,417 @@
+"""Quantizing GGUF models with llama.cpp's own quantizer, plus recipe controls and provenance.
+
+`quantize()` checks everything it can before llama.cpp sees the file (the input with
+`check_gguf`, the type names, the importance matrix against the model's tensors, the outputs),
+then calls `llama_cpp.llama_model_quantize` once per type, multi-threaded, writing under a
+temporary name that is renamed only on success. llama.cpp's per-tensor log lines drive the
+progress bar and, for `dry_run`, give the type each tensor would get, from which we compute the
+exact size. Provenance (source hash, type, imatrix hash, calibration) is written into the output's
+`general.quantize.*` keys through the quantizer's KV overrides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgeQwenError, ModelFileError
+from .files import check_output, sha256_file
+from .imatrix import Imatrix, ImatrixError, compute_imatrix, llama_log, load_imatrix
+from .quant_types import QuantType, QuantTypeError, quant_types, tensor_type
+
+FLOAT_TYPES = {"F32", "F16", "BF16"}
+_ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
+_HASH_PLACEHOLDER = "0" * 64
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),\s*(.*)$")
+_STRIP_SUFFIXES = ("-f16", "-bf16", "-f32", "-fp16", "-fp32", "_f16", "_bf16", "_f32", ".f16", ".bf16", ".f32")
+
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+class QuantizeError(EdgeQwenError):
+    """llama.cpp refused or failed to quantize (the message carries llama.cpp's reason)."""
+
+    code = "quantize_failed"
+
+
+@dataclass
+class QuantizedFile:
+    """One output of `quantize()` (for a dry run: what it would be)."""
+
+    qtype: str
+    path: Path | None
+    size: int
+    n_params: int
+    tensor_types: dict[str, int]
+    fallbacks: int
+    seconds: float
+    dry_run: bool = False
+    needs_imatrix: bool = False
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.size / max(self.n_params, 1)
+
+
+@dataclass
+class QuantizeResult:
+    """All outputs of one `quantize()` call, with the provenance written into them."""
+
+    source: Path
+    files: list[QuantizedFile] = field(default_factory=list)
+    source_sha256: str | None = None
+    imatrix: Path | None = None
+    imatrix_sha256: str | None = None
+    calibration: str | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The output path when one type was asked for."""
+        return self.files[0].path if self.files else None
+
+    def __iter__(self):
+        return iter(self.files)
+
+
+def default_output_name(src: str | os.PathLike, qtype: str | QuantType) -> str:
+    """`<src stem without -f16/-bf16/-f32 or an old type suffix>-<type in lower case>.gguf`."""
+    from .quant_types import ALIASES, QUANT_TYPES
+
+    q = quant_types(qtype)[0]
+    stem = Path(src).name
+    if stem.lower().endswith(".gguf"):
+        stem = stem[:-5]
+    low = stem.lower()
+    for suffix in _STRIP_SUFFIXES + tuple(f"-{n.lower()}" for n in list(QUANT_TYPES) + list(ALIASES)):
+        if low.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return f"{stem}-{q.name.lower()}.gguf"
+
+
+def source_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, remembered for this process while its size and mtime are unchanged."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        _hash_cache[key] = sha256_file(path)
+    return _hash_cache[key]
+
+
+def _cached_sha256(path: Path) -> str | None:
+    st = os.stat(path)
+    return _hash_cache.get((os.path.realpath(path), st.st_size, st.st_mtime_ns))
+
+
+def parse_overrides(overrides: Any) -> list[tuple[str, int]]:
+    """Per-tensor type overrides as [(regex, ggml type)]: from {"attn_v": "Q8_0"} or ["attn_v=Q8_0"]."""
+    if not overrides:
+        return []
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        pairs = []
+        for o in ([overrides] if isinstance(overrides, str) else overrides):
+            if "=" not in str(o):
+                raise QuantTypeError(f"override {o!r} is not PATTERN=TYPE (e.g. 'attn_v=Q8_0' or 'blk\\.0\\..*=Q6_K')",
+                                     param="override")
+            pat, _, typ = str(o).rpartition("=")
+            pairs.append((pat, typ))
+        items = pairs
+    out = []
+    for pat, typ in items:
+        if not pat:
+            raise QuantTypeError(f"override {pat}={typ} has an empty tensor-name pattern", param="override")
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise QuantTypeError(f"override pattern {pat!r} is not a valid regular expression ({e})",
+                                 param="override") from None
+        out.append((pat, tensor_type(typ).ggml_type))
+    return out
+
+
+def _check_source(src: Path, allow_requantize: bool):
+    from .gguf_file import check_gguf, read_header
+
+    info = check_gguf(src)
+    quantized = {t: n for t, n in info.tensor_types.items() if t not in FLOAT_TYPES}
+    if quantized and not allow_requantize:
+        kinds = ", ".join(f"{t} x{n}" for t, n in sorted(quantized.items()))
+        raise ModelFileError(
+            f"{src} is already quantized ({kinds}); quantizing again loses quality. Quantize from an "
+            "f16/bf16/f32 GGUF (`edge-qwen convert`), or pass --allow-requantize (allow_requantize=True)")
+    _, tensors, data_start = read_header(src)
+    return info, tensors, data_start
+
+
+def _outputs(src: Path, out: Any, types: list[QuantType]) -> list[Path]:
+    if out is None:
+        return [src.with_name(default_output_name(src, q)) for q in types]
+    o = Path(out).expanduser()
+    if o.is_dir() or str(out).endswith(os.sep) or (len(types) > 1 and "{type}" not in str(out)):
+        if o.suffix.lower() == ".gguf":
+            raise QuantTypeError(f"{len(types)} types need one output each: give a folder for -o, or a name "
+                                 "with {type} in it (e.g. model-{type}.gguf)", param="out")
+        return [o / default_output_name(src, q) for q in types]
+    return [Path(str(o).replace("{type}", q.name.lower())) for q in types]
+
+
+def _kv_overrides(llama_cpp, kv: dict[str, str | int]):
+    arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
+    for i, (k, v) in enumerate(kv.items()):
+        arr[i].key = k.encode()[:127]
+        if isinstance(v, int):
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+            arr[i].value.val_i64 = v
+        else:
+            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+            raw = str(v).encode()
+            while len(raw) > 127:  # the C field holds 127 bytes; cut on a UTF-8 boundary
+                raw = raw[:127].decode("utf-8", "ignore").encode()
+            arr[i].value.val_str = raw
+    return arr
+
+
+def _imatrix_array(llama_cpp, im: Imatrix):
+    values = im.importance()
+    arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
+    keep = []
+    for i, (name, v) in enumerate(sorted(values.items())):
+        b = name.encode()
+        keep += [b, v]
+        arr[i].name = b
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = v.size
+    return arr, keep
+
+
+def _patch_string(path: Path, key: str, old: str, new: str) -> None:
+    """Overwrite a same-length string value in a GGUF header in place (the file stays valid)."""
+    import mmap
+    import struct
+
+    k = key.encode()
+    needle = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(old)) + old.encode()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        at = mm.find(needle)
+        if at < 0:
+            raise QuantizeError(f"internal error: provenance key {key} not found in {path}")
+        start = at + len(needle) - len(old)
+        mm[start:start + len(new)] = new.encode()
+        mm.flush()
+
+
+def _kv_bytes(kv: dict[str, str | int], existing: dict[str, Any]) -> int:
+    """Header bytes the new keys add (strings as written; ints become u32), padded to the alignment."""
+    n = 0
+    for k, v in kv.items():
+        if k not in existing:
+            n += 8 + len(k.encode()) + 4 + (4 if isinstance(v, int) else 8 + min(len(str(v).encode()), 127))
+    return n + (-n % _ALIGN)
+
+
+def _size_from_types(tensors, data_start: int, targets: dict[str, str]) -> int:
+    from .quant_types import TENSOR_TYPES_BY_ID, TENSOR_TYPES
+
+    total = data_start
+    for name, shape, ttype, _off in tensors:
+        t = TENSOR_TYPES.get(targets.get(name, "")) or TENSOR_TYPES_BY_ID[ttype]
+        rows = 1
+        for d in shape[1:]:
+            rows *= d
+        n = rows * t.row_bytes(shape[0])
+        total += n + (-n % _ALIGN)
+    return total
+
+
+def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: int, quiet: bool):
+    from .progress import progress
+
+    targets: dict[str, str] = {}
+    state = {"fallbacks": 0, "errors": []}
+
+    with progress(n_tensors, f"quantize {q.name}", "tensor", quiet) as bar:
+        def on_line(level: int, line: str) -> None:
+            m = _TENSOR_LINE.match(line)
+            if m:
+                rest = m.group(5)
+                conv = re.search(r"converting to (\w+)", rest) or re.search(r"MiB \((\w+)\)\s*$", rest)
+                targets[m.group(3)] = (conv.group(1) if conv else m.group(4)).upper()
+                bar.update(1)
+            elif "falling back to" in line:
+                state["fallbacks"] += 1
+            elif level == 3 or "failed to quantize" in line:
+                state["errors"].append(line.strip())
+
+        with llama_log(on_line):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(params))
+    if rc != 0:
+        reason = next((e.split("failed to quantize:", 1)[1].strip() for e in reversed(state["errors"])
+                       if "failed to quantize:" in e), "; ".join(e for e in state["errors"] if e.strip()) or "unknown")
+        if "imatrix" in reason or "importance matrix" in reason:
+            raise ImatrixError(f"llama.cpp needs an importance matrix for {q.name} on {src}: {reason}; "
+                               "pass --imatrix FILE or --calibration default")
+        raise QuantizeError(f"llama.cpp could not quantize {src} to {q.name}: {reason}")
+    return targets, state["fallbacks"]
+
+
+def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: Any = "Q4_K_M",
+             imatrix: str | os.PathLike | Imatrix | None = None, calibration: str | os.PathLike | None = None,
+             embedding_type: str | None = None, output_type: str | None = None, pure: bool = False,
+             overrides: Any = None, dry_run: bool = False, allow_requantize: bool = False,
+             n_threads: int | None = None, force: bool = False, quiet: bool = False,
+             chunks: int | None = None) -> QuantizeResult:
+    """Quantize the GGUF `src` to one or several types ("Q4_K_M" or "Q8_0,Q4_K_M" or a list).
+
+    `out`: the output file for one type, or a folder (or a name with `{type}`) for several;
+    default `<src stem>-<type>.gguf` beside `src`. `imatrix`: an imatrix file (GGUF or legacy
+    .dat) or an `Imatrix`; `calibration`: a text file or "default" to compute one first (saved as
+    `<stem>.imatrix.gguf` beside the outputs). `overrides`: {regex: tensor type} or
+    ["regex=TYPE", ...]. `dry_run` writes nothing and reports the exact resulting sizes.
+    """
+    import llama_cpp
+
+    types = quant_types(qtype)
+    embd = tensor_type(embedding_type) if embedding_type else None
+    outp = tensor_type(output_type) if output_type else None
+    tt = parse_overrides(overrides)
+    src = Path(src).expanduser()
+    info, tensors, data_start = _check_source(src, allow_requantize)
+    dests = [] if dry_run else _outputs(src, out, types)
+    for d in dests:
+        if d.resolve() == src.resolve():
+            raise QuantTypeError(f"output {d} is the input file; choose another output name", param="out")
+        check_output(d, force)
+
+    result = QuantizeResult(source=src)
+    im: Imatrix | None = None
+    if isinstance(imatrix, Imatrix):
+        im = imatrix
+    elif imatrix is not None:
+        im = load_imatrix(imatrix)
+    if im is not None:
+        im.check_model(src)
+    needing = [q.name for q in types if q.needs_imatrix]
+    if im is None and calibration is not None and not dry_run:
+        base = (dests[0] if dests else src).parent / f"{default_output_name(src, 'F16')[:-9]}.imatrix.gguf"
+        check_output(base, force)
+        im = compute_imatrix(src, calibration, chunks=chunks, n_threads=n_threads, quiet=quiet)
+        im.save(base, force=force)
+    if im is None and needing and not dry_run:
+        q = next(q for q in types if q.needs_imatrix)
+        raise ImatrixError(f"{', '.join(needing)} needs an importance matrix: {q.imatrix_reason}. "
+                           "Pass --imatrix FILE (make one with `edge-qwen imatrix`) or --calibration default")
+    if im is not None:
+        result.imatrix = im.path
+        result.imatrix_sha256 = sha256_file(im.path) if im.path else None
+        result.calibration = ", ".join(im.datasets) or "unknown"
+
+    # Hash the source while llama.cpp works: it is a pass over the whole file.
+    hasher = None
+    known = _cached_sha256(src)
+    if known is None and not dry_run:
+        hasher = threading.Thread(target=source_sha256, args=(src,), daemon=True)
+        hasher.start()
+
+    imat_arr, keep = _imatrix_array(llama_cpp, im) if im is not None else (None, [])
+    tt_arr = None
+    if tt:
+        tt_arr = (llama_cpp.llama_model_tensor_override * (len(tt) + 1))()
+        for i, (pat, gt) in enumerate(tt):
+            keep.append(pat.encode())
+            tt_arr[i].pattern, tt_arr[i].type = keep[-1], gt
+    recipe = ", ".join(filter(None, ["pure" if pure else "", f"token_embd={embd.name}" if embd else "",
+                                     f"output={outp.name}" if outp else "",
+                                     *(f"{p}={tensor_type(g).name}" for p, g in tt)])) or "default"
+    threads = n_threads or os.cpu_count() or 1
+    for i, q in enumerate(types):
+        t0 = time.perf_counter()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.nthread, params.ftype = threads, q.ftype
+        params.allow_requantize, params.pure, params.dry_run = allow_requantize, pure, dry_run
+        if embd:
+            params.token_embedding_type = embd.ggml_type
+        if outp:
+            params.output_tensor_type = outp.ggml_type
+        if imat_arr is not None:
+            params.imatrix = ctypes.cast(imat_arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        if tt_arr is not None:
+            params.tt_overrides = ctypes.cast(tt_arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        src_hash = known or _cached_sha256(src) or _HASH_PLACEHOLDER
+        kv: dict[str, str | int] = {
+            "general.quantize.tool": f"edge-qwen {__version__} (llama.cpp via llama-cpp-python {llama_cpp.__version__})",
+            "general.quantize.type": q.name,
+            "general.quantize.source_file": src.name,
+            "general.quantize.source_sha256": src_hash,
+            "general.quantize.recipe": recipe,
+            "general.quantize.imatrix_sha256": result.imatrix_sha256 or "none",
+            "general.quantize.calibration": result.calibration or "none",
+        }
+        if im is not None:  # the keys llama.cpp's own quantize tool writes
+            kv.update({"quantize.imatrix.file": (im.path.name if im.path else "in-memory"),
+                       "quantize.imatrix.dataset": result.calibration or "unknown",
+                       "quantize.imatrix.entries_count": len(im),
+                       "quantize.imatrix.chunks_count": int(im.chunk_count)})
+        kv_arr = _kv_overrides(llama_cpp, kv)
+        params.kv_overrides = ctypes.cast(kv_arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
+        if dry_run:
+            targets, fb = _run_one(llama_cpp, src, src.with_name(".dry-run"), q, params, len(tensors), quiet)
+            size = _size_from_types(tensors, data_start, targets) + _kv_bytes(kv, info.metadata)
+            result.files.append(QuantizedFile(q.name, None, size, info.n_params, dict(Counter(targets.values())),
+                                              fb, time.perf_counter() - t0, True, q.needs_imatrix and im is None))
+            continue
+        dest = dests[i]
+        from .files import atomic_output
+
+        with atomic_output(dest, force) as tmp:
+            targets, fb = _run_one(llama_cpp, src, tmp, q, params, len(tensors), quiet)
+            if src_hash == _HASH_PLACEHOLDER:
+                hasher.join()
+                known = source_sha256(src)
+                _patch_string(tmp, "general.quantize.source_sha256", _HASH_PLACEHOLDER, known)
+        result.files.append(QuantizedFile(q.name, dest, dest.stat().st_size, info.n_params,
+                                          dict(Counter(targets.values())), fb, time.perf_counter() - t0))
+    if hasher is not None:
+        hasher.join()
+    result.source_sha256 = _cached_sha256(src)
+    return result
+
+
+def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
+                         qtype: Any = "Q4_K_M", keep_f16: bool = False, force: bool = False,
+                         quiet: bool = False, **quantize_kwargs: Any) -> QuantizeResult:
+    """Convert a Hugging Face checkpoint to f16 GGUF, then quantize it, in one step.
+
+    The f16 intermediate is written beside the outputs and removed afterwards unless `keep_f16`.
+    `out` works as in `quantize()`; default outputs go to the store's models folder.
+    """
+    try:
+        from .convert import convert
+    except ImportError:
+        raise QuantizeError("conversion is not available in this install (edge_qwen.convert is missing)") from None
+    from .store import models_dir
+
+    types = quant_types(qtype)
+    ckpt = Path(checkpoint)
+    folder = (Path(out).parent if out and len(types) == 1 and Path(out).suffix == ".gguf"
+              else Path(out) if out else models_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / f"{ckpt.name.replace('/', '-').lower() or 'model'}-f16.gguf"
+    existed = f16.exists()
+    made = convert(str(checkpoint), f16, outtype="f16", force=force, quiet=quiet)
+    f16 = Path(getattr(made, "path", made) or f16)
+    try:
+        if out is None:
+            out = folder if len(types) > 1 else folder / default_output_name(f16, types[0])
+        return quantize(f16, out, types, force=force, quiet=quiet, **quantize_kwargs)
+    finally:
+        if not keep_f16 and not existed and f16.exists():
+            f16.unlink()
