@@ -289,3 +289,22 @@ def test_cli_warns_on_other_architectures(hub, online):
     p = _cli("pull", LLAMA, HF_ENDPOINT=hub.endpoint)
     assert p.returncode == 0, p.stderr
     assert "warning:" in p.stderr and "LlamaForCausalLM" in p.stderr
+
+
+def test_pull_then_convert_by_repo_id(hub, online, tiny_checkpoint, tmp_path):
+    """The whole path a user takes: pull a real (tiny, random) Qwen2 checkpoint, then convert it offline by name."""
+    from edge_qwen.gguf_file import check_gguf
+
+    files = {p.relative_to(tiny_checkpoint).as_posix(): p.read_bytes()
+             for p in tiny_checkpoint.rglob("*") if p.is_file()}
+    commit = hub.add_commit("Qwen/Qwen2.5-Tiny-Random", files)
+    p = _cli("pull", "Qwen/Qwen2.5-Tiny-Random", "-q", HF_ENDPOINT=hub.endpoint)
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "tiny.gguf"
+    p = _cli("convert", "Qwen/Qwen2.5-Tiny-Random", "-o", str(out), "--outtype", "f16", "-q", HF_HUB_OFFLINE="1")
+    assert p.returncode == 0, p.stderr
+    info = check_gguf(out)
+    assert info.architecture == "qwen2" and info.metadata["qwen2.embedding_length"] == 256
+    # The converter records where the weights came from: the pulled repo and its commit.
+    assert info.metadata["edge_qwen.source.repo"] == "Qwen/Qwen2.5-Tiny-Random"
+    assert info.metadata["edge_qwen.source.revision"] == commit
