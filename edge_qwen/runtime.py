@@ -117,18 +117,24 @@ class EdgeQwen:
         return render_chat(self.chat_template, messages)
 
     # -- generation -------------------------------------------------------------------------
-    def _prompt_tokens(self, messages: list[dict], max_tokens: int) -> list[int]:
-        tokens = self.tokenize(self.render(messages))
+    def fit_messages(self, messages: Any, max_tokens: int = 1024) -> tuple[list[dict], list[int]]:
+        """The messages that will be sent and their prompt tokens, under the context_overflow policy.
+
+        Raises ContextOverflowError naming the sizes when prompt + max_tokens exceeds n_ctx (with
+        "truncate_middle": only when even the system prompt plus the last message do not fit).
+        """
+        msgs = validate_messages(messages)
+        tokens = self.tokenize(self.render(msgs))
         if len(tokens) + max_tokens <= self.n_ctx:
-            return tokens
+            return msgs, tokens
         if self.context_overflow == "truncate_middle":
-            keep_head = 1 if messages[0]["role"] == "system" else 0
-            msgs = list(messages)
-            while len(msgs) > keep_head + 1:
-                del msgs[keep_head]  # the oldest turn after the system prompt
-                tokens = self.tokenize(self.render(msgs))
+            keep_head = 1 if msgs[0]["role"] == "system" else 0
+            kept = list(msgs)
+            while len(kept) > keep_head + 1:
+                del kept[keep_head]  # the oldest turn after the system prompt
+                tokens = self.tokenize(self.render(kept))
                 if len(tokens) + max_tokens <= self.n_ctx:
-                    return tokens
+                    return kept, tokens
         raise ContextOverflowError(
             f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
             f"> the context window n_ctx={self.n_ctx}; shorten the messages, lower max_tokens, load the model "
@@ -148,9 +154,9 @@ class EdgeQwen:
         or closed. Setting `cancel` ends it with finish_reason "cancelled".
         """
         self._check_open()
-        msgs = validate_messages(messages)
+        validate_messages(messages)
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
-        prompt = self._prompt_tokens(msgs, max_tokens)
+        _, prompt = self.fit_messages(messages, max_tokens)
         constraint = self._constraint(response_format)
         return self._locked(prompt, params, constraint, cancel, blocking)
 
