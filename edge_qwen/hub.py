@@ -16,6 +16,18 @@ from pathlib import Path
 from .errors import CheckpointError, EdgeQwenError, ModelNotFoundError
 from .store import hf_cache_dir
 
+# What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json",
+    "*.safetensors", "model.safetensors.index.json",
+    "LICENSE*", "README.md",
+]
+# Conversion reads the repo's top folder only; "*" also matches "/" in huggingface_hub's patterns,
+# so sub-folders (onnx/, original/, other pipelines' weights) are excluded explicitly.
+IGNORE_PATTERNS = ["*/*"]
+QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -72,23 +84,12 @@ def _missing_files(repo_id: str, commit: str) -> str:
 
     try:
         snapshot_download(repo_id, revision=commit, cache_dir=str(hf_cache_dir()),
-                          allow_patterns=ALLOW_PATTERNS, local_files_only=True)
+                          allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS, local_files_only=True)
     except hf.IncompleteSnapshotError as e:
         return _missing_summary(e)
     except hf.LocalEntryNotFoundError:
         return "its snapshot folder is missing"
     return ""
-
-
-# What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
-ALLOW_PATTERNS = [
-    "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json",
-    "*.safetensors", "model.safetensors.index.json",
-    "LICENSE*", "README.md",
-]
-QWEN2_ARCHITECTURE = "Qwen2ForCausalLM"
 
 
 @dataclass
@@ -126,11 +127,15 @@ def _tqdm_class(quiet: bool):
     disable = quiet or not sys.stderr.isatty()
 
     class _Bar(tqdm):
+        # huggingface_hub leaves its byte bars open; pull() closes them before printing its report.
+        opened: list[tqdm] = []
+
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
             kwargs["disable"] = disable
             kwargs.setdefault("file", sys.stderr)
             super().__init__(*args, **kwargs)
+            _Bar.opened.append(self)
 
     return _Bar
 
@@ -212,14 +217,15 @@ def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> Edge
             f"cannot reach the Hub at {where} to pull {repo_id}{missing}: check your connection, set HF_ENDPOINT "
             "to a reachable mirror, or work offline (HF_HUB_OFFLINE=1) with what is in the store", code="offline")
     if isinstance(e, hf.HfHubHTTPError):
-        return EdgeQwenError(f"{where} answered HTTP {status} while pulling {repo_id}; try again later "
-                             f"({str(e).strip().splitlines()[0]})", code="hub_error")
-    return EdgeQwenError(f"pulling {repo_id} failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}; "
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return EdgeQwenError(f"{where} answered HTTP {status} while pulling {repo_id}; run the pull again later to resume it "
+                             f"({first_line})", code="hub_error")
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return EdgeQwenError(f"pulling {repo_id} failed ({type(e).__name__}: {first_line}); "
                          "run the pull again to resume it", code="hub_error")
 
 
-def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False,
-         allow_patterns: list[str] | None = None) -> PullResult:
+def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False) -> PullResult:
     """Download a Hugging Face checkpoint repo into the model store (resuming what is already there).
 
     Only the files conversion needs are fetched (`ALLOW_PATTERNS`). Honours HF_ENDPOINT,
@@ -229,7 +235,6 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
     _check_repo_id(repo_id)
     rev = revision or "main"
     offline = _offline()
-    patterns = list(allow_patterns or ALLOW_PATTERNS)
     import huggingface_hub
     from huggingface_hub import constants
 
@@ -238,15 +243,19 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; follow the environment as it is now,
     # and put the library's setting back afterwards for whoever else uses it in this process.
     was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
+    bar = _tqdm_class(quiet)
     try:
         path = huggingface_hub.snapshot_download(
-            repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=patterns,
+            repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
             token=token or os.environ.get("HF_TOKEN") or None, local_files_only=offline,
-            endpoint=_endpoint(), tqdm_class=_tqdm_class(quiet), max_workers=4)
+            endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
     except (OSError, ValueError, *_transport_errors()) as e:  # huggingface_hub's errors are OSError/ValueError
         raise _translate(e, repo_id, rev, offline) from None
     finally:
         constants.HF_HUB_OFFLINE = was_offline
+        for b in bar.opened:
+            b.close()
     snap = Path(path)
     files, fetched, nbytes, total = [], [], 0, 0
     for f in _snapshot_files(snap):
@@ -260,7 +269,8 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
             nbytes += size
     if not files:
         raise CheckpointError(f"{repo_id} (revision {rev}) has none of the files conversion needs "
-                              f"({', '.join(patterns)}); is it a model repo with safetensors weights?")
+                              f"({', '.join(ALLOW_PATTERNS)}) in its top folder; "
+                              "is it a model repo with safetensors weights?")
     arch = read_architecture(snap)
     warnings = []
     if arch != QWEN2_ARCHITECTURE:

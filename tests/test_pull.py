@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edge_qwen.errors import EdgeQwenError, ModelNotFoundError
-from edge_qwen.hub import ALLOW_PATTERNS, list_checkpoints, pull, snapshot_path
+from edge_qwen.hub import ALLOW_PATTERNS, IGNORE_PATTERNS, list_checkpoints, pull, snapshot_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hubstub import HubStub  # noqa: E402
@@ -30,7 +30,7 @@ TOKEN = "hf_stubtoken123"
 WANTED = ["LICENSE", "README.md", "added_tokens.json", "config.json", "generation_config.json", "merges.txt",
           "model.safetensors", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
 UNWANTED = ["pytorch_model.bin", "onnx/model.onnx", ".gitattributes", "original/consolidated.00.pth",
-            "qwen2.5-stub-q4_k_m.gguf"]
+            "qwen2.5-stub-q4_k_m.gguf", "text_encoder/model.safetensors"]
 
 
 def _safetensors(n: int, seed: int) -> bytes:
@@ -210,10 +210,13 @@ def test_snapshot_path_errors(isolated_home):
 def test_allow_list_covers_conversion_files():
     from fnmatch import fnmatch
 
+    def fetched(name: str) -> bool:  # huggingface_hub's rule: some allow pattern and no ignore pattern
+        return any(fnmatch(name, p) for p in ALLOW_PATTERNS) and not any(fnmatch(name, p) for p in IGNORE_PATTERNS)
+
     for name in WANTED + ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "LICENSE.txt"]:
-        assert any(fnmatch(name, p) for p in ALLOW_PATTERNS), name
+        assert fetched(name), name
     for name in UNWANTED:
-        assert not any(fnmatch(name, p) for p in ALLOW_PATTERNS), name
+        assert not fetched(name), name
 
 
 # ---- the CLI, in a subprocess, as a user runs it ------------------------------------------------
