@@ -218,8 +218,8 @@ def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> Edge
             "to a reachable mirror, or work offline (HF_HUB_OFFLINE=1) with what is in the store", code="offline")
     if isinstance(e, hf.HfHubHTTPError):
         first_line = (str(e).strip().splitlines() or [""])[0]
-        return EdgeQwenError(f"{where} answered HTTP {status} while pulling {repo_id}; run the pull again later to resume it "
-                             f"({first_line})", code="hub_error")
+        return EdgeQwenError(f"{where} answered HTTP {status} while pulling {repo_id}; run the pull again later "
+                             f"to resume it ({first_line})", code="hub_error")
     first_line = (str(e).strip().splitlines() or [""])[0]
     return EdgeQwenError(f"pulling {repo_id} failed ({type(e).__name__}: {first_line}); "
                          "run the pull again to resume it", code="hub_error")
