@@ -245,14 +245,15 @@ def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: Toke
             if constraint is not None:
                 new += constraint.commit(tok)
             room = params.max_tokens - n_completion
-            if len(new) > room:  # forced tokens past max_tokens are cut: the output is "length"
+            cut = len(new) > room
+            if cut:  # forced tokens past max_tokens are cut: the output is unfinished, "length"
                 new = new[:room]
             n_completion += len(new)
             text, stopped = stopper.feed(utf8.decode(b"".join(pieces.piece(t) for t in new)))
             if stopped:
                 yield final(text, new, "stop", stop_hit=True)
                 return
-            if constraint is not None and constraint.is_finished():
+            if not cut and constraint is not None and constraint.is_finished():
                 yield final(text, new, "stop")
                 return
             if n_completion >= params.max_tokens:
