@@ -248,3 +248,14 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
         "provenance": {k: v for k, v in meta.items() if k.startswith(PROVENANCE_PREFIXES)},
         "metadata": {k: v for k, v in meta.items() if not k.startswith(PROVENANCE_PREFIXES)},
     }
+
+
+def default_f16_gguf(quiet: bool = True) -> Path:
+    """The store's f16 GGUF converted by edge-qwen from the rebuilt default checkpoint (made once)."""
+    from .rebuild import default_checkpoint
+    from .store import DEFAULT_MODEL_NAME, models_dir
+
+    out = models_dir() / (DEFAULT_MODEL_NAME.removesuffix("-q4_k_m") + "-f16.gguf")
+    if out.is_file():  # written atomically: present means complete
+        return out
+    return convert(default_checkpoint(quiet), out, outtype="f16", quiet=quiet)

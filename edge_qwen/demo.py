@@ -14,4 +14,17 @@ def run_demo(quiet: bool = False, echo: Callable[[str], None] = print) -> dict:
     info = check_gguf(path)
     echo(f"default model: {path} ({info.size / 1e6:.1f} MB, {info.n_tensors} tensors, "
          f"{info.bits_per_weight:.2f} bits/weight)")
-    return {"default_model": str(path)}
+    result = {"default_model": str(path)}
+
+    # Rebuild a Hugging Face checkpoint from it and convert that back with edge-qwen (once, reused).
+    from .convert import default_f16_gguf
+    from .rebuild import default_checkpoint
+
+    ckpt = default_checkpoint(quiet=quiet)
+    echo(f"checkpoint rebuilt from it: {ckpt} (f16 safetensors, config, tokenizer)")
+    f16 = default_f16_gguf(quiet=quiet)
+    f16_info = check_gguf(f16)
+    echo(f"converted by edge-qwen: {f16} ({f16_info.size / 1e6:.1f} MB, {f16_info.n_tensors} tensors, "
+         f"{f16_info.bits_per_weight:.2f} bits/weight)")
+    result.update(checkpoint=str(ckpt), f16_gguf=str(f16))
+    return result

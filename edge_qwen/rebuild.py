@@ -225,3 +225,17 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def default_checkpoint(quiet: bool = True) -> Path:
+    """The default model rebuilt as an f16 checkpoint in the store (made once, then reused).
+
+    The folder appears only when complete (built under a temporary name), so its config.json
+    existing means it is whole.
+    """
+    from .store import DEFAULT_MODEL_NAME, checkpoints_dir, default_model_path
+
+    out = checkpoints_dir() / DEFAULT_MODEL_NAME.removesuffix("-q4_k_m")
+    if (out / "config.json").is_file():
+        return out
+    return rebuild_checkpoint(default_model_path(quiet=quiet), out, dtype="f16", force=True, quiet=quiet)
