@@ -108,14 +108,15 @@ def _q(name: str, ftype: int, tensor: str, desc: str, bpw: float | None = None,
                      bool(imatrix), desc, imatrix)
 
 
-# Every llama_ftype of llama.h except GUESSED, in the order of llama.cpp's quantize tool.
+# Every llama_ftype of llama.h except GUESSED and NVFP4 (llama.h lists it, but the quantizer in
+# llama-cpp-python 0.3.36 answers "invalid output file type 39"), in the order of llama.cpp's
+# quantize tool.
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
     _q("Q1_0", 40, "Q1_0", "1-bit, group 128"),
     _q("Q2_0", 41, "Q2_0", "2-bit, group 64"),
     _q("Q4_0", 2, "Q4_0", "4-bit legacy, one scale per 32"),
     _q("Q4_1", 3, "Q4_1", "4-bit legacy, scale and min per 32"),
     _q("MXFP4_MOE", 38, "MXFP4", "MXFP4 for MoE experts, Q8_0 elsewhere"),
-    _q("NVFP4", 39, "NVFP4", "NVFP4 (FP4 with E4M3 scales)"),
     _q("Q5_0", 8, "Q5_0", "5-bit legacy, one scale per 32"),
     _q("Q5_1", 9, "Q5_1", "5-bit legacy, scale and min per 32"),
     _q("IQ2_XXS", 19, "IQ2_XXS", "2-bit i-quant", 2.06, _LLAMA_REFUSES.format(t="IQ2_XXS")),

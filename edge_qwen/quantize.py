@@ -236,16 +236,20 @@ def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: 
     from .progress import progress
 
     targets: dict[str, str] = {}
-    state = {"fallbacks": 0, "errors": []}
+    state: dict[str, Any] = {"fallbacks": 0, "errors": [], "last": None}
 
     with progress(n_tensors, f"quantize {q.name}", "tensor", quiet) as bar:
         def on_line(level: int, line: str) -> None:
             m = _TENSOR_LINE.match(line)
+            # "converting to" may come on a later line when llama.cpp interjects a message
+            # (e.g. "did not find weights for token_embd.weight") in the middle of a tensor's line.
+            conv = re.search(r"converting to (\w+)", line) or re.search(r"MiB \((\w+)\)\s*$", line)
             if m:
-                rest = m.group(5)
-                conv = re.search(r"converting to (\w+)", rest) or re.search(r"MiB \((\w+)\)\s*$", rest)
+                state["last"] = m.group(3)
                 targets[m.group(3)] = (conv.group(1) if conv else m.group(4)).upper()
                 bar.update(1)
+            elif conv and state.get("last"):
+                targets[state["last"]] = conv.group(1).upper()
             elif "falling back to" in line:
                 state["fallbacks"] += 1
             elif level == 3 or "failed to quantize" in line:
