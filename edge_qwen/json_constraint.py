@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -54,7 +55,11 @@ class _ModelTables:
         # live exactly as long as the Llama object (weak key) and are never shared across loads.
         self.eos = llama.token_eos()
         self.n_vocab = llama.n_vocab()
-        self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
+        with warnings.catch_warnings():
+            # llguidance calls llama-cpp-python's deprecated llama_token_get_attr once per token:
+            # 151,936 DeprecationWarnings that cost seconds when warnings are recorded (pytest).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
         self.matchers: OrderedDict[str, Any] = OrderedDict()
 
     def matcher(self, schema: dict, param: str) -> Any:
@@ -167,12 +172,13 @@ def parse_response_format(response_format: Any, param: str = "response_format") 
 class JsonConstraint:
     """One request's grammar state: masks logits, records tokens, forces what the schema fixes."""
 
-    def __init__(self, tables: _ModelTables, matcher: Any, schema: dict | None):
+    def __init__(self, tables: _ModelTables, matcher: Any, schema: dict | None, fast_forward: bool = True):
         import numpy as np
 
         self._np = np
         self._matcher = matcher
         self._schema = schema  # None: any JSON object
+        self._fast_forward = fast_forward
         self._n_vocab = tables.n_vocab
         self._eos = tables.eos
         self._bitmask = np.full((1, (tables.n_vocab + 31) // 32), -1, dtype=np.int32)
@@ -203,7 +209,7 @@ class JsonConstraint:
                 "the loop must call mask_logits before sampling"
             )
         self.sampled_tokens += 1
-        if m.is_stopped():
+        if m.is_stopped() or not self._fast_forward:
             return []
         forced = m.compute_ff_tokens()
         if forced:
@@ -227,14 +233,22 @@ class JsonConstraint:
         """
         if finish_reason != "stop":
             return None
+        if not self._matcher.is_accepting():
+            raise ConstraintViolation(
+                "generation stopped before the JSON value was complete (a stop string inside the JSON?); "
+                f"the output is not valid: {text[:200]!r}"
+            )
         return validate_output(text, self._schema)
 
 
-def make_constraint(llm: Any, response_format: Any, param: str = "response_format") -> JsonConstraint | None:
+def make_constraint(llm: Any, response_format: Any, param: str = "response_format", *,
+                    fast_forward: bool = True) -> JsonConstraint | None:
     """Build the JSON constraint for one request, or None when `response_format` asks for free text.
 
     `llm` is an EdgeQwen (or a llama_cpp.Llama). Raises RequestError for a malformed
     response_format and SchemaError for an invalid schema or keywords the engine cannot enforce.
+    `fast_forward=False` makes commit() return no forced tokens (the model samples every
+    token under the mask; the benchmark uses it to measure the mask alone).
     """
     schema = parse_response_format(response_format, param)
     if schema is None:
@@ -243,7 +257,7 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     schema = check_schema(schema, param)
     tables = model_tables(llm)
     matcher = tables.matcher(schema, param)
-    return JsonConstraint(tables, matcher, None if any_object else schema)
+    return JsonConstraint(tables, matcher, None if any_object else schema, fast_forward=fast_forward)
 
 
 __all__ = [
