@@ -306,7 +306,11 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     needing = [q.name for q in types if q.needs_imatrix]
     if im is None and calibration is not None and not dry_run:
         base = (dests[0] if dests else src).parent / f"{default_output_name(src, 'F16')[:-9]}.imatrix.gguf"
-        check_output(base, force)
+        if base.exists() and not force:
+            from .errors import OutputExistsError
+
+            raise OutputExistsError(f"{base} already exists (an imatrix from an earlier run); reuse it with "
+                                    f"--imatrix {base}, or pass --force to compute it again")
         im = compute_imatrix(src, calibration, chunks=chunks, n_threads=n_threads, quiet=quiet)
         im.save(base, force=force)
     if im is None and needing and not dry_run:

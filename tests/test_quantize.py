@@ -268,3 +268,15 @@ def test_requantize_allowed_on_request(default_model):
     f = res.files[0]
     assert f.tensor_types == {"Q8_0": 170, "F32": 121}
     assert 8.4 < f.bits_per_weight < 8.7
+
+
+def test_convert_and_quantize_then_inspect(tiny_checkpoint, tmp_path):
+    from edge_qwen.quantize import convert_and_quantize
+
+    res = convert_and_quantize(tiny_checkpoint, tmp_path, "Q8_0,Q4_K_M", quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-qwen2-q4_k_m.gguf", "tiny-qwen2-q8_0.gguf"]
+    assert res.source_sha256 and len(res.files) == 2  # the f16 intermediate was hashed, then removed
+    r = CliRunner().invoke(main, ["inspect", str(res.files[1].path)])
+    assert r.exit_code == 0, r.output
+    for text in ("general.quantize.type", "Q4_K_M", "general.quantize.source_sha256", res.source_sha256):
+        assert text in r.output, text
