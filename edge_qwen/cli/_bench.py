@@ -1,7 +1,87 @@
-"""CLI commands (filled in by their issue)."""
+"""`edge-qwen bench` and `edge-qwen recommend`: thin shells over edge_qwen.bench."""
 
 from __future__ import annotations
 
-import click  # noqa: F401
+import re
 
-from . import main  # noqa: F401
+import click
+
+from . import main
+from .options import quiet_option
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size like 1.5GB, 800MB, 2GiB or 1000000 (decimal units; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise click.BadParameter(f"{text!r} is not a size; write it like 1.5GB, 800MB or 2GiB")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise click.BadParameter(f"{text!r} must be more than zero bytes")
+    return n
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+@main.command("bench")
+@click.argument("f16_gguf", type=click.Path(dir_okay=False))
+@click.option("--types", "types", default=None, metavar="T1,T2,...",
+              help="Quantization types to measure [default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K,IQ4_XS; "
+                   "with --quick: Q8_0,Q4_K_M].")
+@click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for results.md/.csv/.json, the plots and per-type results.")
+@click.option("--quick", is_flag=True, help="A small run for CI and smoke tests (2 chunks of 256 tokens, 3 tasks).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Importance matrix for the quantizer (needed by the low-bit IQ types).")
+@click.option("--no-resume", is_flag=True, help="Measure every type again even if --out holds its result.")
+@click.option("--keep-models", is_flag=True, help="Keep the quantized files in OUT/models.")
+@quiet_option
+def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, quiet):
+    """Quantize F16_GGUF to each type and measure size, speed, memory and quality against it."""
+    from ..bench import DEFAULT_TYPES, QUICK_TYPES, run_sweep
+    from ..bench_report import markdown_table
+
+    chosen = types or ",".join(QUICK_TYPES if quick else DEFAULT_TYPES)
+    rows = run_sweep(f16_gguf, chosen, out_dir, quick=quick, imatrix=imatrix, resume=not no_resume,
+                     quiet=quiet, keep_models=keep_models)
+    click.echo(markdown_table(rows))
+    click.echo(f"Results in {out_dir}/ (results.md, results.csv, results.json, quality_vs_size.png, speed_vs_size.png)")
+
+
+@main.command("recommend")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--max-ram", required=True, type=SizeType(), help="RAM budget for model + KV cache, e.g. 1.5GB.")
+@click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
+              help="Context length the model will be loaded with.")
+@quiet_option
+def recommend_cmd(source, max_ram, n_ctx, quiet):
+    """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF."""
+    from ..bench import recommend
+
+    rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet)
+    mb = lambda v: "-" if v is None else f"{v / 1e6:.0f}"  # noqa: E731
+    click.echo(f"| Type | Size (MB) | KV cache (MB) | Compute (MB) | Need (MB) | Measured RSS (MB) | KL mean | PPL | Fits |")
+    click.echo("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
+    for c in rec["candidates"]:
+        kl = "-" if c["kl_mean"] is None else f"{c['kl_mean']:.5f}"
+        ppl = "-" if c["ppl"] is None else f"{c['ppl']:.3f}"
+        mark = "**" if c["type"] == rec["choice"] else ""
+        click.echo(f"| {mark}{c['type']}{' (ref)' if c['reference'] else ''}{mark} | {mb(c['size_bytes'])} | "
+                   f"{mb(c['kv_bytes'])} | {mb(c['compute_bytes'])} | {mb(c['need_bytes'])} | "
+                   f"{mb(c['peak_rss_bytes'])} | {kl} | {ppl} | {'yes' if c['fits'] else 'no'} |")
+    click.echo(f"\nRecommended: {rec['choice']} (lowest KL divergence that fits {max_ram / 1e6:.0f} MB "
+               f"with a {n_ctx}-token context)")
