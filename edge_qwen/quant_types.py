@@ -228,7 +228,8 @@ def format_table() -> str:
     lines = [f"{'type':<10} {'ftype':>5}  {'tensors':<8} {'bpw':>5}  {'imatrix':<8}  description"]
     for q in QUANT_TYPES.values():
         need = "required" if q.needs_imatrix else "-"
-        lines.append(f"{q.name:<10} {q.ftype:>5}  {q.tensor_type:<8} {q.bits_per_weight:>5.2f}  {need:<8}  {q.description}")
+        lines.append(f"{q.name:<10} {q.ftype:>5}  {q.tensor_type:<8} {q.bits_per_weight:>5.2f}  {need:<8}  "
+                     f"{q.description}")
     lines.append("aliases: " + ", ".join(f"{a} = {b}" for a, b in ALIASES.items()))
     lines.append("bpw is nominal (the main tensor type); real files are larger: run with --dry-run for the true size.")
     return "\n".join(lines)

@@ -24,7 +24,8 @@ from typing import Any
 from . import __version__
 from .errors import EdgeQwenError, ModelFileError
 from .files import check_output, sha256_file
-from .imatrix import Imatrix, ImatrixError, compute_imatrix, llama_log, load_imatrix
+from .imatrix import Imatrix, ImatrixError, compute_imatrix, load_imatrix
+from .imatrix_collect import llama_log
 from .quant_types import QuantType, QuantTypeError, quant_types, tensor_type
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -355,7 +356,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
             params.tt_overrides = ctypes.cast(tt_arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         src_hash = known or _cached_sha256(src) or _HASH_PLACEHOLDER
         kv: dict[str, str | int] = {
-            "general.quantize.tool": f"edge-qwen {__version__} (llama.cpp via llama-cpp-python {llama_cpp.__version__})",
+            "general.quantize.tool": f"edge-qwen {__version__} (llama-cpp-python {llama_cpp.__version__})",
             "general.quantize.type": q.name,
             "general.quantize.source_file": src.name,
             "general.quantize.source_sha256": src_hash,
