@@ -246,3 +246,38 @@ def test_existing_output_and_unknown_sources(tmp_path, tiny_checkpoint, isolated
     assert not (tmp_path / "x.gguf").exists()
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x.gguf")])
     assert r.exit_code != 0 and "neither a checkpoint folder" in r.output
+
+
+def test_convert_pulled_repo_id(tiny_checkpoint, isolated_home, monkeypatch, tmp_path):
+    """SRC as a repo id: pulled over real HTTP from the local Hub stand-in, then converted offline."""
+    import sys
+
+    import huggingface_hub.constants
+
+    from edge_qwen.gguf_file import check_gguf
+    from edge_qwen.hub import pull
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hubstub import HubStub
+
+    stub = HubStub().start()
+    try:
+        files = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir() if p.is_file()}
+        files["README.md"] = b"---\nlicense: mit\n---\n"
+        commit = stub.add_commit("acme/tiny-qwen2", files)
+        monkeypatch.setenv("HF_ENDPOINT", stub.endpoint)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        registry = tmp_path / "agent_harnesses.json"  # keeps huggingface_hub from fetching its registry
+        registry.write_text('{"standardEnvVars": [], "harnesses": {}}')
+        monkeypatch.setattr(huggingface_hub.constants, "AGENT_HARNESSES_PATH", str(registry))
+        pull("acme/tiny-qwen2", quiet=True)
+    finally:
+        stub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "pulled.gguf"
+    r = CliRunner().invoke(main, ["convert", "acme/tiny-qwen2", "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    meta = check_gguf(out).metadata
+    assert meta["edge_qwen.source.repo"] == "acme/tiny-qwen2" and meta["edge_qwen.source.revision"] == commit
+    assert meta["general.source.repo_url"] == "https://huggingface.co/acme/tiny-qwen2"
+    assert meta["general.license"] == "mit"
