@@ -154,10 +154,13 @@ class EdgeQwen:
         or closed. Setting `cancel` ends it with finish_reason "cancelled".
         """
         self._check_open()
-        validate_messages(messages)
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
         _, prompt = self.fit_messages(messages, max_tokens)
         constraint = self._constraint(response_format)
+        if constraint is not None and params.stop:
+            # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
+            raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
+                               "ends the reply); remove stop", param="stop")
         return self._locked(prompt, params, constraint, cancel, blocking)
 
     def _constraint(self, response_format: dict | None):

@@ -172,6 +172,7 @@ def test_kv_prefix_reuse_gives_same_answer(llm):
     (dict(stop=["ok", 3]), "stop"),
     (dict(seed="x"), "seed"),
     (dict(response_format="json"), "response_format"),
+    (dict(response_format={"type": "json_object"}, stop="}"), "stop"),
 ])
 def test_bad_requests_name_the_parameter(llm, kw, param):
     args = {"messages": user("hi"), **kw}
