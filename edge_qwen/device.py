@@ -166,8 +166,9 @@ class DoctorReport:
         ]
         if self.offload_check is not None:
             c = self.offload_check
+            bufs = ", ".join(f"{k} {v:.0f} MiB" for k, v in c.get("model_buffers_mib", {}).items())
             out.append(f"offload check      {c.get('offloaded', '?')}/{c.get('n_layers', '?')} layers on "
-                       f"{c.get('device', '?')}: {'OK' if c.get('ok') else 'FAILED'}")
+                       f"{c.get('device', '?')}: {'OK' if c.get('ok') else 'FAILED'} (model buffers: {bufs or '-'})")
         elif not self.gpu_offload:
             out.append(f"GPU                not in this build; for Metal: {INSTALL_HINT['metal']}")
             out.append(f"                   for CUDA:  {INSTALL_HINT['cuda']}")
@@ -180,10 +181,26 @@ def _cpu_features(info: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"(\w+) = 1", info)]
 
 
-def offload_check(model_path: str) -> dict[str, Any]:
-    """Load `model_path` with every layer offloaded and read llama.cpp's log to prove it.
+def parse_offload_log(log: str) -> dict[str, Any]:
+    """Read llama.cpp's model-load log: how many layers went to which device, and buffer sizes.
 
-    llama.cpp logs "offloaded N/M layers to GPU" while loading; the check passes when N == M.
+    llama.cpp logs "layer N assigned to device X" per layer (the last one is the output layer),
+    "offloaded N/M layers to GPU" on GPU builds, and "<device> model buffer size = S MiB".
+    """
+    assigned = re.findall(r"layer\s+\d+ assigned to device (\S+?),", log)
+    on_gpu = [d for d in assigned if not d.upper().startswith("CPU")]
+    m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", log)
+    offloaded, total = (int(m.group(1)), int(m.group(2))) if m else (len(on_gpu), len(assigned))
+    buffers = {name: float(size) for name, size in re.findall(r"(\S+) model buffer size =\s+([\d.]+) MiB", log)}
+    return {"offloaded": offloaded, "n_layers": total, "device": on_gpu[0] if on_gpu else "CPU",
+            "model_buffers_mib": buffers, "ok": total > 0 and offloaded == total}
+
+
+def offload_check(model_path: str) -> dict[str, Any]:
+    """Load `model_path` with n_gpu_layers=-1 and read llama.cpp's load log to prove offload.
+
+    The check passes only when every layer was assigned to a GPU device; a build that installs
+    but never offloads shows up as 0/N.
     """
     import ctypes
 
@@ -199,20 +216,13 @@ def offload_check(model_path: str) -> dict[str, Any]:
     try:
         from llama_cpp import Llama
 
-        llm = Llama(model_path=str(model_path), n_gpu_layers=-1, n_ctx=512, verbose=True)
-        n_layer = llama_cpp.llama_model_n_layer(llm.model)
-        llm.close()
+        Llama(model_path=str(model_path), n_gpu_layers=-1, n_ctx=256, verbose=False).close()
     finally:
         # Hand logging back to llama-cpp-python's own (quiet) callback.
         from llama_cpp import _logger
 
         llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-    log = "".join(lines)
-    m = re.search(r"offloaded (\d+)/(\d+) layers to GPU", log)
-    dev = re.search(r"using device (\S+)", log)
-    offloaded, total = (int(m.group(1)), int(m.group(2))) if m else (0, n_layer + 1)
-    return {"offloaded": offloaded, "n_layers": total, "device": dev.group(1) if dev else "GPU",
-            "ok": bool(m) and offloaded == total and offloaded > 0}
+    return parse_offload_log("".join(lines))
 
 
 def doctor(check_offload: bool = True) -> DoctorReport:

@@ -423,3 +423,19 @@ def test_auto_offloads_every_layer_on_a_gpu_build(monkeypatch):
     assert device.select_device("cuda", n_gpu_layers=10).n_gpu_layers == 10
     with pytest.raises(device.DeviceError, match="Metal"):
         device.select_device("metal")
+
+
+def test_offload_proof_reads_the_load_log(default_model):
+    from edge_qwen.device import offload_check, parse_offload_log
+
+    # This CPU build loads with n_gpu_layers=-1 but keeps every layer on the CPU: the proof says so.
+    c = offload_check(str(default_model))
+    assert (c["offloaded"], c["n_layers"], c["ok"]) == (0, 25, False) and "CPU_Mapped" in c["model_buffers_mib"]
+    # The lines a CUDA build logs (format of llama.cpp's load_tensors) pass the check.
+    gpu_log = "".join(f"load_tensors: layer {i:3d} assigned to device CUDA0, is_swa = 0\n" for i in range(25))
+    gpu_log += ("load_tensors: offloading 24 repeating layers to GPU\nload_tensors: offloaded 25/25 layers to GPU\n"
+                "load_tensors:        CUDA0 model buffer size =   462.96 MiB\n")
+    g = parse_offload_log(gpu_log)
+    assert (g["offloaded"], g["n_layers"], g["device"], g["ok"]) == (25, 25, "CUDA0", True)
+    assert g["model_buffers_mib"] == {"CUDA0": 462.96}
+    assert parse_offload_log(gpu_log.replace("offloaded 25/25", "offloaded 20/25"))["ok"] is False
