@@ -107,6 +107,16 @@ def source_sha256(path: str | os.PathLike) -> str:
     return _hash_cache[key]
 
 
+def _hash_in_background(path: Path) -> None:
+    # Lowest priority (Linux sets it per thread): hashing uses the cores llama.cpp leaves idle
+    # (loading, writing) instead of slowing its quantization threads.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+    source_sha256(path)
+
+
 def _cached_sha256(path: Path) -> str | None:
     st = os.stat(path)
     return _hash_cache.get((os.path.realpath(path), st.st_size, st.st_mtime_ns))
@@ -140,7 +150,7 @@ def parse_overrides(overrides: Any) -> list[tuple[str, int]]:
 
 
 def _check_source(src: Path, allow_requantize: bool):
-    from .gguf_file import check_gguf, read_header
+    from .gguf_file import check_gguf
 
     info = check_gguf(src)
     quantized = {t: n for t, n in info.tensor_types.items() if t not in FLOAT_TYPES}
@@ -149,8 +159,7 @@ def _check_source(src: Path, allow_requantize: bool):
         raise ModelFileError(
             f"{src} is already quantized ({kinds}); quantizing again loses quality. Quantize from an "
             "f16/bf16/f32 GGUF (`edge-qwen convert`), or pass --allow-requantize (allow_requantize=True)")
-    _, tensors, data_start = read_header(src)
-    return info, tensors, data_start
+    return info
 
 
 def _outputs(src: Path, out: Any, types: list[QuantType]) -> list[Path]:
@@ -195,19 +204,27 @@ def _imatrix_array(llama_cpp, im: Imatrix):
 
 
 def _patch_string(path: Path, key: str, old: str, new: str) -> None:
-    """Overwrite a same-length string value in a GGUF header in place (the file stays valid)."""
-    import mmap
+    """Overwrite a same-length string value in a GGUF header in place (the file stays valid).
+
+    A plain seek+write: an mmap flush here would force the whole freshly written file to disk.
+    """
     import struct
 
     k = key.encode()
     needle = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(old)) + old.encode()
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
-        at = mm.find(needle)
-        if at < 0:
-            raise QuantizeError(f"internal error: provenance key {key} not found in {path}")
-        start = at + len(needle) - len(old)
-        mm[start:start + len(new)] = new.encode()
-        mm.flush()
+    with open(path, "r+b") as f:
+        buf, base = b"", 0
+        while block := f.read(1 << 22):  # the header comes first: a few MB at most
+            buf += block
+            at = buf.find(needle)
+            if at >= 0:
+                f.seek(base + at + len(needle) - len(old))
+                f.write(new.encode())
+                return
+            keep = len(needle) - 1  # the needle may straddle two blocks
+            base += len(buf) - keep
+            buf = buf[-keep:]
+    raise QuantizeError(f"internal error: provenance key {key} not found in {path}")
 
 
 def _kv_bytes(kv: dict[str, str | int], existing: dict[str, Any]) -> int:
@@ -289,7 +306,11 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     outp = tensor_type(output_type) if output_type else None
     tt = parse_overrides(overrides)
     src = Path(src).expanduser()
-    info, tensors, data_start = _check_source(src, allow_requantize)
+    info = _check_source(src, allow_requantize)
+    if dry_run:  # shapes, for computing sizes from llama.cpp's per-tensor decisions
+        from .gguf_file import read_header
+
+        _, tensors, data_start = read_header(src)
     dests = [] if dry_run else _outputs(src, out, types)
     for d in dests:
         if d.resolve() == src.resolve():
@@ -327,7 +348,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     hasher = None
     known = _cached_sha256(src)
     if known is None and not dry_run:
-        hasher = threading.Thread(target=source_sha256, args=(src,), daemon=True)
+        hasher = threading.Thread(target=_hash_in_background, args=(src,), daemon=True)
         hasher.start()
 
     imat_arr, keep = _imatrix_array(llama_cpp, im) if im is not None else (None, [])
@@ -372,7 +393,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         kv_arr = _kv_overrides(llama_cpp, kv)
         params.kv_overrides = ctypes.cast(kv_arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
         if dry_run:
-            targets, fb = _run_one(llama_cpp, src, src.with_name(".dry-run"), q, params, len(tensors), quiet)
+            targets, fb = _run_one(llama_cpp, src, src.with_name(".dry-run"), q, params, info.n_tensors, quiet)
             size = _size_from_types(tensors, data_start, targets) + _kv_bytes(kv, info.metadata)
             result.files.append(QuantizedFile(q.name, None, size, info.n_params, dict(Counter(targets.values())),
                                               fb, time.perf_counter() - t0, True, q.needs_imatrix and im is None))
@@ -381,7 +402,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         from .files import atomic_output
 
         with atomic_output(dest, force) as tmp:
-            targets, fb = _run_one(llama_cpp, src, tmp, q, params, len(tensors), quiet)
+            targets, fb = _run_one(llama_cpp, src, tmp, q, params, info.n_tensors, quiet)
             if src_hash == _HASH_PLACEHOLDER:
                 hasher.join()
                 known = source_sha256(src)
