@@ -174,7 +174,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object")
     archs = config.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) or config.get("model_type", "qwen2") != "qwen2":
+    if not isinstance(archs, list):
+        archs = [archs]
+    known = any(a in SUPPORTED_ARCHITECTURES for a in archs) or (not archs and config.get("model_type") == "qwen2")
+    if not known or config.get("model_type", "qwen2") != "qwen2":
         raise CheckpointError(
             f"{cfg_file}: architecture {', '.join(map(str, archs)) or config.get('model_type') or 'unknown'} is not "
             f"supported; edge-qwen converts {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 / Qwen2.5 and their fine-tunes) only"
@@ -200,6 +203,18 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{file} has a damaged header; download it again")
     start = 8 + n
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in v["data_offsets"])
+            shape = [int(d) for d in v["shape"]]
+            dtype = str(v["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file} has a damaged entry for tensor {name!r}; download it again") from None
+        if dtype in _DTYPES and stop - begin != _DTYPES[dtype][1] * _numel(shape):
+            raise CheckpointError(f"{file}: tensor {name!r} has {stop - begin} bytes for shape {shape} {dtype}; "
+                                  "the file is damaged, download it again")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if start + end > size:
         raise CheckpointError(f"{file} is truncated: its tensors need {start + end} bytes but the file has "

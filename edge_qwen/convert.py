@@ -196,7 +196,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
             w.add_string("edge_qwen.source.sha256", prov["sha256"])
             w.add_string("edge_qwen.version", __version__)
             w.add_string("edge_qwen.outtype", outtype)
-            _add_hparams(w, ckpt.config, folder)
+            try:
+                _add_hparams(w, ckpt.config, folder)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{folder / 'config.json'} has a missing or malformed value "
+                                      f"({type(e).__name__}: {e}); fix config.json") from None
             w.add_file_type(file_type)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             add_vocab(w, vocab)

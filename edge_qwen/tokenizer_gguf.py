@@ -51,7 +51,12 @@ def _split_regexes(pre: dict[str, Any] | None) -> list[str]:
     if not pre:
         return []
     if pre.get("type") == "Split":
-        return [pre.get("pattern", {}).get("Regex", pre.get("pattern", {}).get("String", ""))]
+        pattern = pre.get("pattern") or {}
+        regex = pattern.get("Regex", pattern.get("String", ""))
+        # the same regex used another way (kept as separate pieces, or inverted) splits differently
+        if pre.get("behavior") != "Isolated" or pre.get("invert"):
+            regex = f"{regex} (behavior {pre.get('behavior')}, invert {pre.get('invert')})"
+        return [regex]
     return [r for p in pre.get("pretokenizers", []) or [] for r in _split_regexes(p)]
 
 

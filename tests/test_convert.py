@@ -195,6 +195,8 @@ def _break(kind: str, folder: Path) -> None:
     elif kind == "tokenizer":
         edit_json("tokenizer.json", lambda t: t["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(
             Regex=r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"))
+    elif kind == "config_value":
+        edit_json("config.json", lambda c: c.update(rms_norm_eps="tiny"))
     elif kind == "no_tokenizer":
         (folder / "tokenizer.json").unlink()
 
@@ -209,6 +211,7 @@ BAD = {
     "unmapped": "model.layers.0.mlp.adapter.weight",
     "tokenizer": "pre-tokenizer",
     "no_tokenizer": "no tokenizer.json",
+    "config_value": "fix config.json",
 }
 
 
