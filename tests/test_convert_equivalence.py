@@ -196,3 +196,8 @@ def test_chat_template_renders_identically(original, ours_f16, rebuilt_checkpoin
         for gen in (True, False):
             want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert render_chat(ours, messages, add_generation_prompt=gen) == want
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "查询天气",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "北京天气怎么样?"}]
+    want = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert "<tools>" in want and render_chat(ours, messages, tools=tools) == want
