@@ -80,14 +80,24 @@ def test_tensor_types_and_exact_values(tiny_checkpoint, tiny_ggufs):
     from edge_qwen.checkpoint import open_checkpoint
     from edge_qwen.gguf_file import check_gguf
 
-    ckpt = open_checkpoint(tiny_checkpoint)
-    f32 = _gguf_tensors(tiny_ggufs["f32"])
-    assert len(f32) == 2 + 1 + 2 * 12  # embd, norm, output + 12 per block
-    for hf_name, ref in ckpt.tensors.items():
-        from edge_qwen.checkpoint import expected_tensors
+    import gguf
 
-        gname = expected_tensors(ckpt.config)[hf_name][0]
-        assert np.array_equal(f32[gname], ref.read()), gname  # bf16 -> f32 is exact
+    from edge_qwen.checkpoint import expected_tensors
+
+    ckpt = open_checkpoint(tiny_checkpoint)
+    files = {t: _gguf_tensors(p) for t, p in tiny_ggufs.items()}
+    assert len(files["f32"]) == 2 + 1 + 2 * 12  # embd, norm, output + 12 per block
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for hf_name, ref in ckpt.tensors.items():
+        gname, values = expected_tensors(ckpt.config)[hf_name][0], ref.read()
+        assert np.array_equal(files["f32"][gname], values), gname  # bf16 -> f32 is exact
+        assert np.array_equal(files["bf16"][gname], values), gname
+        if values.ndim == 1:  # norms and biases stay f32 in every file
+            assert all(np.array_equal(f[gname], values) for f in files.values()), gname
+            continue
+        assert np.array_equal(files["f16"][gname], values.astype(np.float16).astype(np.float32)), gname
+        want_q8 = gguf.quants.dequantize(gguf.quants.quantize(values, q8), q8)
+        assert np.array_equal(files["q8_0"][gname], want_q8), gname
     types = {t: check_gguf(p).tensor_types for t, p in tiny_ggufs.items()}
     assert types["f32"] == {"F32": 27}
     assert types["f16"] == {"F32": 11, "F16": 16} and types["bf16"] == {"F32": 11, "BF16": 16}
