@@ -85,6 +85,19 @@ class Imatrix:
             out[name] = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
         return out
 
+    def digest(self) -> str:
+        """sha256 over names, counts and sums: identifies an imatrix that was never saved."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256()
+        for name in sorted(self.sums):
+            h.update(name.encode() + b"\0")
+            h.update(np.asarray(self.counts[name], dtype=np.float64).tobytes())
+            h.update(np.asarray(self.sums[name], dtype=np.float64).tobytes())
+        return h.hexdigest()
+
     def save(self, path: str | os.PathLike, force: bool = False) -> Path:
         """Write llama.cpp's GGUF imatrix format, or its legacy format if `path` ends in `.dat`."""
         out = Path(path)

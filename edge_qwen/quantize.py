@@ -341,7 +341,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
                            "Pass --imatrix FILE (make one with `edge-qwen imatrix`) or --calibration default")
     if im is not None:
         result.imatrix = im.path
-        result.imatrix_sha256 = sha256_file(im.path) if im.path else None
+        # the file's sha256; an imatrix passed in memory is identified by a digest of its data
+        result.imatrix_sha256 = sha256_file(im.path) if im.path else f"data:{im.digest()}"
         result.calibration = ", ".join(im.datasets) or "unknown"
 
     # Hash the source while llama.cpp works: it is a pass over the whole file.

@@ -206,6 +206,12 @@ def test_provenance_keys(tiny_f16, tiny_imatrix, tmp_path):
     assert meta["general.quantize.calibration"] == "default"
     assert meta["quantize.imatrix.file"] == tiny_imatrix.name and meta["quantize.imatrix.chunks_count"] == 2
     assert meta["general.file_type"] == 23
+    from edge_qwen.imatrix import load_imatrix
+
+    mem = load_imatrix(tiny_imatrix)
+    mem.path = None  # as if computed in memory and never saved
+    kept, _, _ = read_header(quantize(tiny_f16, tmp_path / "m.gguf", "Q4_K_M", imatrix=mem, quiet=True).path)
+    assert kept["general.quantize.imatrix_sha256"] == f"data:{mem.digest()}"
     plain, _, _ = read_header(quantize(tiny_f16, tmp_path / "n.gguf", "Q8_0", quiet=True).path)
     assert plain["general.quantize.imatrix_sha256"] == "none" and plain["general.quantize.calibration"] == "none"
 
