@@ -8,13 +8,15 @@ Each round runs, back to back on the same f16 input: llama.cpp directly, our qua
 (the source-hash cache cleared, so it also hashes the 1.2 GB input, on a low-priority thread
 while llama.cpp works: what a first `edge-qwen quantize` pays) and our quantize() "warm" (hash
 known: every further type of a multi-type call). The pytest-benchmark timing is the warm run;
-ratios of medians against the direct call are in extra_info and printed.
+ratios of medians against the direct call are in extra_info and printed, for wall time and for
+CPU time of the process (all threads; steadier than wall time on a shared machine).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import statistics
 import sys
 import time
@@ -41,20 +43,24 @@ def make_f16(folder: Path) -> Path:
     return out
 
 
-def direct(src: Path, dest: Path, qtype: str) -> float:
-    """llama.cpp's quantizer as a user of llama-cpp-python calls it; returns seconds."""
+def _timed(fn, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn(*args)
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return wall, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def direct(src: Path, dest: Path, qtype: str) -> None:
+    """llama.cpp's quantizer as a user of llama-cpp-python calls it."""
     import llama_cpp
 
     from edge_qwen.quant_types import quant_type
 
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype, p.nthread = quant_type(qtype).ftype, os.cpu_count() or 1
-    t0 = time.perf_counter()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(p))
-    dt = time.perf_counter() - t0
-    assert rc == 0
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(p)) == 0
     dest.unlink()
-    return dt
 
 
 def ours(src: Path, dest: Path, qtype: str) -> None:
@@ -64,6 +70,13 @@ def ours(src: Path, dest: Path, qtype: str) -> None:
     dest.unlink()
 
 
+def cold(src: Path, dest: Path, qtype: str) -> None:
+    from edge_qwen import quantize as qmod
+
+    qmod._hash_cache.clear()  # as in a fresh process: the 1.2 GB source is hashed again
+    ours(src, dest, qtype)
+
+
 @pytest.fixture(scope="module")
 def f16(tmp_path_factory) -> Path:
     path = make_f16(tmp_path_factory.mktemp("benchq"))
@@ -71,51 +84,55 @@ def f16(tmp_path_factory) -> Path:
     path.unlink(missing_ok=True)
 
 
-def one_round(src: Path, qtype: str) -> tuple[float, float]:
-    """(direct seconds, cold ours seconds); leaves the hash cached for a warm run."""
-    from edge_qwen import quantize as qmod
+def _report(qtype: str, runs: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in runs.items()}
+    (dw, dc) = med["direct"]
+    out = {"type": qtype}
+    for k, (w, c) in med.items():
+        out.update({f"{k}_wall_s": w, f"{k}_cpu_s": c, f"{k}_wall_ratio": w / dw, f"{k}_cpu_ratio": c / dc})
+    return out
 
-    d = direct(src, src.with_name(f"direct-{qtype}.gguf"), qtype)
-    qmod._hash_cache.clear()
-    t0 = time.perf_counter()
-    ours(src, src.with_name(f"cold-{qtype}.gguf"), qtype)
-    return d, time.perf_counter() - t0
+
+def _line(r: dict) -> str:
+    cells = [f"{r['type']:<8} {r['direct_wall_s']:>7.2f} {r['direct_cpu_s']:>7.2f}"]
+    for k in ("cold", "warm"):
+        cells.append(f"{r[k + '_wall_s']:>7.2f} {r[k + '_wall_ratio']:>6.3f} "
+                     f"{r[k + '_cpu_s']:>7.2f} {r[k + '_cpu_ratio']:>6.3f}")
+    return " | ".join(cells)
+
+
+HEADER = (f"{'type':<8} {'direct':>7} {'cpu':>7} | {'cold':>7} {'ratio':>6} {'cpu':>7} {'ratio':>6} | "
+          f"{'warm':>7} {'ratio':>6} {'cpu':>7} {'ratio':>6}   (seconds; ratios against direct)")
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_quantize_overhead(benchmark, f16, qtype):
-    base: list[float] = []
-    cold: list[float] = []
+    runs: dict[str, list[tuple[float, float]]] = {"direct": [], "cold": [], "warm": []}
 
     def setup():
-        d, c = one_round(f16, qtype)
-        base.append(d)
-        cold.append(c)
+        runs["direct"].append(_timed(direct, f16, f16.with_name("d.gguf"), qtype))
+        runs["cold"].append(_timed(cold, f16, f16.with_name("c.gguf"), qtype))
 
-    benchmark.pedantic(ours, args=(f16, f16.with_name(f"ours-{qtype}.gguf"), qtype), setup=setup,
-                       rounds=ROUNDS, iterations=1)
-    md, mc, mw = statistics.median(base), statistics.median(cold), statistics.median(benchmark.stats.stats.data)
-    benchmark.extra_info.update({"type": qtype, "direct_median_s": md, "cold_median_s": mc, "warm_median_s": mw,
-                                 "cold_ratio": mc / md, "warm_ratio": mw / md})
-    print(f"\n{qtype}: llama.cpp direct {md:.2f} s; edge-qwen cold {mc:.2f} s (x{mc / md:.3f}), "
-          f"warm {mw:.2f} s (x{mw / md:.3f})")
+    def warm():
+        runs["warm"].append(_timed(ours, f16, f16.with_name("w.gguf"), qtype))
+
+    benchmark.pedantic(warm, setup=setup, rounds=ROUNDS, iterations=1)
+    r = _report(qtype, runs)
+    benchmark.extra_info.update(r)
+    print("\n" + HEADER + "\n" + _line(r))
 
 
 if __name__ == "__main__":
     import tempfile
 
     types = sys.argv[1:] or TYPES
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         src = make_f16(Path(d))
-        print(f"{'type':<8} {'direct s':>9} {'cold s':>8} {'ratio':>6} {'warm s':>8} {'ratio':>6}")
+        print(HEADER, flush=True)
         for qt in types:
-            a, b, c = [], [], []
-            for _ in range(ROUNDS):
-                x, y = one_round(src, qt)
-                a.append(x)
-                b.append(y)
-                t0 = time.perf_counter()
-                ours(src, Path(d) / "w.gguf", qt)
-                c.append(time.perf_counter() - t0)
-            ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
-            print(f"{qt:<8} {ma:>9.2f} {mb:>8.2f} {mb / ma:>6.3f} {mc:>8.2f} {mc / ma:>6.3f}", flush=True)
+            runs: dict[str, list[tuple[float, float]]] = {"direct": [], "cold": [], "warm": []}
+            for _ in range(ROUNDS):  # interleaved, so all three see the same machine load
+                runs["direct"].append(_timed(direct, src, Path(d) / "d.gguf", qt))
+                runs["cold"].append(_timed(cold, src, Path(d) / "c.gguf", qt))
+                runs["warm"].append(_timed(ours, src, Path(d) / "w.gguf", qt))
+            print(_line(_report(qt, runs)), flush=True)
