@@ -42,24 +42,10 @@ def original(default_model):
 
 
 @pytest.fixture(scope="module")
-def ours_f32(rebuilt_checkpoint, tmp_path_factory):
-    """The rebuilt checkpoint converted by edge-qwen to f32 (~2.5 GB), deleted after this module."""
-    from edge_qwen.convert import convert
-
-    out = convert(rebuilt_checkpoint, tmp_path_factory.mktemp("f32") / "default-f32.gguf", outtype="f32", quiet=True)
-    yield out
-    out.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
 def ours_f16(default_f16_gguf):
     import gguf
 
     return gguf.GGUFReader(str(default_f16_gguf))
-
-
-def _tensors(reader) -> dict:
-    return {t.name: t for t in reader.tensors}
 
 
 def _plain_arrays(path) -> dict[str, tuple[int, np.ndarray]]:
@@ -80,25 +66,64 @@ def _values(t) -> np.ndarray:
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
 
 
-def test_every_tensor_roundtrips(original, ours_f32, default_f16_gguf, rebuilt_checkpoint):
-    from edge_qwen.checkpoint import expected_tensors, open_checkpoint
+def _original_values(original):
+    for t in original.tensors:
+        # the rebuilt checkpoint holds llama.cpp's dequantized values rounded to f16
+        yield t.name, _values(t).astype(np.float16)
 
-    ckpt = open_checkpoint(rebuilt_checkpoint)
-    to_hf = {g: hf for hf, (g, _s) in expected_tensors(ckpt.config).items()}
-    orig = _tensors(original)
-    f32, f16 = _plain_arrays(ours_f32), _plain_arrays(default_f16_gguf)
-    assert len(orig) == 291
-    assert {(n, a.shape) for n, (_t, a) in f32.items()} == {(n, _values(t).shape) for n, t in orig.items()}
-    assert f16.keys() == orig.keys()
-    for name, t in orig.items():
-        want = _values(t).astype(np.float16)  # the checkpoint holds llama.cpp's values rounded to f16
-        ttype, got32 = f32[name]
-        assert ttype == 0  # F32
-        assert np.array_equal(got32, want.astype(np.float32)), name
-        assert np.array_equal(got32, ckpt.tensors[to_hf[name]].read()), name  # f32 output == checkpoint exactly
-        ttype16, got16 = f16[name]
-        assert ttype16 == (1 if got16.ndim > 1 else 0)  # F16 matrices, F32 norms and biases
-        assert np.array_equal(got16, want), name
+
+class TestF32:
+    """Checks on the f32 GGUF, which exists only while this class runs (2.5 GB of disk)."""
+
+    @pytest.fixture(scope="class")
+    def ours_f32(self, rebuilt_checkpoint, tmp_path_factory):
+        from edge_qwen.convert import convert
+
+        out = convert(rebuilt_checkpoint, tmp_path_factory.mktemp("f32") / "default-f32.gguf", outtype="f32",
+                      quiet=True)
+        yield out
+        out.unlink(missing_ok=True)
+
+    def test_every_tensor_roundtrips_exactly(self, original, ours_f32, rebuilt_checkpoint):
+        from edge_qwen.checkpoint import expected_tensors, open_checkpoint
+
+        ckpt = open_checkpoint(rebuilt_checkpoint)
+        to_hf = {g: hf for hf, (g, _s) in expected_tensors(ckpt.config).items()}
+        f32 = _plain_arrays(ours_f32)
+        assert len(original.tensors) == 291
+        assert {(n, a.shape) for n, (_t, a) in f32.items()} == {
+            (t.name, tuple(reversed(t.shape.tolist()))) for t in original.tensors}
+        for name, want in _original_values(original):
+            ttype, got = f32[name]
+            assert ttype == 0  # F32
+            assert np.array_equal(got, want.astype(np.float32)), name
+            assert np.array_equal(got, ckpt.tensors[to_hf[name]].read()), name  # f32 output == checkpoint exactly
+
+    def test_greedy_predictions_agree(self, default_model, ours_f32, rebuilt_checkpoint):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        ids = _positions(default_model)
+        ours = _llama_argmax(ours_f32, ids)
+        orig = _llama_argmax(default_model, ids)
+        model = AutoModelForCausalLM.from_pretrained(rebuilt_checkpoint, dtype=torch.float32)
+        with torch.no_grad():
+            hf = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+        del model
+        vs_hf, vs_orig = (ours == hf).mean(), (ours == orig).mean()
+        print(f"greedy agreement over {len(ids)} positions: edge-qwen f32 vs transformers {vs_hf:.4f}, "
+              f"vs original Q4_K_M {vs_orig:.4f}")
+        assert vs_hf >= 0.995
+        assert vs_orig >= 0.98
+
+
+def test_f16_tensors_within_f16_rounding(original, default_f16_gguf):
+    f16 = _plain_arrays(default_f16_gguf)
+    assert f16.keys() == {t.name for t in original.tensors}
+    for name, want in _original_values(original):
+        ttype, got = f16[name]
+        assert ttype == (1 if got.ndim > 1 else 0)  # F16 matrices, F32 norms and biases
+        assert np.array_equal(got, want), name
 
 
 def test_metadata_matches_llama_cpp_converter(original, ours_f16):
@@ -160,24 +185,6 @@ def _llama_argmax(path, ids) -> np.ndarray:
         return np.array(llm.scores[: len(ids)]).argmax(1)
     finally:
         llm.close()
-
-
-def test_greedy_predictions_agree(default_model, ours_f32, rebuilt_checkpoint):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ids = _positions(default_model)
-    ours = _llama_argmax(ours_f32, ids)
-    orig = _llama_argmax(default_model, ids)
-    model = AutoModelForCausalLM.from_pretrained(rebuilt_checkpoint, dtype=torch.float32)
-    with torch.no_grad():
-        hf = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
-    del model
-    vs_hf, vs_orig = (ours == hf).mean(), (ours == orig).mean()
-    print(f"greedy agreement over {len(ids)} positions: edge-qwen f32 vs transformers {vs_hf:.4f}, "
-          f"vs original Q4_K_M {vs_orig:.4f}")
-    assert vs_hf >= 0.995
-    assert vs_orig >= 0.98
 
 
 def test_chat_template_renders_identically(original, ours_f16, rebuilt_checkpoint):
