@@ -161,15 +161,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
         raise CheckpointError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     folder = resolve_source(src)
     ckpt = open_checkpoint(folder)
+    prov = _provenance(ckpt)
+    # a hub snapshot folder is named after its commit: name the model after the repo instead
+    base = prov["repo"].split("/")[-1] if "revision" in prov else folder.resolve().name
     if out is None:
         from .store import models_dir
 
-        out = models_dir() / f"{folder.resolve().name.lower()}-{outtype}.gguf"
+        out = models_dir() / f"{base.lower()}-{outtype}.gguf"
     from .files import check_output
 
     check_output(out, force)  # fail before the slow tokenizer work
     vocab = read_vocab(folder, int(ckpt.config["vocab_size"]))
-    prov = _provenance(ckpt)
     plan = []  # (gguf name, hf tensor, gguf type, nbytes)
     for hf_name, (gguf_name, shape) in expected_tensors(ckpt.config, folder).items():
         if hf_name == "lm_head.weight" and ckpt.tied:
@@ -185,7 +187,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
         w = gguf.GGUFWriter(tmp, ARCH)
         try:
             w.add_type(gguf.GGUFType.MODEL)
-            w.add_name(name or str(ckpt.config.get("_name_or_path") or "").split("/")[-1] or folder.resolve().name)
+            w.add_name(name or str(ckpt.config.get("_name_or_path") or "").split("/")[-1] or base)
             if "repo" in prov:
                 w.add_source_repo_url(f"https://huggingface.co/{prov['repo']}")
                 w.add_string("edge_qwen.source.repo", prov["repo"])

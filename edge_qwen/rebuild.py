@@ -158,6 +158,8 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if dtype not in DTYPES:
         raise ModelFileError(f"dtype {dtype!r} is not supported for a rebuilt checkpoint; choose {', '.join(DTYPES)}")
     src, out = Path(gguf_path), Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; give a folder for the rebuilt checkpoint")
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it or choose another folder")
     reader = open_reader(src)

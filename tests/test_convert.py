@@ -293,4 +293,7 @@ def test_convert_pulled_repo_id(tiny_checkpoint, isolated_home, monkeypatch, tmp
     meta = check_gguf(out).metadata
     assert meta["edge_qwen.source.repo"] == "acme/tiny-qwen2" and meta["edge_qwen.source.revision"] == commit
     assert meta["general.source.repo_url"] == "https://huggingface.co/acme/tiny-qwen2"
-    assert meta["general.license"] == "mit"
+    assert meta["general.license"] == "mit" and meta["general.name"] == "tiny-qwen2"
+    r = CliRunner().invoke(main, ["convert", "acme/tiny-qwen2", "-q"])  # default output: the store, named after the repo
+    assert r.exit_code == 0, r.output
+    assert (isolated_home / "models" / "tiny-qwen2-f16.gguf").is_file()
