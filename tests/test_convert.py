@@ -297,3 +297,29 @@ def test_convert_pulled_repo_id(tiny_checkpoint, isolated_home, monkeypatch, tmp
     r = CliRunner().invoke(main, ["convert", "acme/tiny-qwen2", "-q"])  # default output: the store, named after the repo
     assert r.exit_code == 0, r.output
     assert (isolated_home / "models" / "tiny-qwen2-f16.gguf").is_file()
+
+
+def test_finetune_tokenizer_variant(tiny_checkpoint, tmp_path):
+    """A Qwen2.5 fine-tune's tokenizer (extra special token, no normalizer, its own template) converts
+    by structure, not by a hash of known tokenizers, and llama.cpp then tokenizes like transformers."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "finetune"
+    shutil.copytree(tiny_checkpoint, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["normalizer"] = None
+    new_id = max(a["id"] for a in tok["added_tokens"]) + 1
+    tok["added_tokens"].append({"id": new_id, "content": "<|think|>", "single_word": False, "lstrip": False,
+                                "rstrip": False, "normalized": False, "special": True})
+    (src / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    (src / "chat_template.jinja").write_text("{% for m in messages %}<|think|>{{ m['content'] }}{% endfor %}")
+    out = convert(src, tmp_path / "ft.gguf", quiet=True)
+    text = "<|think|>plan: 先想一想 then answer<|im_end|>"
+    want = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False)["input_ids"]
+    assert new_id in want
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == want
+    from edge_qwen.gguf_file import check_gguf
+
+    assert "<|think|>" in check_gguf(out).metadata["tokenizer.chat_template"]
