@@ -21,7 +21,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -37,12 +36,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .client import error_body, error_body_of
 from .errors import BusyError, EdgeQwenError, ModelNotFoundError
-from .server_schemas import ChatRequest, ErrorBody, QwenPredictRequest
+from .server_schemas import BodyLimit, ChatRequest, ErrorBody, QwenPredictRequest, validation_error
 
 log = logging.getLogger("edge_qwen.server")
 
 DEFAULT_NAME = "qwen2.5"
-DEFAULT_MAX_QUEUE = 8
+DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY = 1_000_000
 RETRY_AFTER_S = 2
 
@@ -193,70 +192,6 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
             return
 
 
-class _BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is answered 413 before any parsing."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
-
-    async def _reject(self, send: Any, size: str) -> None:
-        body = json.dumps(error_body(f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
-                                     "(serve --max-body); send a shorter request", param=None,
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, send)
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await self._reject(send, value.decode())
-        parts, total = [], 0
-        while True:  # buffer the body (it is small by definition) so chunked uploads are counted too
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.limit:
-                return await self._reject(send, f"more than {self.limit}")
-            parts.append(chunk)
-            if not message.get("more_body"):
-                break
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
-    # Drop "body" and pydantic's union-member tags ("str", "list[TextPart]") from the location.
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
-    param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        message = f"request body is not valid JSON ({first.get('msg')}); send a JSON object"
-        param, code = None, "invalid_json"
-    else:
-        message = f"{param or 'body'}: {first.get('msg')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        code = "invalid_request"
-    return JSONResponse(error_body(message, param=param, code=code), status_code=400)
-
-
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
                max_tokens_limit: int | None = None, preload: bool = True, **llm_options: Any) -> FastAPI:
@@ -287,7 +222,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                   responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
                              413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     app.state.models = registry
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
 
     async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -306,7 +241,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc)
+        return validation_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,4 +1,8 @@
-"""Request bodies the HTTP server accepts: the OpenAI chat shape and the Qwen API shape.
+"""What the HTTP server accepts and how it refuses: request bodies and bad-request answers.
+
+Request bodies: the OpenAI chat shape and the Qwen API shape. Refusals: a body over the size
+limit is 413 before parsing (BodyLimit); a body that fails validation is 400 (never
+FastAPI's 422), with an OpenAI-shaped error naming the first bad field.
 
 These pydantic models are what FastAPI validates requests against and what the served
 OpenAPI schema describes. Unknown fields are tolerated (ignored), as OpenAI clients send
@@ -8,9 +12,13 @@ passes validation never reaches llama.cpp as something it cannot take.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .client import error_body
 
 # The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
 DEFAULT_TEMPERATURE = 0.7
@@ -239,3 +247,70 @@ class ErrorBody(BaseModel):
     """Every error the server answers: {"error": {"message", "type", "param", "code"}}."""
 
     error: ErrorDetail
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before any parsing."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _reject(self, send: Any, size: str) -> None:
+        body = json.dumps(error_body(f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
+                                     "(serve --max-body); send a shorter request", param=None,
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(send, value.decode())
+        parts, total = [], 0
+        while True:  # buffer the body (it is small by definition) so chunked uploads are counted too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.limit:
+                return await self._reject(send, f"more than {self.limit}")
+            parts.append(chunk)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
+
+
+def validation_error(exc: Any) -> Any:
+    """A FastAPI RequestValidationError as a 400 OpenAI-shaped error naming the first bad field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    # Drop "body" and pydantic's union-member tags ("str", "list[TextPart]") from the location.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        message = f"request body is not valid JSON ({first.get('msg')}); send a JSON object"
+        param, code = None, "invalid_json"
+    else:
+        message = f"{param or 'body'}: {first.get('msg')}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        code = "invalid_request"
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(message, param=param, code=code), status_code=400)

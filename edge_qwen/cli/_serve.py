@@ -18,14 +18,17 @@ from .options import quiet_option
               help="Require `Authorization: Bearer KEY` on every endpoint but /health [env: EDGE_QWEN_API_KEY].")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(256, 131072),
               help="Context window per model (tokens).")
-@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 10_000),
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 10_000),
               help="Requests that may wait per model behind the one generating; beyond: 503 + Retry-After.")
 @click.option("--max-tokens-limit", default=None, type=click.IntRange(1), help="Cap on any request's max_tokens.")
+@click.option("--threads", "n_threads", default=None, type=click.IntRange(1),
+              help="CPU threads per model (default: one per physical core).")
 @click.option("--max-body", default=1_000_000, show_default=True, type=click.IntRange(1024),
               help="Largest request body in bytes; larger is 413.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
-                  n_ctx: int, max_queue: int, max_tokens_limit: int | None, max_body: int, quiet: bool) -> None:
+                  n_ctx: int, max_queue: int, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
+                  quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -34,4 +37,5 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
     from ..server import model_table, serve
 
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
-          max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet)
+          max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
+          **({"n_threads": n_threads} if n_threads else {}))
