@@ -20,7 +20,7 @@ import pytest
 
 MESSAGES = [{"role": "user", "content": "Write a detailed essay about the history of computing, "
                                         "from the abacus to modern GPUs."}]
-N_TOKENS = 128
+N_TOKENS = int(os.environ.get("EDGE_QWEN_BENCH_TOKENS", "128"))  # lower only for a smoke run
 ROUNDS = int(os.environ.get("EDGE_QWEN_BENCH_ROUNDS", "4"))
 
 

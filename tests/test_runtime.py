@@ -80,11 +80,11 @@ def test_stop_matcher_holds_back_prefixes():
 
 def test_seed_makes_sampling_reproducible(llm):
     msgs = user("Write a one-line poem about the sea.")
-    kw = dict(temperature=0.8, top_p=0.9, max_tokens=24)
+    kw = dict(temperature=0.8, top_p=0.9, max_tokens=16)
     a = llm.chat(msgs, seed=1234, **kw)["choices"][0]["message"]["content"]
     b = llm.chat(msgs, seed=1234, **kw)["choices"][0]["message"]["content"]
     assert a == b
-    others = {llm.chat(msgs, seed=s, **kw)["choices"][0]["message"]["content"] for s in (1, 2, 3)}
+    others = {llm.chat(msgs, seed=s, **kw)["choices"][0]["message"]["content"] for s in (1, 2)}
     assert len(others | {a}) > 1  # the seed is actually used
 
 

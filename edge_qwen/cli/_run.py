@@ -7,6 +7,7 @@ desktop apps and tests drive the same code the command runs.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
             if finish == "length":
                 click.echo(f"(reply cut at --max-tokens {max_tokens})", err=True)
             return
-        stdin = click.get_text_stream("stdin")
+        stdin = sys.stdin
         interactive = stdin.isatty()
         if interactive:
             click.echo(f"{llm.model_name} on {llm.device}. {REPL_HELP}", err=True)
