@@ -317,6 +317,9 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
             raise QuantTypeError(f"output {d} is the input file; choose another output name", param="out")
         check_output(d, force)
 
+    if imatrix is not None and calibration is not None:
+        raise ImatrixError("give either an imatrix (--imatrix) or calibration text to compute one "
+                           "(--calibration), not both")
     result = QuantizeResult(source=src)
     im: Imatrix | None = None
     if isinstance(imatrix, Imatrix):
@@ -397,7 +400,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
             targets, fb = _run_one(llama_cpp, src, src.with_name(".dry-run"), q, params, info.n_tensors, quiet)
             size = _size_from_types(tensors, data_start, targets) + _kv_bytes(kv, info.metadata)
             result.files.append(QuantizedFile(q.name, None, size, info.n_params, dict(Counter(targets.values())),
-                                              fb, time.perf_counter() - t0, True, q.needs_imatrix and im is None))
+                                              fb, time.perf_counter() - t0, True,
+                                              q.needs_imatrix and im is None and calibration is None))
             continue
         dest = dests[i]
         from .files import atomic_output

@@ -248,6 +248,8 @@ def test_bad_input(tiny_f16, default_model, tmp_path):
     assert set(work.iterdir()) == before  # nothing left behind
     with pytest.raises(ModelFileError, match="already quantized"):
         quantize(default_model, work / "o.gguf", "Q8_0", quiet=True)
+    with pytest.raises(ImatrixError, match="not both"):
+        quantize(tiny_f16, work / "o.gguf", "Q4_K_M", imatrix=work / "x.gguf", calibration="default", quiet=True)
     with pytest.raises(EdgeQwenError, match="is the input file"):
         quantize(tiny_f16, tiny_f16, "Q8_0", quiet=True, force=True)
     assert set(work.iterdir()) == before
