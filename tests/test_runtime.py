@@ -371,6 +371,20 @@ def test_cli_chat_json(default_model):
     assert isinstance(json.loads(r.output), dict)
 
 
+def test_cli_chat_schema(default_model, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    path = tmp_path / "student.json"
+    path.write_text(json.dumps(schema))
+    r = CliRunner().invoke(main, ["chat", str(default_model), "--schema", str(path), "-t", "0", "-n", "60",
+                                  "Describe Li Lei, a 12-year-old student."])
+    assert r.exit_code == 0, r.output
+    jsonschema.validate(json.loads(r.output), schema)
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"nope")
@@ -417,12 +431,16 @@ def test_auto_offloads_every_layer_on_a_gpu_build(monkeypatch):
     from edge_qwen import device
 
     monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
-    monkeypatch.setattr(device, "build_backends", lambda: ["CUDA"])
+    monkeypatch.setattr(device, "system_info",  # what a CUDA build of llama.cpp prints
+                        lambda: "CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : AVX2 = 1 |")
+    assert device.build_backends() == ["CUDA"]
     plan = device.select_device("auto")
     assert (plan.device, plan.n_gpu_layers) == ("cuda", -1)
     assert device.select_device("cuda", n_gpu_layers=10).n_gpu_layers == 10
     with pytest.raises(device.DeviceError, match="Metal"):
         device.select_device("metal")
+    monkeypatch.setattr(device, "system_info", lambda: "Metal : EMBED_LIBRARY = 1 | CPU : NEON = 1 |")
+    assert device.select_device("auto").device == "metal" and device.build_backends() == ["Metal"]
 
 
 def test_offload_proof_reads_the_load_log(default_model):
