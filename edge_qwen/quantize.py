@@ -26,16 +26,14 @@ from .errors import EdgeQwenError, ModelFileError
 from .files import check_output, sha256_file
 from .imatrix import Imatrix, ImatrixError, compute_imatrix, load_imatrix
 from .imatrix_collect import llama_log
+from .quant_provenance import (HASH_PLACEHOLDER, cached_sha256, hash_in_background, kv_bytes, kv_overrides,
+                               patch_string, source_sha256)
 from .quant_types import QuantType, QuantTypeError, quant_types, tensor_type
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
-_HASH_PLACEHOLDER = "0" * 64
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+),\s*(.*)$")
 _STRIP_SUFFIXES = ("-f16", "-bf16", "-f32", "-fp16", "-fp32", "_f16", "_bf16", "_f32", ".f16", ".bf16", ".f32")
-
-_hash_cache: dict[tuple[str, int, int], str] = {}
-
 
 class QuantizeError(EdgeQwenError):
     """llama.cpp refused or failed to quantize (the message carries llama.cpp's reason)."""
@@ -98,30 +96,6 @@ def default_output_name(src: str | os.PathLike, qtype: str | QuantType) -> str:
     return f"{stem}-{q.name.lower()}.gguf"
 
 
-def source_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, remembered for this process while its size and mtime are unchanged."""
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        _hash_cache[key] = sha256_file(path)
-    return _hash_cache[key]
-
-
-def _hash_in_background(path: Path) -> None:
-    # Lowest priority (Linux sets it per thread): hashing uses the cores llama.cpp leaves idle
-    # (loading, writing) instead of slowing its quantization threads.
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-    source_sha256(path)
-
-
-def _cached_sha256(path: Path) -> str | None:
-    st = os.stat(path)
-    return _hash_cache.get((os.path.realpath(path), st.st_size, st.st_mtime_ns))
-
-
 def parse_overrides(overrides: Any) -> list[tuple[str, int]]:
     """Per-tensor type overrides as [(regex, ggml type)]: from {"attn_v": "Q8_0"} or ["attn_v=Q8_0"]."""
     if not overrides:
@@ -174,22 +148,6 @@ def _outputs(src: Path, out: Any, types: list[QuantType]) -> list[Path]:
     return [Path(str(o).replace("{type}", q.name.lower())) for q in types]
 
 
-def _kv_overrides(llama_cpp, kv: dict[str, str | int]):
-    arr = (llama_cpp.llama_model_kv_override * (len(kv) + 1))()
-    for i, (k, v) in enumerate(kv.items()):
-        arr[i].key = k.encode()[:127]
-        if isinstance(v, int):
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
-            arr[i].value.val_i64 = v
-        else:
-            arr[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            raw = str(v).encode()
-            while len(raw) > 127:  # the C field holds 127 bytes; cut on a UTF-8 boundary
-                raw = raw[:127].decode("utf-8", "ignore").encode()
-            arr[i].value.val_str = raw
-    return arr
-
-
 def _imatrix_array(llama_cpp, im: Imatrix):
     values = im.importance()
     arr = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
@@ -201,39 +159,6 @@ def _imatrix_array(llama_cpp, im: Imatrix):
         arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         arr[i].size = v.size
     return arr, keep
-
-
-def _patch_string(path: Path, key: str, old: str, new: str) -> None:
-    """Overwrite a same-length string value in a GGUF header in place (the file stays valid).
-
-    A plain seek+write: an mmap flush here would force the whole freshly written file to disk.
-    """
-    import struct
-
-    k = key.encode()
-    needle = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(old)) + old.encode()
-    with open(path, "r+b") as f:
-        buf, base = b"", 0
-        while block := f.read(1 << 22):  # the header comes first: a few MB at most
-            buf += block
-            at = buf.find(needle)
-            if at >= 0:
-                f.seek(base + at + len(needle) - len(old))
-                f.write(new.encode())
-                return
-            keep = len(needle) - 1  # the needle may straddle two blocks
-            base += len(buf) - keep
-            buf = buf[-keep:]
-    raise QuantizeError(f"internal error: provenance key {key} not found in {path}")
-
-
-def _kv_bytes(kv: dict[str, str | int], existing: dict[str, Any]) -> int:
-    """Header bytes the new keys add (strings as written; ints become u32), padded to the alignment."""
-    n = 0
-    for k, v in kv.items():
-        if k not in existing:
-            n += 8 + len(k.encode()) + 4 + (4 if isinstance(v, int) else 8 + min(len(str(v).encode()), 127))
-    return n + (-n % _ALIGN)
 
 
 def _size_from_types(tensors, data_start: int, targets: dict[str, str]) -> int:
@@ -350,9 +275,9 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
 
     # Hash the source while llama.cpp works: it is a pass over the whole file.
     hasher = None
-    known = _cached_sha256(src)
+    known = cached_sha256(src)
     if known is None and not dry_run:
-        hasher = threading.Thread(target=_hash_in_background, args=(src,), daemon=True)
+        hasher = threading.Thread(target=hash_in_background, args=(src,), daemon=True)
         hasher.start()
 
     imat_arr, keep = _imatrix_array(llama_cpp, im) if im is not None else (None, [])
@@ -379,7 +304,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
             params.imatrix = ctypes.cast(imat_arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
         if tt_arr is not None:
             params.tt_overrides = ctypes.cast(tt_arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-        src_hash = known or _cached_sha256(src) or _HASH_PLACEHOLDER
+        src_hash = known or cached_sha256(src) or HASH_PLACEHOLDER
         kv: dict[str, str | int] = {
             "general.quantize.tool": f"edge-qwen {__version__} (llama-cpp-python {llama_cpp.__version__})",
             "general.quantize.type": q.name,
@@ -394,11 +319,11 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
                        "quantize.imatrix.dataset": result.calibration or "unknown",
                        "quantize.imatrix.entries_count": len(im),
                        "quantize.imatrix.chunks_count": int(im.chunk_count)})
-        kv_arr = _kv_overrides(llama_cpp, kv)
+        kv_arr = kv_overrides(llama_cpp, kv)
         params.kv_overrides = ctypes.cast(kv_arr, ctypes.POINTER(llama_cpp.llama_model_kv_override))
         if dry_run:
             targets, fb = _run_one(llama_cpp, src, src.with_name(".dry-run"), q, params, info.n_tensors, quiet)
-            size = _size_from_types(tensors, data_start, targets) + _kv_bytes(kv, info.metadata)
+            size = _size_from_types(tensors, data_start, targets) + kv_bytes(kv, info.metadata)
             result.files.append(QuantizedFile(q.name, None, size, info.n_params, dict(Counter(targets.values())),
                                               fb, time.perf_counter() - t0, True,
                                               q.needs_imatrix and im is None and calibration is None))
@@ -408,15 +333,15 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
 
         with atomic_output(dest, force) as tmp:
             targets, fb = _run_one(llama_cpp, src, tmp, q, params, info.n_tensors, quiet)
-            if src_hash == _HASH_PLACEHOLDER:
+            if src_hash == HASH_PLACEHOLDER:
                 hasher.join()
                 known = source_sha256(src)
-                _patch_string(tmp, "general.quantize.source_sha256", _HASH_PLACEHOLDER, known)
+                patch_string(tmp, "general.quantize.source_sha256", HASH_PLACEHOLDER, known)
         result.files.append(QuantizedFile(q.name, dest, dest.stat().st_size, info.n_params,
                                           dict(Counter(targets.values())), fb, time.perf_counter() - t0))
     if hasher is not None:
         hasher.join()
-    result.source_sha256 = _cached_sha256(src)
+    result.source_sha256 = cached_sha256(src)
     return result
 
 

@@ -288,3 +288,23 @@ def test_convert_and_quantize_then_inspect(tiny_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     for text in ("general.quantize.type", "Q4_K_M", "general.quantize.source_sha256", res.source_sha256):
         assert text in r.output, text
+
+
+def test_source_hash_is_remembered_across_processes(tiny_f16, isolated_home, tmp_path):
+    import json
+    import os
+
+    from edge_qwen import quant_provenance as prov
+
+    src = tmp_path / "copy-f16.gguf"
+    src.write_bytes(tiny_f16.read_bytes())
+    res = quantize(src, tmp_path / "a.gguf", "Q8_0", quiet=True)
+    store = json.loads((isolated_home / "cache" / "sha256.json").read_text())
+    assert store[os.path.realpath(src)]["sha256"] == res.source_sha256 == sha256_file(src)
+    prov._hash_cache.clear()  # a new process: found in the store, not hashed again
+    assert prov.cached_sha256(src) == res.source_sha256
+    src.write_bytes(src.read_bytes())  # rewritten: new mtime, so the remembered hash no longer applies
+    os.utime(src, ns=(1, 1))
+    assert prov.cached_sha256(src) is None
+    prov.forget_sha256(src)
+    assert os.path.realpath(src) not in json.loads((isolated_home / "cache" / "sha256.json").read_text())
