@@ -79,7 +79,7 @@ def llm():
 
 def test_stream_chat_ours(benchmark, llm):
     benchmark.group = "runtime-stream-128"
-    text, n = benchmark.pedantic(ours, args=(llm,), rounds=ROUNDS, warmup_rounds=1)
+    _text, n = benchmark.pedantic(ours, args=(llm,), rounds=ROUNDS, warmup_rounds=1)
     benchmark.extra_info["tokens"] = n
     assert n == N_TOKENS
 

@@ -147,14 +147,14 @@ class DoctorReport:
     def lines(self) -> list[str]:
         out = [
             f"llama-cpp-python   {self.llama_cpp_version}",
-            f"build              {'GPU: ' + ', '.join(self.backends) if self.backends else 'CPU'}"
-            f" (GPU offload {'supported' if self.gpu_offload else 'not supported'})",
+            (f"build              {'GPU: ' + ', '.join(self.backends) if self.backends else 'CPU'}"
+            f" (GPU offload {'supported' if self.gpu_offload else 'not supported'})"),
             f"CPU features       {' '.join(self.cpu_features) or '(none reported)'}",
             f"cores              {self.physical_cores} physical, {self.logical_cores} logical",
             f"threads            {self.threads}",
             f"device=auto        {self.auto_device}",
-            f"default model      {self.default_model or '-'} "
-            f"({'present' if self.default_model_present else 'NOT present: pip install edge-qwen[model]'})",
+            (f"default model      {self.default_model or '-'} "
+            f"({'present' if self.default_model_present else 'NOT present: pip install edge-qwen[model]'})"),
         ]
         if self.offload_check is not None:
             c = self.offload_check
@@ -201,7 +201,7 @@ def offload_check(model_path: str) -> dict[str, Any]:
     lines: list[str] = []
 
     @llama_cpp.llama_log_callback
-    def _capture(level, text, user_data):  # noqa: ARG001 (ctypes signature)
+    def _capture(level, text, user_data):
         lines.append(text.decode("utf-8", errors="replace"))
 
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
@@ -233,7 +233,7 @@ def doctor(check_offload: bool = True) -> DoctorReport:
 
             model = default_model_path()
             present = True
-        except Exception:  # noqa: BLE001 — absence is what we report, not an error
+        except Exception:
             present = False
     report = DoctorReport(
         llama_cpp_version=getattr(llama_cpp, "__version__", "?"), system_info=info,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edge_qwen.cli import main
 from edge_qwen.errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
-from edge_qwen.generate import GenerationChunk, SamplingParams, StopMatcher, TokenPieces, decode
+from edge_qwen.generate import SamplingParams, StopMatcher, TokenPieces, decode
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -80,7 +80,7 @@ def test_stop_matcher_holds_back_prefixes():
 
 def test_seed_makes_sampling_reproducible(llm):
     msgs = user("Write a one-line poem about the sea.")
-    kw = dict(temperature=0.8, top_p=0.9, max_tokens=16)
+    kw = {"temperature": 0.8, "top_p": 0.9, "max_tokens": 16}
     a = llm.chat(msgs, seed=1234, **kw)["choices"][0]["message"]["content"]
     b = llm.chat(msgs, seed=1234, **kw)["choices"][0]["message"]["content"]
     assert a == b
@@ -159,20 +159,20 @@ def test_kv_prefix_reuse_gives_same_answer(llm):
 # -- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw, param", [
-    (dict(messages=[]), "messages"),
-    (dict(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
-    (dict(messages=[{"role": "user", "content": None}]), "messages[0].content"),
-    (dict(max_tokens=-1), "max_tokens"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(temperature=3), "temperature"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(top_p=0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(stop=5), "stop"),
-    (dict(stop=["ok", 3]), "stop"),
-    (dict(seed="x"), "seed"),
-    (dict(response_format="json"), "response_format"),
-    (dict(response_format={"type": "json_object"}, stop="}"), "stop"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+    ({"max_tokens": -1}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 3}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"stop": 5}, "stop"),
+    ({"stop": ["ok", 3]}, "stop"),
+    ({"seed": "x"}, "seed"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "stop": "}"}, "stop"),
 ])
 def test_bad_requests_name_the_parameter(llm, kw, param):
     args = {"messages": user("hi"), **kw}

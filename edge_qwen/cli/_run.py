@@ -132,8 +132,8 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
 
     model, prompt = _split_model_prompt(model, prompt)
     fmt = _response_format(as_json, schema)
-    kw = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-              stop=list(stop) or None, response_format=fmt)
+    kw = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+              "stop": list(stop) or None, "response_format": fmt}
 
     def write(text: str) -> None:
         click.echo(text, nl=False)
