@@ -233,7 +233,7 @@ def doctor(check_offload: bool = True) -> DoctorReport:
 
             model = default_model_path()
             present = True
-        except Exception:
+        except Exception:  # absence (or a broken install) is what we report, not an error
             present = False
     report = DoctorReport(
         llama_cpp_version=getattr(llama_cpp, "__version__", "?"), system_info=info,
