@@ -8,8 +8,9 @@ Each round runs, back to back on the same f16 input: llama.cpp directly, our qua
 (the remembered source hash forgotten, so it also hashes the 1.2 GB input, on a low-priority
 thread while llama.cpp works: what the first quantization of a file pays) and our quantize()
 "warm" (hash remembered: every later run on that file, in this process or a new one). The
-pytest-benchmark timing is the warm run; ratios of medians against the direct call are in extra_info and printed, for wall time and for
-CPU time of the process (all threads; steadier than wall time on a shared machine).
+pytest-benchmark timing is the warm run; ratios of medians against the direct call are in
+extra_info and printed, for wall time and for CPU time of the process (all threads; steadier
+than wall time on a shared machine).
 """
 
 from __future__ import annotations
