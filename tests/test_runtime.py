@@ -408,6 +408,13 @@ def test_cli_doctor():
     assert report["gpu_offload"] is False and report["threads"] >= 1 and report["default_model_present"]
 
 
+def test_doctor_only_looks_at_the_store(isolated_home):
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 0, r.output
+    assert "not assembled yet" in r.output
+    assert list((isolated_home / "models").glob("*.gguf")) == []  # a doctor never writes the 491 MB file
+
+
 def test_device_selection_on_this_cpu_machine():
     from edge_qwen.device import DeviceError, physical_cores, select_device
 
