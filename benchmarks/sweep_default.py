@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     f16 = reference_f16(args.work, args.quiet)
     print(f"reference: {f16} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rows = run_sweep(f16, args.types, args.out, quick=args.quick, quiet=args.quiet)
+    rows = run_sweep(f16, args.types, args.out, quick=args.quick, quiet=args.quiet, models_dir=args.work / "models")
     print(f"{len(rows)} rows in {args.out} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 

@@ -55,10 +55,23 @@ class BenchError(EdgeQwenError):
 # measurements of one model, run in a subprocess (python -m edge_qwen.bench <spec> <out>)
 
 def _peak_rss_bytes() -> int:
+    """This process's resident high-water mark.
+
+    On Linux it is VmHWM, the peak of this address space alone: ru_maxrss would carry over the
+    parent's peak across fork+exec (the kernel keeps the larger of the two), so a worker started
+    by a sweep that had two models loaded would report the sweep's memory, not its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def _prompt_of(llm: Any, n_tokens: int) -> list[dict]:
@@ -169,13 +182,14 @@ def _save_row(path: Path, row: dict[str, Any]) -> None:
 
 def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: str | os.PathLike = "bench",
               quick: bool = False, imatrix: str | os.PathLike | None = None, resume: bool = True,
-              quiet: bool = False, keep_models: bool = False) -> list[dict[str, Any]]:
+              quiet: bool = False, keep_models: bool = False,
+              models_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """Quantize `f16_path` to each type in `types`, measure everything, write the reports.
 
     Returns one row per type, the reference first. Outputs in `out_dir`: results.md,
     results.csv, results.json, quality_vs_size.png, speed_vs_size.png and types/<TYPE>.json
-    (the per-type results a resumed sweep reuses). Quantized files live in out_dir/models
-    while measured and are deleted after unless `keep_models`.
+    (the per-type results a resumed sweep reuses). Quantized files live in `models_dir`
+    (default out_dir/models) while measured and are deleted after unless `keep_models`.
     """
     from . import bench_report
     from .evaluate import lockstep, summarize
@@ -186,7 +200,7 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
 
     ref = Path(f16_path)
     info = check_gguf(ref)
-    qtypes = [q for q in quant_types(list(types)) if not q.is_float]
+    qtypes = [q for q in quant_types(types) if not q.is_float]
     if not qtypes:
         raise BenchError(f"no quantized types to measure in {types!r}; give e.g. --types Q8_0,Q4_K_M")
     settings = QUICK if quick else FULL
@@ -195,6 +209,7 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
     stamp = {"version": RESULT_VERSION, "reference": ref.name, "reference_size": info.size,
              "settings": asdict(settings), "imatrix": Path(imatrix).name if imatrix else None}
     ref_label = _reference_label(info)
+    mdir = Path(models_dir) if models_dir is not None else out / "models"
     names = [ref_label] + [q.name for q in qtypes]
     done = {n: (_load_done(out / "types" / f"{n}.json", stamp) if resume else None) for n in names}
     todo = [n for n in names if done[n] is None]
@@ -207,7 +222,7 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
             if name == ref_label:
                 path = ref
             else:
-                path = out / "models" / f"{ref.stem}-{name}.gguf"
+                path = mdir / f"{ref.stem}-{name}.gguf"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 if not path.is_file():  # a file under its final name is complete (atomic_output)
                     _quantize(ref, path, name, imatrix, quiet)
@@ -230,6 +245,8 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
             done[name] = row
     finally:
         bar.close()
+        if mdir.is_dir() and not any(mdir.iterdir()):
+            mdir.rmdir()
     rows = [done[n] for n in names]
     _fill_reference(rows)
     bench_report.write_all(rows, out, settings=asdict(settings), quick=quick)

@@ -120,7 +120,8 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], settings: dict[str
         f"{rows[0].get('n_threads', '-')} threads, after a warm-up. Peak RSS: the high-water mark of a "
         "process that loaded only that model and generated. Extraction: "
         f"{rows[0].get('n_tasks', '-')} structured-extraction tasks under their JSON schema, temperature 0.\n\n"
-        "Machine: " + ", ".join(f"{k}={v}" for k, v in env.items() if k != "llama_system_info")
+        "Machine: " + ", ".join(f"{k}={v / 2**30:.1f}GiB" if k == "ram_bytes" else f"{k}={v}"
+                                for k, v in env.items() if k != "llama_system_info")
         + f"\n\nllama.cpp: `{env.get('llama_system_info', '')}`\n"
     )
 
