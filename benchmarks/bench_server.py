@@ -119,6 +119,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
     rates = [x for run in runs for x in run["client_rates"]]
     total, wall = sum(r["tokens"] for r in reqs), sum(run["wall"] for run in runs)
     return {"clients": runs[0]["clients"], "requests": len(reqs), "tokens": total, "wall_s": wall,
+            "round_walls_s": [round(run["wall"], 2) for run in runs],
             "ttft_p50_s": _percentile([r["ttft"] for r in reqs], 50),
             "client_tok_s": sum(rates) / len(rates),
             "aggregate_tok_s": total / wall,
@@ -168,6 +169,10 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
                     runs[key].append(asyncio.run(_level(url, clients, per_client, max_tokens)))
             for key, got in runs.items():
                 out[key].append(summarize(got))
+                row = out[key][-1]
+                print(f"[bench_server] {clients:>2} clients {key:>16}: ttft p50 {row['ttft_p50_s']:.2f}s, "
+                      f"{row['aggregate_tok_s']:.1f} tok/s aggregate, p99 {row['latency_p99_s']:.2f}s",
+                      file=sys.stderr, flush=True)
     return out
 
 
@@ -223,8 +228,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def test_server_vs_llama_cpp_server(benchmark):
-    """pytest-benchmark entry: one full run (1, 4, 16 clients); ratios go to extra_info."""
-    result = benchmark.pedantic(run_benchmark, kwargs={"max_tokens": 32}, rounds=1, iterations=1)
+    """pytest-benchmark entry: one full run (1, 4, 16 clients); ratios go to extra_info.
+
+    $EDGE_QWEN_BENCH_THREADS sets the threads of both servers (on a machine shared with other
+    jobs, 1 thread avoids llama.cpp's threads spinning on each other).
+    """
+    threads = int(os.environ["EDGE_QWEN_BENCH_THREADS"]) if os.environ.get("EDGE_QWEN_BENCH_THREADS") else None
+    result = benchmark.pedantic(run_benchmark, kwargs={"max_tokens": 32, "n_threads": threads}, rounds=1,
+                                iterations=1)
     print("\n" + format_table(result))
     for r in ratios(result):
         for key, _, _ in FIGURES:
