@@ -123,13 +123,14 @@ def compare(llm, rounds: int = ROUNDS) -> dict:
     names = list(SIDES)
     rates: dict[str, list[float]] = {n: [] for n in names}
     last: dict[str, dict] = {}
-    for name in names:  # warm-up: page in weights, build tokenizer tables and grammars
-        SIDES[name](llm)
+    ours(llm, RECORD_PROMPT, RECORD_SCHEMA)  # warm-up: page in weights, build the tokenizer tables
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             out = SIDES[name](llm)
             rates[name].append(out["tokens"] / out["seconds"])
             last[name] = out
+            print(f"  round {r + 1}/{rounds} {name}: {out['tokens']} tokens, {rates[name][-1]:.1f} tok/s",
+                  file=sys.stderr, flush=True)
     tps = {n: statistics.median(v) for n, v in rates.items()}
     return {"tps": tps, "last": last, "rounds": rounds,
             "ratio_mask": tps["mask only (list schema)"] / tps["free (list prompt)"],

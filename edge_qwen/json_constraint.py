@@ -39,6 +39,7 @@ ANY_OBJECT: dict = {"type": "object"}
 
 _MATCHER_CACHE_SIZE = 128
 _lock = threading.Lock()
+_checked: OrderedDict[str, dict] = OrderedDict()  # schema text -> schema that passed check_schema
 _tables: "weakref.WeakKeyDictionary[Any, _ModelTables]" = weakref.WeakKeyDictionary()
 
 
@@ -62,11 +63,11 @@ class _ModelTables:
             self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
         self.matchers: OrderedDict[str, Any] = OrderedDict()
 
-    def matcher(self, schema: dict, param: str) -> Any:
-        """A fresh matcher for `schema`: compiled once, then deep-copied per request."""
+    def matcher(self, schema: dict, schema_text: str, param: str) -> Any:
+        """A fresh matcher for `schema` (whose JSON text is `schema_text`): compiled once, then deep-copied."""
         from llguidance import LLMatcher
 
-        key = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))  # key order matters
+        key = WHITESPACE_PATTERN + "\0" + schema_text  # the whitespace rule is part of the grammar
         with _lock:
             template = self.matchers.get(key)
             if template is not None:
@@ -254,9 +255,22 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     if schema is None:
         return None
     any_object = schema is ANY_OBJECT
-    schema = check_schema(schema, param)
+    try:
+        # Property order is generation order, so the cache keys keep it (no sort_keys).
+        text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"{param}: the schema is not plain JSON ({exc})", param=param) from None
+    with _lock:
+        checked = _checked.get(text)
+    if checked is None:
+        checked = check_schema(schema, param)  # the metaschema check costs milliseconds: once per schema
+        with _lock:
+            _checked[text] = checked
+            while len(_checked) > _MATCHER_CACHE_SIZE:
+                _checked.popitem(last=False)
     tables = model_tables(llm)
-    matcher = tables.matcher(schema, param)
+    matcher = tables.matcher(checked, text, param)
+    schema = checked
     return JsonConstraint(tables, matcher, None if any_object else schema, fast_forward=fast_forward)
 
 
