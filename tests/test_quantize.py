@@ -14,6 +14,7 @@ from edge_qwen.errors import EdgeQwenError, ModelFileError, OutputExistsError
 from edge_qwen.files import sha256_file
 from edge_qwen.gguf_file import read_header
 from edge_qwen.imatrix import ImatrixError, compute_imatrix
+from edge_qwen.imatrix_collect import llama_log
 from edge_qwen.quant_types import (ALIASES, QUANT_TYPES, TENSOR_TYPES, QuantTypeError, format_table, quant_type,
                                    quant_types, tensor_type)
 from edge_qwen.quantize import default_output_name, parse_overrides, quantize
@@ -66,7 +67,10 @@ def test_table_matches_llama_cpp():
     # NVFP4 is in llama.h but this build's quantizer refuses it, so the table leaves it out.
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftypes.pop("MOSTLY_NVFP4")
-    assert llama_cpp.llama_model_quantize(b"/nonexistent.gguf", b"/nonexistent-out.gguf", ctypes.byref(params)) != 0
+    errors: list[str] = []
+    with llama_log(lambda level, line: errors.append(line)):
+        assert llama_cpp.llama_model_quantize(b"/nonexistent.gguf", b"/nonexistent-out.gguf", ctypes.byref(params)) != 0
+    assert any("invalid output file type 39" in e for e in errors)
     assert {quant_type(n).ftype for n in ftypes} == set(ftypes.values())  # every ftype llama.cpp has
     for name, value in ftypes.items():
         assert quant_type(name).ftype == value
