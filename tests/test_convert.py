@@ -323,3 +323,17 @@ def test_finetune_tokenizer_variant(tiny_checkpoint, tmp_path):
     from edge_qwen.gguf_file import check_gguf
 
     assert "<|think|>" in check_gguf(out).metadata["tokenizer.chat_template"]
+
+
+def test_cli_convert_and_quantize_in_one_step(tmp_path, tiny_checkpoint):
+    from edge_qwen.gguf_file import check_gguf
+
+    out = tmp_path / "q" / "tiny-q4_k_m.gguf"
+    r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint), "-o", str(out), "--type", "Q4_K_M", "-q"])
+    assert r.exit_code == 0, r.output
+    info = check_gguf(out)
+    assert info.file_type == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert info.metadata["general.quantize.type"] == "Q4_K_M"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-q4_k_m.gguf"]  # f16 intermediate removed
+    r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint), "-o", str(tmp_path / "x.gguf"), "--imatrix", "m.imatrix"])
+    assert r.exit_code != 0 and "--type" in r.output

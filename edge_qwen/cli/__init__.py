@@ -16,10 +16,20 @@ from ..errors import EdgeQwenError
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def _raise_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 class EdgeQwenGroup(click.Group):
     """A group that turns user mistakes into one-line errors instead of tracebacks."""
 
     def invoke(self, ctx: click.Context):
+        # SIGTERM unwinds like Ctrl-C, so `atomic_output` removes its temporary files.
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
         except EdgeQwenError as e:

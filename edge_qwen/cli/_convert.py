@@ -14,15 +14,36 @@ from .options import force_option, quiet_option
               help="Output GGUF file (default: <store>/models/<folder>-<outtype>.gguf).")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Type of the weight matrices (norms and biases stay f32).")
+@click.option("--type", "qtype", default=None, metavar="T[,T...]",
+              help="Also quantize to these llama.cpp types (e.g. Q4_K_M) in the same step; "
+                   "the f16 intermediate is removed afterwards.")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+              help="With --type: importance matrix file to quantize with.")
+@click.option("--calibration", default=None, metavar="FILE|default",
+              help="With --type: compute an importance matrix from this text first.")
 @force_option
 @quiet_option
-def convert(src: str, out: str | None, outtype: str, force: bool, quiet: bool) -> None:
-    """Convert a Hugging Face Qwen2 checkpoint (folder or pulled repo id) to GGUF."""
-    from ..convert import convert as run_convert
+def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix: str | None,
+            calibration: str | None, force: bool, quiet: bool) -> None:
+    """Convert a Hugging Face Qwen2 checkpoint (folder or pulled repo id) to GGUF.
 
-    path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet)
-    if not quiet:
-        click.echo(f"wrote {path}")
+    With --type, quantize the converted model in the same step.
+    """
+    if qtype is None:
+        if imatrix or calibration:
+            raise click.BadParameter("--imatrix and --calibration need --type", param_hint="--type")
+        from ..convert import convert as run_convert
+
+        path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet)
+        if not quiet:
+            click.echo(f"wrote {path}")
+        return
+    from ..quantize import convert_and_quantize
+
+    res = convert_and_quantize(src, out, qtype=qtype, force=force, quiet=quiet,
+                               imatrix=imatrix, calibration=calibration)
+    for f in res.files:
+        click.echo(f"wrote {f.path}  ({f.qtype}, {f.size / 2**20:.1f} MiB, {f.bits_per_weight:.2f} bpw)")
 
 
 @main.command()
