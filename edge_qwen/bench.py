@@ -41,7 +41,7 @@ class SweepSettings:
     worker_ctx: int = 1024
 
 
-FULL = SweepSettings(eval_ctx=512, eval_chunks=8, prompt_tokens=512, gen_tokens=128, n_tasks=None)
+FULL = SweepSettings(eval_ctx=512, eval_chunks=6, prompt_tokens=512, gen_tokens=128, n_tasks=None)
 QUICK = SweepSettings(eval_ctx=256, eval_chunks=2, prompt_tokens=256, gen_tokens=32, n_tasks=3, worker_ctx=512)
 
 
