@@ -137,7 +137,7 @@ class QwenClient:
     def __enter__(self) -> QwenClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- in-process ------------------------------------------------------------------------

@@ -36,7 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .client import error_body, error_body_of
 from .errors import BusyError, EdgeQwenError, ModelNotFoundError
-from .server_schemas import BodyLimit, ChatRequest, ErrorBody, QwenPredictRequest, validation_error
+from .server_schemas import (
+    BodyLimit,
+    ChatRequest,
+    ErrorBody,
+    QwenPredictRequest,
+    validation_error,
+)
 
 log = logging.getLogger("edge_qwen.server")
 
@@ -488,5 +494,5 @@ class ServerThread:
     def __enter__(self) -> str:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,7 +56,7 @@ class Message(BaseModel):
 
     model_config = _LAX
     role: Literal["system", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
     name: str | None = None
 
     @field_validator("content")
@@ -123,7 +123,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-Stop = Union[str, list[str], None]
+Stop = str | list[str] | None
 Seed = Field(default=None, ge=0, le=2**32 - 1, description="Sampling seed (0 to 2**32-1).")
 
 

@@ -24,9 +24,9 @@ def ask(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def remote(llm):
-    with ServerThread(create_app({"qwen2.5": llm}, api_key="k3y")) as url:
-        with QwenClient(base_url=url, api_key="k3y", timeout=120) as client:
-            yield client
+    with ServerThread(create_app({"qwen2.5": llm}, api_key="k3y")) as url, \
+            QwenClient(base_url=url, api_key="k3y", timeout=120) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

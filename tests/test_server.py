@@ -359,7 +359,7 @@ def test_serve_subprocess_ctrl_c(default_model, tmp_path):
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == stem
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from EDGE_QWEN_API_KEY
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
