@@ -156,15 +156,20 @@ def _sampler(params: SamplingParams):
     return chain
 
 
-def _reuse_prefix(llama, prompt: Sequence[int]) -> int:
-    """Keep the KV cache of the longest prefix shared with the last call; return its length."""
+def _reuse_prefix(llama, prompt: Sequence[int], enabled: bool = True) -> int:
+    """Keep the KV cache of the longest prefix shared with the last call; return its length.
+
+    With `enabled` False the cache is cleared: a prompt evaluated afresh in one batch gives
+    bit-identical logits every time, while a reused prefix (built from other batch shapes)
+    can tip a near-tie and change a greedy answer to the same request.
+    """
     import llama_cpp
     import numpy as np
 
     n_cached = int(llama.n_tokens)
     m = min(n_cached, len(prompt) - 1)  # at least one prompt token must be evaluated for logits
     common = 0
-    if m > 0:
+    if m > 0 and enabled:
         diff = np.nonzero(llama.input_ids[:m] != np.asarray(prompt[:m], dtype=np.intc))[0]
         common = int(diff[0]) if len(diff) else m
     mem = llama_cpp.llama_get_memory(llama.ctx)
@@ -188,7 +193,7 @@ def _eval(llama, tokens: Sequence[int]) -> None:
 
 def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: TokenPieces,
            constraint: Constraint | None = None, cancel: threading.Event | None = None,
-           n_batch: int | None = None) -> Iterator[GenerationChunk]:
+           n_batch: int | None = None, reuse_prefix: bool = False) -> Iterator[GenerationChunk]:
     """Generate from `prompt` token ids on a llama_cpp.Llama; yield GenerationChunks.
 
     The caller owns the Llama for the whole iteration (EdgeQwen holds its lock). Closing the
@@ -206,7 +211,7 @@ def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: Toke
     n_completion = 0
     finish: str | None = None
     t0 = time.perf_counter()
-    cached = _reuse_prefix(llama, prompt)
+    cached = _reuse_prefix(llama, prompt, reuse_prefix)
     rest = list(prompt[cached:])
     for i in range(0, len(rest), batch):
         if cancel is not None and cancel.is_set():

@@ -59,11 +59,15 @@ class EdgeQwen:
         "truncate_middle" drops whole messages after the system prompt, oldest first, keeping
         the system prompt and the latest turns, until it fits (an error if even the system
         prompt plus the last message do not fit).
+    reuse_prefix: keep the KV cache of a prompt prefix shared with the previous call (faster
+        multi-turn chat). Off by default, because a reused prefix can change a greedy answer
+        to a repeated request; the interactive `edge-qwen chat` turns it on.
     """
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
                  n_threads: int | None = None, n_gpu_layers: int | None = None,
-                 context_overflow: str = "error", verbose: bool = False, n_batch: int = 512):
+                 context_overflow: str = "error", verbose: bool = False, n_batch: int = 512,
+                 reuse_prefix: bool = False):
         from .device import select_device
         from .gguf_file import check_gguf
         from .store import resolve_model
@@ -95,6 +99,8 @@ class EdgeQwen:
         self.n_threads = plan.n_threads
         self.n_gpu_layers = plan.n_gpu_layers
         self.context_overflow = context_overflow
+        # Off by default: the same request must give the same greedy answer (see _reuse_prefix).
+        self.reuse_prefix = bool(reuse_prefix)
         self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
         self._pieces = TokenPieces(self.llama)
         self._lock = threading.Lock()
@@ -189,6 +195,7 @@ class EdgeQwen:
         try:
             self._check_open()
             yield from decode(self.llama, prompt, params, pieces=self._pieces, constraint=constraint,
+                              reuse_prefix=self.reuse_prefix,
                               cancel=cancel)
         finally:
             self._owner = None

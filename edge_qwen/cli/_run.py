@@ -138,7 +138,8 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
     def write(text: str) -> None:
         click.echo(text, nl=False)
 
-    with EdgeQwen(model, n_ctx=n_ctx, device=device) as llm:
+    # Interactive turns extend the previous prompt: reuse its KV cache there.
+    with EdgeQwen(model, n_ctx=n_ctx, device=device, reuse_prefix=prompt is None) as llm:
         if prompt is not None:
             _, finish = one_shot(llm, prompt, write, system=system, **kw)
             if finish == "length":
