@@ -157,6 +157,14 @@ def expected_tensors(config: dict[str, Any], path: Path = Path(".")) -> dict[str
     return out
 
 
+def read_json_file(file: Path) -> Any:
+    """Parse a checkpoint's JSON file, or a CheckpointError naming it and saying to fetch it again."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); download it again") from None
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a checkpoint folder, refused unless it describes a supported architecture."""
     folder = Path(path)
@@ -167,10 +175,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder} has no config.json; it is not a Hugging Face checkpoint folder "
                               "(download the whole repository, e.g. with `edge-qwen pull`)")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); download it again") from None
+    config = read_json_file(cfg_file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object")
     archs = config.get("architectures") or []

@@ -185,31 +185,18 @@ class QwenInput(BaseModel):
     messages: list[Message] = Field(min_length=1)
 
 
-class QwenPredictRequest(BaseModel):
+class QwenPredictRequest(QwenParameters):
     """POST /api/v1/qwen/predict: the Qwen API parameters, flat or DashScope-nested.
 
-    Either `messages` or `input.messages`; parameters at the top level or under
-    `parameters` (top level wins). Defaults are the Qwen API's: temperature 0.7,
-    top_p 0.9, max_tokens 1024, stream false.
+    Either `messages` or `input.messages`; parameters at the top level (the fields inherited
+    from QwenParameters, with its `stop` check) or under `parameters` (top level wins).
+    Defaults are the Qwen API's: temperature 0.7, top_p 0.9, max_tokens 1024, stream false.
     """
 
-    model_config = _LAX
     model: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
     input: QwenInput | None = None
     parameters: QwenParameters | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    stream: bool | None = None
-    stop: Stop = None
-    seed: int | None = Seed
-    response_format: ResponseFormat | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Stop) -> Stop:
-        return _check_stop(v)
 
     def to_chat(self) -> ChatRequest:
         """The same request in the OpenAI shape (raises RequestError without messages)."""

@@ -9,7 +9,6 @@ tokenizes differently. The same facts, read back from a GGUF, rebuild a tokenize
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,10 +98,9 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
     if not file.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json; copy the tokenizer files of the model into the "
                               "folder (Qwen2 ships tokenizer.json and tokenizer_config.json)")
-    try:
-        tok = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); download it again") from None
+    from .checkpoint import read_json_file
+
+    tok = read_json_file(file)
     check_tokenizer_json(tok, file)
     model = tok["model"]
     by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
