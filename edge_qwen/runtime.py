@@ -61,7 +61,8 @@ class EdgeQwen:
         prompt plus the last message do not fit).
     reuse_prefix: keep the KV cache of a prompt prefix shared with the previous call (faster
         multi-turn chat). Off by default, because a reused prefix can change a greedy answer
-        to a repeated request; the interactive `edge-qwen chat` turns it on.
+        to a repeated request; the interactive `edge-qwen chat` and `edge-qwen serve` turn it
+        on. `generate`/`chat` take `reuse_prefix` per call to override it.
     """
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
@@ -151,13 +152,15 @@ class EdgeQwen:
     def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
                  stop: str | list[str] | None = None, seed: int | None = None,
                  response_format: dict | None = None, cancel: threading.Event | None = None,
-                 blocking: bool = True) -> Iterator[GenerationChunk]:
+                 blocking: bool = True, reuse_prefix: bool | None = None) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
         starts on the first `next()`: it waits for a running generation to end (or raises
         BusyError when `blocking=False`) and holds the model until the iterator is exhausted
-        or closed. Setting `cancel` ends it with finish_reason "cancelled".
+        or closed. Setting `cancel` ends it with finish_reason "cancelled". `reuse_prefix`
+        (None: the instance's setting) keeps the KV cache of the prefix shared with the last call;
+        False evaluates the prompt afresh, which reproduces a seeded or greedy answer bit for bit.
         """
         self._check_open()
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
@@ -167,7 +170,8 @@ class EdgeQwen:
             # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
             raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
                                "ends the reply); remove stop", param="stop")
-        return self._locked(prompt, params, constraint, cancel, blocking)
+        reuse = self.reuse_prefix if reuse_prefix is None else bool(reuse_prefix)
+        return self._locked(prompt, params, constraint, cancel, blocking, reuse)
 
     def _constraint(self, response_format: dict | None):
         if response_format is None:
@@ -184,7 +188,7 @@ class EdgeQwen:
                                param="response_format") from None
         return make_constraint(self, response_format)
 
-    def _locked(self, prompt, params, constraint, cancel, blocking) -> Iterator[GenerationChunk]:
+    def _locked(self, prompt, params, constraint, cancel, blocking, reuse) -> Iterator[GenerationChunk]:
         me = threading.get_ident()
         if self._owner == me:
             raise BusyError("a generation is already running in this thread; consume or close its stream "
@@ -195,8 +199,7 @@ class EdgeQwen:
         try:
             self._check_open()
             yield from decode(self.llama, prompt, params, pieces=self._pieces, constraint=constraint,
-                              reuse_prefix=self.reuse_prefix,
-                              cancel=cancel)
+                              reuse_prefix=reuse, cancel=cancel)
         finally:
             self._owner = None
             self._lock.release()
@@ -204,14 +207,15 @@ class EdgeQwen:
     def chat(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
              stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
              response_format: dict | None = None, cancel: threading.Event | None = None,
-             blocking: bool = True) -> dict | Iterator[dict]:
+             blocking: bool = True, reuse_prefix: bool | None = None) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
         JSON text.
         """
         gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
-                            seed=seed, response_format=response_format, cancel=cancel, blocking=blocking)
+                            seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
+                            reuse_prefix=reuse_prefix)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
             return self._stream(gen, cid, created)
@@ -276,6 +280,8 @@ class EdgeQwen:
 
 
 def _usage(last: GenerationChunk) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens counts the reused KV prefix."""
     t = last.timings
-    p, c = (t.prompt_tokens, t.completion_tokens) if t else (0, 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    p, c, cached = (t.prompt_tokens, t.completion_tokens, t.cached_tokens) if t else (0, 0, 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}

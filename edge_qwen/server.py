@@ -10,6 +10,13 @@ event loop never waits on llama.cpp); streamed chunks cross to the loop through 
 queue and go out as server-sent events. A client that disconnects sets the request's cancel
 event, which stops the decode loop at the next token.
 
+The prompt cache (on unless `prompt_cache=False` / `serve --no-prompt-cache`): each model keeps
+the KV cache of the last request and evaluates only what a new prompt does not share with it
+(the system prompt, earlier turns), as llama.cpp's server, llama_cpp.server and Ollama do.
+llama.cpp's logits are not bit-identical across batch shapes, so a reused prefix can tip a
+greedy near-tie; a request that sets `seed` is therefore evaluated afresh and reproduces
+exactly, and `--no-prompt-cache` does that for every request.
+
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Request
 validation failures (malformed JSON, wrong types, missing fields) are 400, never FastAPI's
 422, because OpenAI clients expect 400 for a bad request.
@@ -200,7 +207,8 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
-               max_tokens_limit: int | None = None, preload: bool = True, **llm_options: Any) -> FastAPI:
+               max_tokens_limit: int | None = None, preload: bool = True, prompt_cache: bool = True,
+               **llm_options: Any) -> FastAPI:
     """The FastAPI app serving `models` ({name: GGUF path or loaded EdgeQwen}; None: the default model
     as "qwen2.5"). A loaded EdgeQwen is used as it is (and not closed by the server).
 
@@ -208,7 +216,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     first request is fast; otherwise on first use. `max_queue` requests may wait per model
     behind the one generating; `max_tokens_limit` caps what any request may ask for;
     `api_key` makes every endpoint but /health and the docs demand `Authorization: Bearer KEY`.
-    Extra keyword arguments go to EdgeQwen.
+    `prompt_cache` reuses the KV cache of a prefix shared with the previous request, except for
+    requests with a `seed` (see the module docstring). Extra keyword arguments go to EdgeQwen.
     """
     table = dict(models) if models else model_table()
     registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
@@ -270,7 +279,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         if max_tokens_limit is not None:
             max_tokens = min(max_tokens, max_tokens_limit)
         kwargs = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens,
-                  "stop": body.stop, "seed": body.seed,
+                  "stop": body.stop, "seed": body.seed, "reuse_prefix": prompt_cache and body.seed is None,
                   "response_format": body.response_format.runtime_form() if body.response_format else None}
         messages = [m.plain() for m in body.messages]
         cancel = threading.Event()
@@ -430,7 +439,8 @@ def _check_port(host: str, port: int) -> None:
 
 def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY,
-          n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, **llm_options: Any) -> None:
+          n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, prompt_cache: bool = True,
+          **llm_options: Any) -> None:
     """Check every model, load them, then serve on host:port until Ctrl-C (which returns normally).
 
     Binds 127.0.0.1 unless told otherwise. Bad model paths and a busy port fail here with a
@@ -442,7 +452,7 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
 
     _check_port(host, port)
     app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
-                     max_tokens_limit=max_tokens_limit, preload=True, **llm_options)
+                     max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache, **llm_options)
     names = ", ".join(f"{name} ({slot.path})" for name, slot in app.state.models.slots.items())
     shown = f"[{host}]" if ":" in host else host
     print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "

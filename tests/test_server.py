@@ -52,13 +52,6 @@ def openai_client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def other(http: httpx.Client) -> None:
-    """One token of an unrelated prompt. The runtime reuses the KV cache of a repeated prompt, and the
-    last prompt token evaluated alone can tip a greedy near-tie; comparing two answers to the same
-    prompt needs the same cache state before each."""
-    assert http.post("/v1/chat/completions", json={"messages": ask("Unrelated."), "max_tokens": 1}).status_code == 200
-
-
 def wait_idle(http: httpx.Client, name: str = "qwen2.5", timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -97,12 +90,27 @@ def test_openai_package_chat_and_stream(openai_client, http):
     assert r.model == "qwen2.5" and text and "\ufffd" not in text
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.completion_tokens <= SHORT["max_tokens"] and r.usage.prompt_tokens > 0
-    other(http)
+    # A request with a seed is evaluated afresh (no prompt cache), so it reproduces bit for bit.
+    seeded = {**SHORT, "temperature": 0.7, "seed": 7}
+    text = openai_client.chat.completions.create(model="qwen2.5", messages=ask("写一首关于春天的诗。"),
+                                                 **seeded).choices[0].message.content
     pieces = [c.choices[0].delta.content or "" for c in
               openai_client.chat.completions.create(model="qwen2.5", messages=ask("写一首关于春天的诗。"),
-                                                    stream=True, **SHORT) if c.choices]
-    assert "".join(pieces) == text  # greedy: the stream is the same answer, cut at whole characters
+                                                    stream=True, **seeded) if c.choices]
+    assert "".join(pieces) == text  # the stream is the same answer, cut at whole characters
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_prompt_cache_reuses_shared_prefix(http):
+    system = {"role": "system", "content": "You are a careful assistant who answers in one short sentence."}
+    first = http.post("/v1/chat/completions", json={"messages": [system] + ask("Name a colour."), **SHORT}).json()
+    again = http.post("/v1/chat/completions", json={"messages": [system] + ask("Name a fruit."), **SHORT}).json()
+    # The second prompt shares the system turn and the user turn's start with the first: only the rest is evaluated.
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert 20 < again["usage"]["prompt_tokens_details"]["cached_tokens"] < again["usage"]["prompt_tokens"]
+    seeded = http.post("/v1/chat/completions",
+                       json={"messages": [system] + ask("Name a fruit."), "seed": 1, **SHORT}).json()
+    assert seeded["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # a seeded request is evaluated afresh
 
 
 def test_openai_package_json_schema(openai_client):
@@ -132,12 +140,11 @@ def test_raw_http_sse(http):
 
 
 def test_qwen_predict_shapes_and_defaults(http):
-    plain = http.post("/v1/chat/completions", json={"model": "qwen2.5", "messages": ask("什么是深度学习？"), **SHORT})
-    other(http)
-    flat = http.post("/api/v1/qwen/predict", json={"model": "qwen2.5", "messages": ask("什么是深度学习？"), **SHORT})
-    other(http)
+    exact = {**SHORT, "seed": 3}  # seeded: evaluated afresh, so the three answers must be identical
+    plain = http.post("/v1/chat/completions", json={"model": "qwen2.5", "messages": ask("什么是深度学习？"), **exact})
+    flat = http.post("/api/v1/qwen/predict", json={"model": "qwen2.5", "messages": ask("什么是深度学习？"), **exact})
     nested = http.post("/api/v1/qwen/predict", json={"model": "qwen2.5", "input": {"messages": ask("什么是深度学习？")},
-                                                      "parameters": SHORT})
+                                                      "parameters": exact})
     texts = [r.json()["choices"][0]["message"]["content"] for r in (plain, flat, nested)]
     assert texts[0] and texts[0] == texts[1] == texts[2]
     assert flat.json()["object"] == "chat.completion" and nested.json()["model"] == "qwen2.5"

@@ -25,10 +25,14 @@ from .options import quiet_option
               help="CPU threads per model (default: one per physical core).")
 @click.option("--max-body", default=1_000_000, show_default=True, type=click.IntRange(1024),
               help="Largest request body in bytes; larger is 413.")
+@click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
+              help="Reuse the KV cache of a prompt prefix shared with the previous request (faster first token). "
+                   "Requests with a seed are always evaluated afresh and reproduce exactly; --no-prompt-cache "
+                   "does that for every request.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
-                  quiet: bool) -> None:
+                  prompt_cache: bool, quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -38,4 +42,5 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
 
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
+          prompt_cache=prompt_cache,
           **({"n_threads": n_threads} if n_threads else {}))
