@@ -293,7 +293,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             live_cancels.discard(cancel)
 
         if body.stream:
-            return await _stream(slot, messages, kwargs, cancel, done)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _stream(slot, messages, kwargs, cancel, done, include_usage)
         import anyio
 
         released = False
@@ -313,7 +314,9 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         return JSONResponse(result)
 
     async def _stream(slot: _Slot, messages: list[dict[str, str]], kwargs: dict[str, Any],
-                      cancel: threading.Event, done: Any) -> Any:
+                      cancel: threading.Event, done: Any, include_usage: bool = False) -> Any:
+        # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
+        # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -337,6 +340,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                             cancelled = chunk["choices"][0].get("finish_reason") == "cancelled"
                         chunk["model"] = slot.name
                         put("chunk", chunk)
+                        if usage and include_usage:
+                            put("chunk", {**chunk, "choices": [], "usage": usage})
                         # The runtime ends with a "cancelled" chunk at the next token once `cancel`
                         # is set; this only guards against a loop that would not listen.
                         late += cancel.is_set()

@@ -59,6 +59,19 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v: Any) -> Any:
+        # Name an image/audio part plainly instead of pydantic's "not a valid string" for each union member.
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content part {i} has type {kind!r}: edge-qwen serves text-only Qwen2.5 "
+                                     "models; send the content as a string or as parts like "
+                                     "{'type': 'text', 'text': '...'}")
+        return v
+
     @field_validator("content")
     @classmethod
     def _content(cls, v: Any) -> Any:
@@ -237,16 +250,21 @@ class ErrorBody(BaseModel):
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is answered 413 before any parsing."""
+    """ASGI middleware in front of every POST: a body over `limit` bytes is answered 413 before
+    any parsing, a body that is not UTF-8 is 400, and the body is read as JSON whatever its
+    Content-Type says (`curl -d` sends application/x-www-form-urlencoded)."""
 
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
 
     async def _reject(self, send: Any, size: str) -> None:
-        body = json.dumps(error_body(f"request body of {size} bytes is over this server's limit of {self.limit} bytes "
-                                     "(serve --max-body); send a shorter request", param=None,
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await self._answer(send, 413, f"request body of {size} bytes is over this server's limit of {self.limit} "
+                                      "bytes (serve --max-body); send a shorter request", "request_too_large")
+
+    @staticmethod
+    async def _answer(send: Any, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(message, param=None, code=code)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -268,13 +286,21 @@ class BodyLimit:
             parts.append(chunk)
             if not message.get("more_body"):
                 break
+        data = b"".join(parts)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return await self._answer(send, 400, f"request body is not UTF-8 (bad byte at offset {e.start}); "
+                                                 "send JSON encoded as UTF-8", "invalid_json")
+        headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+        scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         replayed = False
 
         async def replay() -> dict[str, Any]:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+                return {"type": "http.request", "body": data, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

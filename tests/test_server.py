@@ -187,6 +187,9 @@ BAD = [
     ("bad schema", json.dumps({"messages": ask("x"), "response_format": {
         "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}}).encode(), 400, None),
     ("too big", json.dumps({"messages": ask("x" * 30_000)}).encode(), 413, "request_too_large"),
+    ("not UTF-8", '{"messages": [{"role": "user", "content": "café"}]}'.encode("latin-1"), 400, "invalid_json"),
+    ("image part", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}).encode(), 400, "invalid_request"),
 ]
 
 
@@ -203,6 +206,24 @@ def test_bad_requests_get_openai_errors(http, path):
     assert_error(http.get("/v1/chat/completions"), 405, "method_not_allowed")
 
 
+def test_body_is_json_whatever_its_content_type(http):
+    # `curl -d '{...}'` without -H sends application/x-www-form-urlencoded; the body is still JSON.
+    body = json.dumps({"messages": ask("你好"), **SHORT}, ensure_ascii=False).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        r = http.post("/v1/chat/completions", content=body, headers={"Content-Type": ctype} if ctype else {})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    err = assert_error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {}}]}]}), 400, "invalid_request")
+    assert "input_audio" in err["message"] and "text" in err["message"]
+
+
+def test_stream_include_usage(openai_client):
+    chunks = list(openai_client.chat.completions.create(model="qwen2.5", messages=ask("Hi"), stream=True,
+                                                        stream_options={"include_usage": True}, **SHORT))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chunks[-2].usage.completion_tokens > 0
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
 def test_chunked_body_over_limit(http):
     def body():
         for _ in range(30):
@@ -214,14 +235,15 @@ def test_chunked_body_over_limit(http):
 
 def test_concurrent_requests_never_mix(http, server):
     prompts = ["Name a fruit.", "Count to five.", "Say goodbye in French.", "What is 3 plus 4?"]
-    alone = [http.post("/v1/chat/completions", json={"messages": ask(p), **SHORT}).json()["choices"][0]["message"]["content"]
+    exact = {**SHORT, "seed": 0}  # seeded: no prompt cache, so each answer is the same alone or concurrent
+    alone = [http.post("/v1/chat/completions", json={"messages": ask(p), **exact}).json()["choices"][0]["message"]["content"]
              for p in prompts]
     assert len(set(alone)) == len(prompts)
     results: dict[int, str] = {}
 
     def one(i: int, stream: bool) -> None:
         with httpx.Client(base_url=server, timeout=120) as c:
-            body = {"messages": ask(prompts[i]), "stream": stream, **SHORT}
+            body = {"messages": ask(prompts[i]), "stream": stream, **exact}
             if not stream:
                 results[i] = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
                 return
