@@ -5,60 +5,66 @@
     r = client.chat(model="qwen2.5", messages=[...], temperature=0.2, max_tokens=512)
     r["choices"][0]["message"]["content"]
 
-Both modes return the same OpenAI-shaped dict (chunk dicts when streaming) and raise one
-exception type, QwenAPIError, carrying the HTTP status and the error body. Importing this
-module is cheap: httpx and the runtime are imported on first use.
+The two modes behave the same. Both first check that the request can be sent as JSON (no NaN,
+no lone surrogate, no object JSON cannot carry). The in-process mode then validates the
+JSON-decoded request with the server's own request schema (edge_qwen.server_schemas), so it
+accepts and refuses exactly what `edge-qwen serve` accepts and refuses. It answers the same
+model names and returns the same dicts (chunk dicts when streaming), with the same `models()`
+list and the same `health()` shape as a server that serves one model as "qwen2.5".
+
+Every failure raises QwenAPIError, carrying an HTTP status and an OpenAI-shaped error body:
+400/401/404/413/503 for a refused request, 500 for an internal error (in-process: any unexpected
+exception from the runtime, chained as the cause), 0 when no HTTP answer came back or the client
+was closed. An answer that is not an edge-qwen server's answer (another web server on that port)
+raises code "bad_response" with the status it came with. Importing this module is cheap: httpx,
+pydantic and the runtime are imported on first use.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .api_errors import QwenAPIError, encode_request, error_body, error_body_of
+
 DEFAULT_BASE_URL = "http://localhost:8000"
 DEFAULT_MODEL_NAME = "qwen2.5"  # the name the server gives the model it serves first
-NO_RESPONSE = 0  # QwenAPIError.status when no HTTP answer came back (connection refused, timeout)
+NO_RESPONSE = 0  # QwenAPIError.status when no HTTP answer came back (connection refused, timeout, closed client)
+
+__all__ = ["QwenClient", "QwenAPIError", "error_body", "error_body_of", "DEFAULT_BASE_URL", "DEFAULT_MODEL_NAME"]
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
-    """An OpenAI-shaped error body: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+@contextmanager
+def _runtime_errors() -> Iterator[None]:
+    """Turn what the in-process runtime raises into QwenAPIError, as the server turns it into a status."""
+    from .errors import EdgeQwenError
 
-
-def error_body_of(exc: Exception) -> dict[str, Any]:
-    """The error body for an EdgeQwenError (its message, type, param and code)."""
-    return error_body(getattr(exc, "message", str(exc)), getattr(exc, "type", "server_error"),
-                      getattr(exc, "param", None), getattr(exc, "code", None))
-
-
-class QwenAPIError(Exception):
-    """Any failed call: `status` is the HTTP status (0 when no answer came), `body` the error body."""
-
-    def __init__(self, status: int, body: dict[str, Any], message: str | None = None):
-        err = body.get("error") if isinstance(body, dict) else None
-        if message is None:
-            message = err.get("message") if isinstance(err, dict) else str(body)
-        super().__init__(f"{status}: {message}" if status else message)
-        self.status = status
-        self.body = body
-        self.message = message
-
-    @property
-    def code(self) -> str | None:
-        err = self.body.get("error") if isinstance(self.body, dict) else None
-        return err.get("code") if isinstance(err, dict) else None
+    try:
+        yield
+    except QwenAPIError:
+        raise
+    except EdgeQwenError as e:
+        raise QwenAPIError(e.status, error_body_of(e)) from None
+    except Exception as e:  # a bug, not a bad request: 500 as the server answers it, with the cause chained
+        raise QwenAPIError(500, error_body(
+            f"internal error in the in-process runtime ({type(e).__name__}: {e}); this is an edge-qwen bug, "
+            "please report it with the request that caused it", type="server_error", code="internal_error")) from e
 
 
 class QwenClient:
     """Chat with Qwen2.5 over an edge-qwen server (`base_url`) or in-process (`model_path`).
 
     `api_key` defaults to $EDGE_QWEN_API_KEY; it is sent as `Authorization: Bearer KEY`.
-    In-process mode loads the GGUF once (EdgeQwen) and answers the model names the server
-    would: "qwen2.5", "default", the file stem, or None.
+    In-process mode loads the GGUF once (EdgeQwen) and acts as `edge-qwen serve` serving that
+    file: models() is ["qwen2.5"], chat() also answers to "default", the file stem and None
+    (answers name the model "qwen2.5"), and health() has the server's /health shape. After
+    close(), every call raises QwenAPIError with code "client_closed".
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0, *,
@@ -66,20 +72,24 @@ class QwenClient:
         if base_url is not None and model_path is not None:
             raise ValueError("give base_url (a server) or model_path (in-process), not both")
         self.timeout = timeout
-        self._llm = None
-        self._http = None
+        self._llm: Any = None
+        self._http: Any = None
+        self._closed = False
+        self.base_url: str | None = None
+        self.api_key: str | None = None
         if model_path is not None:
-            from .errors import EdgeQwenError
             from .runtime import EdgeQwen
             from .store import resolve_model
 
-            try:
+            with _runtime_errors():
                 path = resolve_model(None if str(model_path) in ("", "default") else model_path)
                 self._llm = EdgeQwen(path, n_ctx=n_ctx, **llm_options)
-            except EdgeQwenError as e:
-                raise QwenAPIError(e.status, error_body_of(e)) from None
-            self._names = {DEFAULT_MODEL_NAME, "default", Path(path).stem}
-            self.base_url = None
+            # The names the server's first model also answers to, in the server's order.
+            self._aliases = tuple(dict.fromkeys(a for a in ("default", Path(path).stem) if a != DEFAULT_MODEL_NAME))
+            # What the server's /health reports per model (see server._Slot.describe).
+            self._pending = 0  # generating + waiting
+            self._stats = {"requests": 0, "cancelled": 0, "last_completion_tokens": 0}
+            self._stats_lock = threading.Lock()
         else:
             self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
             self.api_key = api_key if api_key is not None else os.environ.get("EDGE_QWEN_API_KEY")
@@ -92,9 +102,13 @@ class QwenClient:
              seed: int | None = None) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """One chat completion: the OpenAI-shaped dict, or an iterator of chunk dicts if `stream`.
 
-        Raises QwenAPIError (status + error body) for every failure, in both modes. Closing a
-        stream early (break out of the loop) stops the generation.
+        The request is what POST /v1/chat/completions takes, validated the same way in both
+        modes (values take their JSON type: "0.5" is not a number, 2.0 is not an integer).
+        Raises QwenAPIError (status + error body) for every failure, in both modes; with
+        `stream`, a failure before the first chunk is raised here, at the call. Closing a
+        stream (break out of the loop, then close it or drop it) stops the generation.
         """
+        self._check_open()
         if messages is None:
             raise QwenAPIError(400, error_body("messages is required", param="messages", code="invalid_request"))
         payload: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature,
@@ -105,34 +119,57 @@ class QwenClient:
             payload["response_format"] = response_format
         if seed is not None:
             payload["seed"] = seed
+        body = encode_request(payload)
         if self._llm is not None:
-            return self._local(payload)
+            return self._local(json.loads(body))  # what the server would decode, e.g. tuples become lists
         if stream:
-            return self._stream("/v1/chat/completions", payload)
-        return self._request("POST", "/v1/chat/completions", payload)
+            gen = self._events("/v1/chat/completions", body)
+            next(gen)  # opens the stream: an HTTP error surfaces here, not at the first next()
+            return gen
+        return self._request("POST", "/v1/chat/completions", body, expect="choices")
 
     def models(self) -> list[str]:
-        """Names of the models the server (or this in-process client) answers to."""
+        """Names of the models the server lists at /v1/models (in-process: ["qwen2.5"])."""
+        self._check_open()
         if self._llm is not None:
-            return sorted(self._names)
-        return [m["id"] for m in self._request("GET", "/v1/models")["data"]]
+            return [DEFAULT_MODEL_NAME]
+        data = self._request("GET", "/v1/models", expect="data")["data"]
+        if not (isinstance(data, list) and all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data)):
+            raise self._bad_response(200, "GET /v1/models", "has no list of models with ids")
+        return [m["id"] for m in data]
 
     def health(self) -> dict[str, Any]:
-        """The server's /health body (in-process: {"status": "ok"})."""
-        if self._llm is not None:
-            return {"status": "ok", "models": sorted(self._names)}
-        return self._request("GET", "/health")
+        """The server's /health body: {"status", "version", "time", "models": {name: state}}.
+
+        In-process, the one model is "qwen2.5" and its state has the server's keys: path,
+        loaded, generating, waiting, requests, cancelled, last_completion_tokens.
+        """
+        self._check_open()
+        if self._llm is None:
+            return self._request("GET", "/health", expect="status")
+        from . import __version__
+
+        with self._stats_lock:
+            state = {"path": str(self._llm.model_path), "loaded": True, "generating": self._pending > 0,
+                     "waiting": max(self._pending - 1, 0), **self._stats}
+        return {"status": "ok", "version": __version__, "time": time.time(), "models": {DEFAULT_MODEL_NAME: state}}
 
     def close(self) -> None:
-        """Close the HTTP connection pool and free an in-process model."""
-        if self._http is not None:
-            self._http.close()
-            self._http = None
+        """Close the HTTP connection pool or free the in-process model; later calls raise "client_closed".
+
+        Closing twice is harmless. In-process, a stream still open in this thread must be closed
+        first (QwenAPIError 503 otherwise, and the client stays open).
+        """
         if self._llm is not None:
             close = getattr(self._llm, "close", None)
             if close:
-                close()
+                with _runtime_errors():
+                    close()
             self._llm = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        self._closed = True
 
     def __enter__(self) -> QwenClient:
         return self
@@ -140,45 +177,93 @@ class QwenClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QwenAPIError(NO_RESPONSE, error_body(
+                "this QwenClient was closed (close() or the end of its `with` block); create a new QwenClient "
+                "to make more calls", code="client_closed"))
+
     # -- in-process ------------------------------------------------------------------------
 
     def _local(self, payload: dict[str, Any]) -> Any:
-        from .errors import EdgeQwenError, ModelNotFoundError
+        from pydantic import ValidationError
 
-        model = payload.pop("model")
-        stream = payload.pop("stream")
-        try:
-            if model is not None and model not in self._names:
-                raise ModelNotFoundError(f"model {model!r} is not loaded here; available: {', '.join(sorted(self._names))}",
-                                         param="model")
-            name = model or DEFAULT_MODEL_NAME
-            messages = payload.pop("messages")
-            result = self._llm.chat(messages, stream=stream, **payload)
-        except EdgeQwenError as e:
-            raise QwenAPIError(e.status, error_body_of(e)) from None
-        if not stream:
-            result["model"] = name
-            return result
-        return self._local_stream(result, name)
-
-    @staticmethod
-    def _local_stream(chunks: Iterator[dict[str, Any]], name: str) -> Iterator[dict[str, Any]]:
-        from .errors import EdgeQwenError
+        from .server_schemas import ChatRequest, validation_error_body
 
         try:
-            for chunk in chunks:
-                chunk["model"] = name
+            body = ChatRequest.model_validate(payload)
+        except ValidationError as e:
+            raise QwenAPIError(400, validation_error_body(e.errors())) from None
+        with _runtime_errors():
+            self._check_model(body.model)
+            kwargs = body.runtime_kwargs()
+        messages = kwargs.pop("messages")
+        if body.stream:
+            gen = self._local_stream(messages, kwargs)
+            next(gen)  # runs to the first chunk, so a failure is raised at the call, as over HTTP
+            return gen
+        tokens = 0
+        self._begin()
+        try:
+            with _runtime_errors():
+                result = self._llm.chat(messages, stream=False, **kwargs)
+            tokens = int(result["usage"]["completion_tokens"])
+        finally:
+            self._end(tokens, False)
+        result["model"] = DEFAULT_MODEL_NAME
+        return result
+
+    def _check_model(self, name: str | None) -> None:
+        from .errors import ModelNotFoundError
+
+        if name not in (None, "", DEFAULT_MODEL_NAME) and name not in self._aliases:
+            raise ModelNotFoundError(
+                f"model {name!r} is not served here; available models: {DEFAULT_MODEL_NAME} "
+                f"(which also answers to {', '.join(repr(a) for a in self._aliases)})", param="model")
+
+    def _local_stream(self, messages: list[dict[str, str]], kwargs: dict[str, Any]) -> Iterator[Any]:
+        # Yields None once the first chunk is in hand, then the chunks. Being started, the
+        # generator runs its `finally` (which frees the model) even if it is dropped unread.
+        tokens, cancelled, chunks = 0, False, None
+        self._begin()
+        try:
+            with _runtime_errors():
+                chunks = self._llm.chat(messages, stream=True, **kwargs)
+                chunk = next(chunks, None)
+            yield None
+            while chunk is not None:
+                chunk["model"] = DEFAULT_MODEL_NAME
+                usage = chunk.get("usage")
+                if usage:
+                    tokens = int(usage.get("completion_tokens", tokens))
+                elif chunk["choices"][0]["delta"].get("content"):
+                    tokens += 1  # a lower bound, kept in case the stream is closed before its usage comes
                 yield chunk
-        except EdgeQwenError as e:
-            raise QwenAPIError(e.status, error_body_of(e)) from None
+                with _runtime_errors():
+                    chunk = next(chunks, None)
+        except GeneratorExit:
+            cancelled = True
+            raise
         finally:
             close = getattr(chunks, "close", None)
             if close:
                 close()
+            self._end(tokens, cancelled)
+
+    def _begin(self) -> None:
+        with self._stats_lock:
+            self._pending += 1
+
+    def _end(self, tokens: int, cancelled: bool) -> None:
+        with self._stats_lock:
+            self._pending -= 1
+            self._stats["requests"] += 1
+            self._stats["cancelled"] += int(cancelled)
+            self._stats["last_completion_tokens"] = tokens
 
     # -- over HTTP -------------------------------------------------------------------------
 
-    def _client(self):
+    def _client(self) -> Any:
         if self._http is None:
             import httpx
 
@@ -186,10 +271,21 @@ class QwenClient:
             self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout)
         return self._http
 
+    @staticmethod
+    def _httpx_errors() -> tuple[type[Exception], ...]:
+        import httpx
+
+        return httpx.HTTPError, httpx.InvalidURL, httpx.StreamError
+
     def _transport_error(self, e: Exception) -> QwenAPIError:
         return QwenAPIError(NO_RESPONSE, error_body(f"no answer from {self.base_url}: {type(e).__name__}: {e}; "
                                                     "is `edge-qwen serve` running there?", type="connection_error",
                                                     code="connection_error"))
+
+    def _bad_response(self, status: int, what: str, problem: str) -> QwenAPIError:
+        return QwenAPIError(status, error_body(
+            f"{what} on {self.base_url} answered HTTP {status} with a body that {problem}: this is not an "
+            "edge-qwen server; check base_url", type="http_error", code="bad_response"))
 
     @staticmethod
     def _error_of(status: int, raw: bytes) -> QwenAPIError:
@@ -201,47 +297,61 @@ class QwenClient:
             body = error_body(raw.decode("utf-8", "replace")[:500] or f"HTTP {status}", type="http_error")
         return QwenAPIError(status, body)
 
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        import httpx
-
+    def _request(self, method: str, path: str, body: bytes | None = None, *, expect: str) -> dict[str, Any]:
+        """The JSON object answered to `method path`; it must have the key `expect`."""
+        headers = {"Content-Type": "application/json"} if body is not None else None
         try:
-            r = self._client().request(method, path, json=payload)
-        except httpx.HTTPError as e:
+            r = self._client().request(method, path, content=body, headers=headers)
+        except self._httpx_errors() as e:
             raise self._transport_error(e) from None
         if r.status_code >= 400:
             raise self._error_of(r.status_code, r.content)
-        return r.json()
-
-    def _stream(self, path: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        import httpx
-
-        # Open the connection now so an HTTP error surfaces at the call, not at the first next().
         try:
-            cm = self._client().stream("POST", path, json=payload)
+            data = json.loads(r.content)
+        except ValueError:  # also a body that is not UTF-8
+            raise self._bad_response(r.status_code, f"{method} {path}", "is not JSON") from None
+        if not (isinstance(data, dict) and expect in data):
+            raise self._bad_response(r.status_code, f"{method} {path}", f"is not a JSON object with {expect!r}")
+        return data
+
+    def _events(self, path: str, body: bytes) -> Iterator[Any]:
+        # Yields None once the response has started (an HTTP error or a non-SSE answer is raised
+        # before that), then the chunk dicts. Closing the response tells the server to stop generating.
+        errors = self._httpx_errors()
+        what = f"POST {path}"
+        try:
+            cm = self._client().stream("POST", path, content=body, headers={"Content-Type": "application/json"})
             r = cm.__enter__()
-        except httpx.HTTPError as e:
+        except errors as e:
             raise self._transport_error(e) from None
-        if r.status_code >= 400:
-            raw = r.read()
-            cm.__exit__(None, None, None)
-            raise self._error_of(r.status_code, raw)
-        return self._events(cm, r)
-
-    def _events(self, cm: Any, r: Any) -> Iterator[dict[str, Any]]:
-        import httpx
-
         try:
+            if r.status_code >= 400:
+                raise self._error_of(r.status_code, r.read())
+            if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                raise self._bad_response(r.status_code, what, "is not an event stream (text/event-stream)")
+            yield None
             for line in r.iter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
                     return
-                event = json.loads(data)
-                if "error" in event:  # an error after the stream began: the server adds its status
-                    raise QwenAPIError(int(event.pop("status", 500)), event)
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    raise self._bad_response(r.status_code, what, f"has an event that is not JSON ({data[:80]!r})") \
+                        from None
+                if isinstance(event, dict) and isinstance(event.get("error"), dict):
+                    # An error after the stream began: the server adds its status.
+                    status = event.pop("status", 500)
+                    raise QwenAPIError(status if isinstance(status, int) else 500, event)
+                if not (isinstance(event, dict) and "choices" in event):
+                    raise self._bad_response(r.status_code, what, f"has an event that is not a chunk ({data[:80]!r})")
                 yield event
-        except httpx.HTTPError as e:
+            raise QwenAPIError(NO_RESPONSE, error_body(
+                f"{what} on {self.base_url}: the event stream ended before [DONE] (the server closed the "
+                "connection mid-answer); retry the request", type="connection_error", code="incomplete_stream"))
+        except errors as e:
             raise self._transport_error(e) from None
         finally:
-            cm.__exit__(None, None, None)  # closing the response tells the server to stop generating
+            cm.__exit__(None, None, None)

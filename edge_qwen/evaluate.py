@@ -11,7 +11,6 @@ second half is scored, so every scored token sees at least n_ctx/2 tokens of con
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass

@@ -221,9 +221,10 @@ def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: Toke
     t1 = time.perf_counter()
 
     def final(text: str, ids: list[int], reason: str, stop_hit: bool = False) -> GenerationChunk:
-        if not stop_hit:  # release what was held back: an unfinished stop-string prefix, stray bytes
-            tail, hit = stopper.feed(utf8.decode(b"", final=True))
-            text += tail + ("" if hit else stopper.flush())
+        if not stop_hit:  # release what was held back: an unfinished stop-string prefix
+            # The bytes of a character cut off by max_tokens or a cancel stay in the decoder and
+            # are dropped: a half character would come out as U+FFFD.
+            text += stopper.flush()
         emitted.append(text)
         if constraint is not None:
             constraint.finalize("".join(emitted), reason)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .errors import ConstraintViolation, RequestError, SchemaError
-from .json_schema_support import check_schema, engine_error, validate_output
+from .json_schema_support import check_depth, check_schema, engine_error, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
 # plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
@@ -255,6 +255,7 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     if schema is None:
         return None
     any_object = schema is ANY_OBJECT
+    check_depth(schema, param)  # before json.dumps, which would recurse into any depth
     try:
         # Property order is generation order, so the cache keys keep it (no sort_keys).
         text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -102,6 +102,21 @@ def _strip_noops(node: Any) -> Any:
     return node
 
 
+MAX_SCHEMA_DEPTH = 64  # nesting of objects/arrays in the schema document itself
+
+
+def check_depth(schema: Any, param: str = "response_format", limit: int = MAX_SCHEMA_DEPTH) -> None:
+    """Raise SchemaError when the schema document nests deeper than `limit` (checked without recursion)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            raise SchemaError(f"{param}: the JSON schema is nested more than {limit} levels deep; "
+                              "flatten it (use $defs and $ref for repeated parts)", param=param)
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+
+
 def check_schema(schema: Any, param: str = "response_format") -> dict:
     """Check that `schema` is a valid JSON schema the engine can enforce; return it ready to compile.
 
@@ -116,9 +131,12 @@ def check_schema(schema: Any, param: str = "response_format") -> dict:
             f"got {json.dumps(schema)[:60]}",
             param=param,
         )
+    check_depth(schema, param)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
+    except RecursionError:
+        raise SchemaError(f"{param}: the JSON schema is too deeply nested to check; flatten it", param=param) from None
     except jsonschema.SchemaError as exc:
         where = _pointer([str(p) for p in exc.path])
         raise SchemaError(

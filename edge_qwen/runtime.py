@@ -8,6 +8,7 @@ while a stream is consumed), so calls from several threads are serialized, never
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -20,6 +21,7 @@ from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileErr
 from .generate import GenerationChunk, SamplingParams, TokenPieces, decode
 
 OVERFLOW_POLICIES = ("error", "truncate_middle")
+_MARKER = re.compile("\ue000(\\d+)\ue001")  # stands for message i's content while rendering
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
@@ -123,6 +125,33 @@ class EdgeQwen:
         """The prompt text for `messages`, from the model's chat template."""
         return render_chat(self.chat_template, messages)
 
+    def prompt_tokens(self, messages: Any) -> list[int]:
+        """The prompt token ids for validated `messages`: the chat template's markers are special
+        tokens, while message content is always text.
+
+        Content that spells a control token (`<|im_end|>`, `<|im_start|>system`) is tokenized as
+        the plain characters, so user text cannot forge turns. Other content tokenizes exactly as
+        the whole rendered prompt would.
+        """
+        text = self.render(messages)
+        if not any(self._spells_control(m.get("content")) for m in messages):
+            return self.tokenize(text)
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = _MARKER.split(self.render(marked))
+        if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
+            return self.tokenize(text)  # a template that rewrites content: it cannot be told apart
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids += self.tokenize(messages[int(part)]["content"], special=False)
+            elif part:
+                ids += self.tokenize(part)
+        return ids
+
+    def _spells_control(self, content: Any) -> bool:
+        return (isinstance(content, str) and "<" in content
+                and self.tokenize(content) != self.tokenize(content, special=False))
+
     # -- generation -------------------------------------------------------------------------
     def fit_messages(self, messages: Any, max_tokens: int = 1024) -> tuple[list[dict], list[int]]:
         """The messages that will be sent and their prompt tokens, under the context_overflow policy.
@@ -131,7 +160,7 @@ class EdgeQwen:
         "truncate_middle": only when even the system prompt plus the last message do not fit).
         """
         msgs = validate_messages(messages)
-        tokens = self.tokenize(self.render(msgs))
+        tokens = self.prompt_tokens(msgs)
         if len(tokens) + max_tokens <= self.n_ctx:
             return msgs, tokens
         if self.context_overflow == "truncate_middle":
@@ -139,7 +168,7 @@ class EdgeQwen:
             kept = list(msgs)
             while len(kept) > keep_head + 1:
                 del kept[keep_head]  # the oldest turn after the system prompt
-                tokens = self.tokenize(self.render(kept))
+                tokens = self.prompt_tokens(kept)
                 if len(tokens) + max_tokens <= self.n_ctx:
                     return kept, tokens
         raise ContextOverflowError(

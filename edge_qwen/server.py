@@ -36,12 +36,12 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .client import error_body, error_body_of
+from .api_errors import error_body, error_body_of
 from .errors import BusyError, EdgeQwenError, ModelNotFoundError
 from .server_schemas import (
     BodyLimit,
@@ -70,6 +70,12 @@ class QueueFullError(BusyError):
     """Every place in a model's queue is taken."""
 
     code = "queue_full"
+
+
+class ShuttingDownError(BusyError):
+    """The server is stopping: requests still waiting are turned away."""
+
+    code = "shutting_down"
 
 
 def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
@@ -196,13 +202,50 @@ class _EventStream(StreamingResponse):
             self._on_close()
 
 
-async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
-    # The body is already read, so the next ASGI message can only be the disconnect.
+async def _watch_disconnect(request: Request, cancel: threading.Event, waiter: asyncio.Future) -> None:
+    # The body is already read, so the next ASGI message can only be the disconnect. A request
+    # still waiting in the queue leaves it at once; a running one stops at the next token.
     while not cancel.is_set():
         message = await request.receive()
         if message["type"] == "http.disconnect":
             cancel.set()
+            if not waiter.done():
+                waiter.cancel()
             return
+
+
+class _InternalErrors:
+    """ASGI middleware: an unexpected exception becomes an OpenAI-shaped 500 answered here.
+
+    Starlette's own 500 handler re-raises after answering, which makes uvicorn drop the
+    keep-alive connection, so a client's next request on it would fail. Answered here, the
+    connection stays usable. (Once a response has started it cannot be replaced: the stream ends.)
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return
+            body = json.dumps(error_body(f"internal server error ({type(exc).__name__}); see the server log",
+                                         type="server_error", code="internal_error")).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
@@ -224,20 +267,35 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     if preload:
         for slot in registry.slots.values():
             slot.model()
-    live_cancels: set[threading.Event] = set()
+    live: dict[threading.Event, asyncio.Future] = {}  # each request's cancel event -> its wait for the model
+    closing = False
+
+    def begin_shutdown() -> None:
+        """Stop every running generation at its next token and turn away every waiting request.
+
+        Called on the event loop when the server starts stopping (Ctrl-C, SIGTERM), so streams
+        end with a final chunk and [DONE] instead of being cut when the grace period runs out.
+        """
+        nonlocal closing
+        closing = True
+        for ev, waiter in list(live.items()):
+            ev.set()
+            if not waiter.done():
+                waiter.cancel()
 
     async def lifespan(app: FastAPI):
         yield
-        for ev in list(live_cancels):  # shutting down: stop every generation still running
-            ev.set()
+        begin_shutdown()
 
-    app = FastAPI(title="edge-qwen", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="edge-qwen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible and Qwen-shaped chat API over a local quantized Qwen2.5 (llama.cpp). "
                               "Errors are {\"error\": {message, type, param, code}}; invalid requests are 400.",
                   responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
                              413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     app.state.models = registry
+    app.state.begin_shutdown = begin_shutdown
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(_InternalErrors)  # outermost of ours: also covers BodyLimit
     bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
 
     async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -262,35 +320,50 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # FastAPI's JSON parser gave up: nesting too deep or a number too long.
+            kind = "invalid_json"
+            message = ("request body could not be read as JSON (nested too deeply or a number too long); "
+                       "send a plain JSON object")
         if exc.status_code == 404:
             message += "; endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models, GET /health"
         return JSONResponse(error_body(message, code=kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal server error ({type(exc).__name__}); see the server log",
-                                       type="server_error", code="internal_error"), status_code=500)
 
     async def complete(request: Request, body: ChatRequest) -> Any:
         slot = registry.get(body.model)
         max_tokens = body.limit()
         if max_tokens_limit is not None:
             max_tokens = min(max_tokens, max_tokens_limit)
-        kwargs = {"temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens,
-                  "stop": body.stop, "seed": body.seed, "reuse_prefix": prompt_cache and body.seed is None,
-                  "response_format": body.response_format.runtime_form() if body.response_format else None}
-        messages = [m.plain() for m in body.messages]
+        kwargs = body.runtime_kwargs()
+        messages = kwargs.pop("messages")
+        kwargs.update(max_tokens=max_tokens, reuse_prefix=prompt_cache and body.seed is None)
+        if closing:
+            raise ShuttingDownError("the server is shutting down; retry on another server or once it is back")
         cancel = threading.Event()
-        await slot.acquire()
-        live_cancels.add(cancel)
-        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        waiter = asyncio.ensure_future(slot.acquire())
+        live[cancel] = waiter
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel, waiter))
 
         def done() -> None:
             cancel.set()
             watcher.cancel()
-            live_cancels.discard(cancel)
+            live.pop(cancel, None)
+
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            left = cancel.is_set()  # set by the disconnect watcher or by begin_shutdown, before they cancel
+            done()
+            if closing:
+                raise ShuttingDownError("the server is shutting down; retry on another server or once it is back") \
+                    from None
+            if left:
+                return Response(status_code=499)  # the client left while queued: no one reads this answer
+            raise
+        except BaseException:
+            done()
+            raise
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -415,12 +488,52 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
             for name, slot in registry.slots.items()]}
 
+    @app.get("/v1/models/{model_id}", dependencies=deps, summary="One served model (aliases included)")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        slot = registry.get(model_id)
+        return {"id": model_id, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
+
+    _docs_page(app)
+
     @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "time": time.time(),
                 "models": {name: slot.describe() for name, slot in registry.slots.items()}}
 
     return app
+
+
+def _docs_page(app: FastAPI) -> None:
+    """/docs: the Swagger UI for /openapi.json, served from the swagger-ui-bundle package (offline)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the schema itself is still served
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="edge-qwen API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
+def _uvicorn_server(config: Any) -> Any:
+    """A uvicorn.Server that stops our generations as soon as it starts shutting down."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            hook = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
+            if hook is not None:
+                hook()
+            await super().shutdown(sockets=sockets)
+
+    return Server(config)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -463,10 +576,12 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
     print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "
           f"POST /api/v1/qwen/predict, GET /v1/models, /health, /docs){'  API key required' if api_key else ''}\n"
           "  Ctrl-C to stop", file=sys.stderr, flush=True)
+    # lifespan off: _uvicorn_server's shutdown already stops generations, and a lifespan task
+    # would print a traceback on a forced second Ctrl-C.
     config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
-                            timeout_graceful_shutdown=3, access_log=not quiet)
+                            timeout_graceful_shutdown=3, access_log=not quiet, lifespan="off")
     try:
-        uvicorn.Server(config).run()
+        _uvicorn_server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
         pass
     print("edge-qwen: server stopped", file=sys.stderr, flush=True)
@@ -488,7 +603,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))  # port 0: the OS picks a free port, no race with other tests
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3))
+        self.server = _uvicorn_server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
+                                                                  lifespan="off"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edge-qwen-uvicorn", daemon=True)
 

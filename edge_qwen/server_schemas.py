@@ -18,14 +18,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .client import error_body
+from .api_errors import error_body
 
 # The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 1024
 
-_LAX = ConfigDict(extra="ignore")
+# Unknown fields are ignored; known fields take their JSON type only ("2" is not a number, 1 is not
+# true, 2.0 is not an integer), and NaN/Infinity are refused.
+_LAX = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+# Roles other APIs send, as the chat template knows them.
+ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
 
 def _check_text(text: str) -> str:
@@ -55,7 +59,8 @@ class Message(BaseModel):
     """One chat message."""
 
     model_config = _LAX
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"] = Field(
+        description='"developer" is read as "system" and "function" as "tool".')
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -88,7 +93,7 @@ class Message(BaseModel):
             text = c
         else:
             text = "".join(p.text for p in c)
-        return {"role": self.role, "content": text}
+        return {"role": ROLE_ALIASES.get(self.role, self.role), "content": text}
 
 
 class JSONSchemaSpec(BaseModel):
@@ -104,7 +109,7 @@ class JSONSchemaSpec(BaseModel):
 class ResponseFormat(BaseModel):
     """`response_format`: text (the default), any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
     type: Literal["text", "json_object", "json_schema"] = "text"
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     json_schema: JSONSchemaSpec | None = None
@@ -155,15 +160,16 @@ class ChatRequest(BaseModel):
     model_config = _LAX
     model: str | None = Field(default=None, description="Served model name; omitted means the first (default) model.")
     messages: list[Message] = Field(min_length=1)
-    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(default=DEFAULT_TOP_P, gt=0.0, le=1.0)
+    # null means the default, as in OpenAI's API.
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description=f"Default {DEFAULT_TEMPERATURE}.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description=f"Default {DEFAULT_TOP_P}.")
     max_tokens: int | None = Field(default=None, ge=1, description=f"Default {DEFAULT_MAX_TOKENS}.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Alias of max_tokens.")
-    stream: bool = False
+    stream: bool | None = Field(default=None, description="Default false.")
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: int | None = Seed
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
+    n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is generated.")
     response_format: ResponseFormat | None = None
 
     @field_validator("stop")
@@ -173,6 +179,14 @@ class ChatRequest(BaseModel):
 
     def limit(self) -> int:
         return self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS
+
+    def runtime_kwargs(self) -> dict[str, Any]:
+        """What EdgeQwen.chat takes for this request (defaults filled in), without `stream`."""
+        return {"messages": [m.plain() for m in self.messages],
+                "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+                "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
+                "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed,
+                "response_format": self.response_format.runtime_form() if self.response_format else None}
 
 
 class QwenParameters(BaseModel):
@@ -311,7 +325,13 @@ _UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|none|[a-z_-]+\[.*\])$")
 
 def validation_error(exc: Any) -> Any:
     """A FastAPI RequestValidationError as a 400 OpenAI-shaped error naming the first bad field."""
-    errors = exc.errors()
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(validation_error_body(exc.errors()), status_code=400)
+
+
+def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAI-shaped error body for pydantic validation `errors` (ValidationError.errors())."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     # Drop "body" and pydantic's union-member tags ("str", "list[TextPart]") from the location.
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
@@ -324,6 +344,4 @@ def validation_error(exc: Any) -> Any:
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         code = "invalid_request"
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(error_body(message, param=param, code=code), status_code=400)
+    return error_body(message, param=param, code=code)

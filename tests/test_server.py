@@ -190,6 +190,14 @@ BAD = [
     ("not UTF-8", '{"messages": [{"role": "user", "content": "café"}]}'.encode("latin-1"), 400, "invalid_json"),
     ("image part", json.dumps({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}).encode(), 400, "invalid_request"),
+    ("number as string", json.dumps({"messages": ask("x"), "max_tokens": "2"}).encode(), 400, "invalid_request"),
+    ("float max_tokens", json.dumps({"messages": ask("x"), "max_tokens": 2.0}).encode(), 400, "invalid_request"),
+    ("bool as string", json.dumps({"messages": ask("x"), "stream": "yes"}).encode(), 400, "invalid_request"),
+    ("NaN", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_request"),
+    ("nested too deep", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
+    ("schema too deep", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": json.loads('{"type":"array","items":' * 200 + '{"type":"integer"}' + "}" * 200)}}}).encode(),
+     400, "invalid_schema"),
 ]
 
 
@@ -215,6 +223,52 @@ def test_body_is_json_whatever_its_content_type(http):
     err = assert_error(http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {}}]}]}), 400, "invalid_request")
     assert "input_audio" in err["message"] and "text" in err["message"]
+
+
+def test_openai_nulls_developer_role_and_model_lookup(http, openai_client):
+    # OpenAI's API reads null as "the default"; "developer" is its newer name for the system role.
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "developer", "content": "Answer in English."}] + ask("Hi"),
+        "temperature": None, "top_p": None, "stream": None, "n": None, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    assert openai_client.models.retrieve("qwen2.5").id == "qwen2.5"
+    assert openai_client.models.retrieve("second").id == "second"
+    assert_error(http.get("/v1/models/nope"), 404, "model_not_found")
+
+
+def test_no_broken_character_when_max_tokens_cuts_one(http):
+    # Many emoji take 2-3 tokens: a cut inside one must drop its bytes, never emit U+FFFD.
+    for n in range(1, 7):
+        body = {"messages": ask("Repeat exactly, nothing else: 🦩🪼🦩🪼"), "temperature": 0, "max_tokens": n}
+        text = http.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        pieces = [e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]]
+        assert "\ufffd" not in text and all("\ufffd" not in p for p in pieces), (n, text, pieces)
+        assert "".join(pieces) == text
+
+
+def test_internal_error_is_openai_shaped_and_keeps_the_connection(llm):
+    class Failing:  # a model whose runtime fails unexpectedly (a bug), the one thing a real model won't do
+        model_path = llm.model_path
+
+        def chat(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    app = create_app({"broken": Failing(), "qwen2.5": llm})
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json={"model": "broken", "messages": ask("Hi"), **SHORT})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        ok = c.post("/v1/chat/completions", json={"model": "qwen2.5", "messages": ask("Hi"), **SHORT})
+        assert ok.status_code == 200  # on the same kept-alive connection
+
+
+def test_docs_page_works_offline(http):
+    page = http.get("/docs")
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert "cdn." not in page.text and "https://" not in page.text.split("<body>")[0]
+    assert http.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert http.get("/redoc").status_code == 404
 
 
 def test_stream_include_usage(openai_client):
@@ -312,6 +366,34 @@ def test_client_disconnect_stops_generation(http, server):
     assert r.status_code == 200
 
 
+def test_queued_client_that_leaves_frees_its_place(http, server):
+    wait_idle(http)
+    holder = httpx.Client(base_url=server, timeout=120)
+    try:
+        with holder.stream("POST", "/v1/chat/completions",
+                           json={"messages": ask("Write a very long essay about rivers."), "stream": True,
+                                 "temperature": 0, "max_tokens": 3000}) as r:
+            lines = r.iter_lines()
+            next(lines)  # generating now
+            before = http.get("/health").json()["models"]["qwen2.5"]
+            with socket.create_connection(server.removeprefix("http://").split(":")) as raw:  # queue, then hang up
+                body = json.dumps({"messages": ask("Hi"), **SHORT}).encode()
+                raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                deadline = time.monotonic() + 30
+                while http.get("/health").json()["models"]["qwen2.5"]["waiting"] < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while http.get("/health").json()["models"]["qwen2.5"]["waiting"] > 0:  # left the queue at once
+                assert time.monotonic() < deadline, "the queued request kept its place after its client left"
+                time.sleep(0.05)
+            assert http.get("/health").json()["models"]["qwen2.5"]["requests"] == before["requests"]
+    finally:
+        holder.close()
+    wait_idle(http)
+
+
 def test_api_key(llm):
     app = create_app({"qwen2.5": llm}, api_key="s3cret")
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
@@ -387,10 +469,21 @@ def test_serve_subprocess_ctrl_c(default_model, tmp_path):
         stem = default_model.stem
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == stem
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from EDGE_QWEN_API_KEY
-        proc.send_signal(signal.SIGINT)
+        # Ctrl-C while a stream runs: the stream ends properly (final chunk, [DONE]) right away.
+        events: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                          json={"messages": ask("Count from 1 to 1000."), "stream": True, "max_tokens": 900}) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if len(events) == 3:  # once: a second Ctrl-C means "force quit"
+                    proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
     assert proc.returncode == 0, err
-    assert "Traceback" not in err and "server stopped" in err
+    assert "Traceback" not in err and "server stopped" in err, err

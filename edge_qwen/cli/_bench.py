@@ -74,7 +74,7 @@ def recommend_cmd(source, max_ram, n_ctx, quiet):
 
     rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet)
     mb = lambda v: "-" if v is None else f"{v / 1e6:.0f}"  # noqa: E731
-    click.echo(f"| Type | Size (MB) | KV cache (MB) | Compute (MB) | Need (MB) | Measured RSS (MB) | KL mean | PPL | Fits |")
+    click.echo("| Type | Size (MB) | KV cache (MB) | Compute (MB) | Need (MB) | Measured RSS (MB) | KL mean | PPL | Fits |")
     click.echo("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
     for c in rec["candidates"]:
         kl = "-" if c["kl_mean"] is None else f"{c['kl_mean']:.5f}"
