@@ -8,6 +8,7 @@ while a stream is consumed), so calls from several threads are serialized, never
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import time
@@ -21,6 +22,7 @@ from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileErr
 from .generate import GenerationChunk, SamplingParams, TokenPieces, decode
 
 OVERFLOW_POLICIES = ("error", "truncate_middle")
+DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default
 _MARKER = re.compile("\ue000(\\d+)\ue001")  # stands for message i's content while rendering
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -34,7 +36,9 @@ def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed
                            param="temperature")
     if not number(top_p) or not 0 < top_p <= 1:
         raise RequestError(f"top_p={top_p!r} is outside (0, 1]", param="top_p")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+    if max_tokens is None:  # the caller left it out: the default, within the room the prompt leaves
+        max_tokens = DEFAULT_MAX_TOKENS
+    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
         raise RequestError(f"max_tokens={max_tokens!r} must be a positive integer", param="max_tokens")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -171,14 +175,17 @@ class EdgeQwen:
                 tokens = self.prompt_tokens(kept)
                 if len(tokens) + max_tokens <= self.n_ctx:
                     return kept, tokens
-        raise ContextOverflowError(
+        err = ContextOverflowError(
             f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
             f"> the context window n_ctx={self.n_ctx}; shorten the messages, lower max_tokens, load the model "
             f"with a larger n_ctx (up to {self.n_ctx_train})"
             + ("" if self.context_overflow == "truncate_middle" else " or use context_overflow='truncate_middle'"),
-            param="messages")
+            param="max_tokens" if max_tokens >= self.n_ctx else "messages")
+        err.sizes = (len(tokens), max_tokens, self.n_ctx, self.n_ctx_train)  # for callers that word it their way
+        raise err
 
-    def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
+    def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9,
+                 max_tokens: int | None = DEFAULT_MAX_TOKENS,
                  stop: str | list[str] | None = None, seed: int | None = None,
                  response_format: dict | None = None, cancel: threading.Event | None = None,
                  blocking: bool = True, reuse_prefix: bool | None = None) -> Iterator[GenerationChunk]:
@@ -187,13 +194,16 @@ class EdgeQwen:
         Bad parameters raise RequestError here, before anything runs. The generation itself
         starts on the first `next()`: it waits for a running generation to end (or raises
         BusyError when `blocking=False`) and holds the model until the iterator is exhausted
-        or closed. Setting `cancel` ends it with finish_reason "cancelled". `reuse_prefix`
+        or closed. Setting `cancel` ends it with finish_reason "cancelled". `max_tokens=None`
+        means the default (1024) or the room the prompt leaves in n_ctx, whichever is less. `reuse_prefix`
         (None: the instance's setting) keeps the KV cache of the prefix shared with the last call;
         False evaluates the prompt afresh, which reproduces a seeded or greedy answer bit for bit.
         """
         self._check_open()
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
-        _, prompt = self.fit_messages(messages, max_tokens)
+        _, prompt = self.fit_messages(messages, 1 if max_tokens is None else max_tokens)
+        if max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=min(DEFAULT_MAX_TOKENS, self.n_ctx - len(prompt)))
         constraint = self._constraint(response_format)
         if constraint is not None and params.stop:
             # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
@@ -233,7 +243,8 @@ class EdgeQwen:
             self._owner = None
             self._lock.release()
 
-    def chat(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9, max_tokens: int = 1024,
+    def chat(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9,
+             max_tokens: int | None = DEFAULT_MAX_TOKENS,
              stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
              response_format: dict | None = None, cancel: threading.Event | None = None,
              blocking: bool = True, reuse_prefix: bool | None = None) -> dict | Iterator[dict]:

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api_errors import error_body, error_body_of
-from .errors import BusyError, EdgeQwenError, ModelNotFoundError
+from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
 from .server_schemas import (
     BodyLimit,
     ChatRequest,
@@ -56,6 +56,7 @@ log = logging.getLogger("edge_qwen.server")
 DEFAULT_NAME = "qwen2.5"
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY = 1_000_000
+DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default, when a request leaves max_tokens out
 RETRY_AFTER_S = 2
 
 
@@ -262,6 +263,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     `prompt_cache` reuses the KV cache of a prefix shared with the previous request, except for
     requests with a `seed` (see the module docstring). Extra keyword arguments go to EdgeQwen.
     """
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key.strip() == api_key
+                                    and api_key):
+        from .errors import RequestError
+
+        raise RequestError("the API key must be non-empty printable ASCII without surrounding spaces (HTTP headers "
+                           "carry nothing else reliably); choose another key", param="api_key")
     table = dict(models) if models else model_table()
     registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
     if preload:
@@ -310,7 +317,15 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(exc, BusyError) else None
         if isinstance(exc, AuthError):
             headers = {"WWW-Authenticate": "Bearer"}
-        return JSONResponse(error_body_of(exc), status_code=exc.status, headers=headers)
+        body = error_body_of(exc)
+        sizes = getattr(exc, "sizes", None)
+        if isinstance(exc, ContextOverflowError) and sizes:  # advice an HTTP client can act on
+            prompt, wanted, n_ctx, n_train = sizes
+            body["error"]["message"] = (
+                f"the prompt is {prompt} tokens and max_tokens is {wanted}: {prompt + wanted} > this server's "
+                f"context window of {n_ctx} tokens; shorten the messages or lower max_tokens (the server can be "
+                f"started with a larger window, `edge-qwen serve --ctx N`, up to {n_train})")
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -332,9 +347,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     async def complete(request: Request, body: ChatRequest) -> Any:
         slot = registry.get(body.model)
-        max_tokens = body.limit()
+        max_tokens = body.limit()  # None: the default, within the room the prompt leaves
         if max_tokens_limit is not None:
-            max_tokens = min(max_tokens, max_tokens_limit)
+            if max_tokens is not None:
+                max_tokens = min(max_tokens, max_tokens_limit)
+            elif max_tokens_limit < DEFAULT_MAX_TOKENS:
+                max_tokens = max_tokens_limit
         kwargs = body.runtime_kwargs()
         messages = kwargs.pop("messages")
         kwargs.update(max_tokens=max_tokens, reuse_prefix=prompt_cache and body.seed is None)
@@ -495,6 +513,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     _docs_page(app)
 
+    @app.head("/health", include_in_schema=False)  # uptime probes often use HEAD
     @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "time": time.time(),

@@ -154,7 +154,39 @@ def _check_stop(v: Stop) -> Stop:
     return v
 
 
-class ChatRequest(BaseModel):
+class _Unsupported(BaseModel):
+    """Fields of the OpenAI and Qwen APIs this server does not serve: refused rather than ignored, so
+    an agent framework learns at once that they are not served."""
+
+    model_config = _LAX
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: must be empty or absent.")
+    tool_choice: Any = Field(default=None, description='Not supported: absent, null or "none".')
+    logprobs: bool | None = Field(default=None, description="Not supported: must be false or absent.")
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("function calling (tools) is not supported by edge-qwen yet; send the request without "
+                             "tools, or describe the function in a system message and use response_format for JSON")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none"):
+            raise ValueError('function calling is not supported by edge-qwen yet; leave tool_choice out or "none"')
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("logprobs are not supported by edge-qwen yet; leave logprobs out or false")
+        return v
+
+
+class ChatRequest(_Unsupported):
     """POST /v1/chat/completions (OpenAI chat completions)."""
 
     model_config = _LAX
@@ -163,7 +195,8 @@ class ChatRequest(BaseModel):
     # null means the default, as in OpenAI's API.
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description=f"Default {DEFAULT_TEMPERATURE}.")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description=f"Default {DEFAULT_TOP_P}.")
-    max_tokens: int | None = Field(default=None, ge=1, description=f"Default {DEFAULT_MAX_TOKENS}.")
+    max_tokens: int | None = Field(default=None, ge=1, description=f"Default {DEFAULT_MAX_TOKENS}, or the room the "
+                                   "prompt leaves in the context window when that is less.")
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Alias of max_tokens.")
     stream: bool | None = Field(default=None, description="Default false.")
     stream_options: StreamOptions | None = None
@@ -171,14 +204,15 @@ class ChatRequest(BaseModel):
     seed: int | None = Seed
     n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is generated.")
     response_format: ResponseFormat | None = None
-
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Stop) -> Stop:
         return _check_stop(v)
 
-    def limit(self) -> int:
-        return self.max_tokens or self.max_completion_tokens or DEFAULT_MAX_TOKENS
+    def limit(self) -> int | None:
+        """max_tokens as given; None when left out (the runtime then takes the default, 1024, or the
+        room the prompt leaves in the context, whichever is less)."""
+        return self.max_tokens or self.max_completion_tokens
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """What EdgeQwen.chat takes for this request (defaults filled in), without `stream`."""
@@ -189,7 +223,7 @@ class ChatRequest(BaseModel):
                 "response_format": self.response_format.runtime_form() if self.response_format else None}
 
 
-class QwenParameters(BaseModel):
+class QwenParameters(_Unsupported):
     """The `parameters` object of the Qwen (DashScope) request shape."""
 
     model_config = _LAX
@@ -245,7 +279,7 @@ class QwenPredictRequest(QwenParameters):
         return ChatRequest.model_construct(
             model=self.model, messages=messages,
             temperature=pick("temperature", DEFAULT_TEMPERATURE), top_p=pick("top_p", DEFAULT_TOP_P),
-            max_tokens=pick("max_tokens", DEFAULT_MAX_TOKENS), max_completion_tokens=None,
+            max_tokens=pick("max_tokens", None), max_completion_tokens=None,
             stream=pick("stream", False), stream_options=None, stop=pick("stop", None),
             seed=pick("seed", None), n=1, response_format=pick("response_format", None))
 

@@ -152,7 +152,8 @@ def test_qwen_predict_shapes_and_defaults(http):
     from edge_qwen.server_schemas import QwenPredictRequest
 
     d = QwenPredictRequest.model_validate({"messages": ask("x")}).to_chat()
-    assert (d.temperature, d.top_p, d.max_tokens, d.stream) == (0.7, 0.9, 1024, False)
+    kw = d.runtime_kwargs()  # max_tokens None: 1024, or the room the prompt leaves if that is less
+    assert (kw["temperature"], kw["top_p"], kw["max_tokens"], d.stream) == (0.7, 0.9, None, False)
     with http.stream("POST", "/api/v1/qwen/predict",
                      json={"input": {"messages": ask("Hi")}, "parameters": {**SHORT, "stream": True}}) as r:
         assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
@@ -194,6 +195,9 @@ BAD = [
     ("float max_tokens", json.dumps({"messages": ask("x"), "max_tokens": 2.0}).encode(), 400, "invalid_request"),
     ("bool as string", json.dumps({"messages": ask("x"), "stream": "yes"}).encode(), 400, "invalid_request"),
     ("NaN", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_request"),
+    ("tools", json.dumps({"messages": ask("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(),
+     400, "invalid_request"),
+    ("logprobs", json.dumps({"messages": ask("x"), "logprobs": True}).encode(), 400, "invalid_request"),
     ("nested too deep", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
     ("schema too deep", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": json.loads('{"type":"array","items":' * 200 + '{"type":"integer"}' + "}" * 200)}}}).encode(),
@@ -261,6 +265,22 @@ def test_internal_error_is_openai_shaped_and_keeps_the_connection(llm):
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
         ok = c.post("/v1/chat/completions", json={"model": "qwen2.5", "messages": ask("Hi"), **SHORT})
         assert ok.status_code == 200  # on the same kept-alive connection
+
+
+def test_left_out_max_tokens_fits_the_room_left(default_model):
+    from edge_qwen import EdgeQwen
+
+    with EdgeQwen(default_model, n_ctx=256) as small, ServerThread(create_app({"qwen2.5": small})) as url, \
+            httpx.Client(base_url=url, timeout=120) as c:
+        msgs = ask("Continue this list: " + ", ".join(str(i) for i in range(1, 40)))
+        room = small.n_ctx - len(small.prompt_tokens(msgs))
+        assert 0 < room < 1024
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "temperature": 0})  # no max_tokens
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= room, r.text
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1024}), 400,
+                           "context_length_exceeded")
+        assert "--ctx" in err["message"] and "truncate_middle" not in err["message"]
+        assert c.head("/health").status_code == 200
 
 
 def test_docs_page_works_offline(http):
@@ -395,6 +415,11 @@ def test_queued_client_that_leaves_frees_its_place(http, server):
 
 
 def test_api_key(llm):
+    from edge_qwen.errors import RequestError
+
+    for bad in ("s3crét", "", " padded ", "tab\tkey"):
+        with pytest.raises(RequestError, match="printable ASCII"):
+            create_app({"qwen2.5": llm}, api_key=bad)
     app = create_app({"qwen2.5": llm}, api_key="s3cret")
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/health").status_code == 200  # health stays open for probes
