@@ -252,7 +252,7 @@ class _InternalErrors:
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
                max_tokens_limit: int | None = None, preload: bool = True, prompt_cache: bool = True,
-               **llm_options: Any) -> FastAPI:
+               cors_origins: list[str] | tuple[str, ...] = (), **llm_options: Any) -> FastAPI:
     """The FastAPI app serving `models` ({name: GGUF path or loaded EdgeQwen}; None: the default model
     as "qwen2.5"). A loaded EdgeQwen is used as it is (and not closed by the server).
 
@@ -261,7 +261,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     behind the one generating; `max_tokens_limit` caps what any request may ask for;
     `api_key` makes every endpoint but /health and the docs demand `Authorization: Bearer KEY`.
     `prompt_cache` reuses the KV cache of a prefix shared with the previous request, except for
-    requests with a `seed` (see the module docstring). Extra keyword arguments go to EdgeQwen.
+    requests with a `seed` (see the module docstring). `cors_origins` lets web pages from those
+    origins ("*" for any) call the API from a browser. Extra keyword arguments go to EdgeQwen.
     """
     if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key.strip() == api_key
                                     and api_key):
@@ -302,7 +303,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     app.state.models = registry
     app.state.begin_shutdown = begin_shutdown
     app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.add_middleware(_InternalErrors)  # outermost of ours: also covers BodyLimit
+    app.add_middleware(_InternalErrors)  # outside BodyLimit: covers it too
+    if cors_origins:  # outermost: every answer, errors included, carries the CORS headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
     bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
 
     async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -577,7 +583,7 @@ def _check_port(host: str, port: int) -> None:
 def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY,
           n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, prompt_cache: bool = True,
-          **llm_options: Any) -> None:
+          cors_origins: list[str] | tuple[str, ...] = (), **llm_options: Any) -> None:
     """Check every model, load them, then serve on host:port until Ctrl-C (which returns normally).
 
     Binds 127.0.0.1 unless told otherwise. Bad model paths and a busy port fail here with a
@@ -589,7 +595,8 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
 
     _check_port(host, port)
     app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
-                     max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache, **llm_options)
+                     max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache,
+                     cors_origins=cors_origins, **llm_options)
     names = ", ".join(f"{name} ({slot.path})" for name, slot in app.state.models.slots.items())
     shown = f"[{host}]" if ":" in host else host
     print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "

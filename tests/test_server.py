@@ -283,6 +283,22 @@ def test_left_out_max_tokens_fits_the_room_left(default_model):
         assert c.head("/health").status_code == 200
 
 
+def test_cors_origins(llm):
+    app = create_app({"qwen2.5": llm}, cors_origins=["http://app.local"], api_key="k")
+    with ServerThread(app) as url, httpx.Client(base_url=url, timeout=60) as c:
+        pre = c.options("/v1/chat/completions", headers={
+            "Origin": "http://app.local", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.local"
+        r = c.post("/v1/chat/completions", json={"messages": ask("Hi"), **SHORT},
+                   headers={"Origin": "http://app.local", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.local"
+        denied = c.get("/v1/models", headers={"Origin": "http://app.local"})  # errors carry CORS headers too
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "http://app.local"
+        other = c.get("/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
 def test_docs_page_works_offline(http):
     page = http.get("/docs")
     assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text

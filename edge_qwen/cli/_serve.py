@@ -29,10 +29,13 @@ from .options import quiet_option
               help="Reuse the KV cache of a prompt prefix shared with the previous request (faster first token). "
                    "Requests with a seed are always evaluated afresh and reproduce exactly; --no-prompt-cache "
                    "does that for every request.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:5173; * for any) call the API from a browser. "
+                   "Repeatable; none by default.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
-                  prompt_cache: bool, quiet: bool) -> None:
+                  prompt_cache: bool, cors_origins: tuple[str, ...], quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -42,5 +45,5 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
 
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
-          prompt_cache=prompt_cache,
+          prompt_cache=prompt_cache, cors_origins=cors_origins,
           **({"n_threads": n_threads} if n_threads else {}))
