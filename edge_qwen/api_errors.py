@@ -92,3 +92,11 @@ def encode_request(payload: dict[str, Any]) -> bytes:
     except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError
         param, problem = not_json(payload, "", set()) or (None, f"cannot be sent as JSON ({e})")
     raise QwenAPIError(400, error_body(f"{param or 'request'}: {problem}", param=param, code="invalid_request"))
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why `key` cannot be an API key (HTTP headers carry printable ASCII only), or None if it can."""
+    if key and key.isascii() and key.isprintable() and key.strip() == key:
+        return None
+    return ("the API key must be non-empty printable ASCII without surrounding spaces (HTTP headers carry nothing "
+            "else reliably)")

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .api_errors import QwenAPIError, encode_request, error_body, error_body_of
+from .api_errors import QwenAPIError, api_key_problem, encode_request, error_body, error_body_of
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 DEFAULT_MODEL_NAME = "qwen2.5"  # the name the server gives the model it serves first
@@ -68,7 +68,8 @@ class QwenClient:
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0, *,
-                 model_path: str | os.PathLike | None = None, n_ctx: int = 4096, **llm_options: Any):
+                 model_path: str | os.PathLike | None = None, n_ctx: int = 4096, prompt_cache: bool = True,
+                 **llm_options: Any):
         if base_url is not None and model_path is not None:
             raise ValueError("give base_url (a server) or model_path (in-process), not both")
         self.timeout = timeout
@@ -77,6 +78,7 @@ class QwenClient:
         self._closed = False
         self.base_url: str | None = None
         self.api_key: str | None = None
+        self._prompt_cache = prompt_cache  # in-process: as `edge-qwen serve` does (seeded requests afresh)
         if model_path is not None:
             from .runtime import EdgeQwen
             from .store import resolve_model
@@ -93,6 +95,9 @@ class QwenClient:
         else:
             self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
             self.api_key = api_key if api_key is not None else os.environ.get("EDGE_QWEN_API_KEY")
+            if self.api_key and api_key_problem(self.api_key):
+                raise QwenAPIError(400, error_body(f"api_key: {api_key_problem(self.api_key)}", param="api_key",
+                                                   code="invalid_request"))
 
     # -- public API -------------------------------------------------------------------------
 
@@ -198,6 +203,7 @@ class QwenClient:
             self._check_model(body.model)
             kwargs = body.runtime_kwargs()
         messages = kwargs.pop("messages")
+        kwargs["reuse_prefix"] = self._prompt_cache and body.seed is None
         if body.stream:
             gen = self._local_stream(messages, kwargs)
             next(gen)  # runs to the first chunk, so a failure is raised at the call, as over HTTP

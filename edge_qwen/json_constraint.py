@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .errors import ConstraintViolation, RequestError, SchemaError
-from .json_schema_support import check_depth, check_schema, engine_error, validate_output
+from .json_schema_support import check_depth, check_schema, engine_error, engine_limit, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
 # plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
@@ -186,6 +186,14 @@ class JsonConstraint:
         self.sampled_tokens = 0
         self.forced_tokens = 0
 
+    def check_start(self) -> None:
+        """Compute the first token mask once: raise SchemaError if the engine fails on this schema."""
+        from llguidance.numpy import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bitmask)
+        if self._matcher.is_error():
+            raise engine_limit(self._matcher.get_error())
+
     def mask_logits(self, logits: Any) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf, in place."""
         from llguidance.numpy import fill_next_token_bitmask
@@ -193,7 +201,7 @@ class JsonConstraint:
         np = self._np
         fill_next_token_bitmask(self._matcher, self._bitmask)
         if self._matcher.is_error():
-            raise ConstraintViolation(f"JSON engine failed computing the token mask: {self._matcher.get_error()}")
+            raise engine_limit(self._matcher.get_error())
         n = min(len(logits), self._n_vocab)
         # One bit per token, little-endian within each 32-bit word: unpack to a bool per token.
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:n].view(bool)
@@ -205,6 +213,8 @@ class JsonConstraint:
         """Record the sampled token; return the tokens the grammar forces next (already recorded)."""
         m = self._matcher
         if not m.consume_token(int(token_id)):
+            if m.is_error() and m.get_error():  # the engine failed on this schema, not on a bad token
+                raise engine_limit(m.get_error())
             raise ConstraintViolation(
                 f"JSON engine rejected sampled token {token_id}: {m.get_error() or 'not allowed here'}; "
                 "the loop must call mask_logits before sampling"
@@ -215,7 +225,7 @@ class JsonConstraint:
         forced = m.compute_ff_tokens()
         if forced:
             if not m.consume_tokens(forced):
-                raise ConstraintViolation(f"JSON engine rejected its own forced tokens: {m.get_error()}")
+                raise engine_limit(m.get_error() or "it rejected its own forced tokens")
             self.forced_tokens += len(forced)
         return list(forced)
 
@@ -272,7 +282,9 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     tables = model_tables(llm)
     matcher = tables.matcher(checked, text, param)
     schema = checked
-    return JsonConstraint(tables, matcher, None if any_object else schema, fast_forward=fast_forward)
+    constraint = JsonConstraint(tables, matcher, None if any_object else schema, fast_forward=fast_forward)
+    constraint.check_start()  # a schema the engine cannot even start on fails here, before the prompt runs
+    return constraint
 
 
 __all__ = [

@@ -12,9 +12,12 @@ ConstraintViolation instead of a quietly wrong answer.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from .errors import ConstraintViolation, SchemaError
+
+log = logging.getLogger("edge_qwen.json")
 
 # Validation keywords llguidance 1.9.1 does not turn into grammar (it answers
 # "Unimplemented keys" for them); listed here so the error can name every place at once.
@@ -117,6 +120,59 @@ def check_depth(schema: Any, param: str = "response_format", limit: int = MAX_SC
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
+MAX_EXPANDED_NODES = 20_000  # subschemas visited with local $refs expanded
+MAX_REF_CHAIN = 100  # $refs followed one inside another
+
+
+def _resolve_local(root: Any, ref: str) -> Any:
+    """The subschema a local "#/a/b" (or "#") $ref points at, or None."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None  # an anchor or a remote reference: not followed here
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def check_expansion(schema: Any, param: str = "response_format") -> None:
+    """Raise SchemaError when the schema's local $refs expand into more work than a request may cost.
+
+    A small schema can describe exponential work: each level an allOf of two $refs to the next
+    doubles what a validator must visit; a chain of hundreds of $refs nests that deep. Recursion
+    (a $ref already being expanded on the path) is not followed again, so recursive schemas pass.
+    """
+    stack: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+    visited = 0
+    while stack:
+        node, active = stack.pop()
+        visited += 1
+        if visited > MAX_EXPANDED_NODES:
+            raise SchemaError(f"{param}: the JSON schema's $refs expand to more than {MAX_EXPANDED_NODES} "
+                              "subschemas (e.g. allOf of several $refs, level after level); simplify it", param=param)
+        if isinstance(node, list):
+            stack.extend((v, active) for v in node if isinstance(v, (dict, list)))
+            continue
+        if not isinstance(node, dict):
+            continue
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref not in active:
+            if len(active) >= MAX_REF_CHAIN:
+                raise SchemaError(f"{param}: the JSON schema chains more than {MAX_REF_CHAIN} $refs one inside "
+                                  "another; flatten it", param=param)
+            target = _resolve_local(schema, ref)
+            if isinstance(target, (dict, list)):
+                stack.append((target, active + (ref,)))
+        stack.extend((v, active) for k, v in node.items() if k != "$ref" and isinstance(v, (dict, list)))
+
+
 def check_schema(schema: Any, param: str = "response_format") -> dict:
     """Check that `schema` is a valid JSON schema the engine can enforce; return it ready to compile.
 
@@ -132,6 +188,7 @@ def check_schema(schema: Any, param: str = "response_format") -> dict:
             param=param,
         )
     check_depth(schema, param)
+    check_expansion(schema, param)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
@@ -161,6 +218,18 @@ def check_schema(schema: Any, param: str = "response_format") -> dict:
     return _strip_noops(schema)
 
 
+def engine_limit(message: str, param: str = "response_format") -> SchemaError:
+    """An llguidance failure while generating (a size or lexer limit hit by this schema) as a 400.
+
+    The engine's message carries its whole state; only its first line is shown, the rest is logged.
+    """
+    log.info("JSON engine failure: %s", message)
+    first = (message.strip().splitlines() or ["unknown error"])[0][:200]
+    return SchemaError(f"{param}: the JSON engine hit a limit on this schema while generating ({first}); "
+                       "simplify the schema (fewer optional properties or anyOf branches, simpler patterns)",
+                       param=param)
+
+
 def engine_error(message: str, param: str = "response_format") -> SchemaError:
     """Turn an llguidance grammar error into a SchemaError with advice the user can act on."""
     text = " ".join(message.split())
@@ -188,7 +257,13 @@ def validate_output(text: str, schema: dict | None) -> Any:
         return value
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
-    error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    try:
+        error = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    except RecursionError:
+        # Output nested deeper than Python's validator can follow (a recursive schema): the grammar
+        # produced it, so it stands; only this second check is skipped.
+        log.warning("skipped re-validating constrained output: nested too deeply for jsonschema")
+        return value
     if error is not None:
         where = _pointer([str(p) for p in error.absolute_path])
         raise ConstraintViolation(

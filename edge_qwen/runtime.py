@@ -110,6 +110,7 @@ class EdgeQwen:
         self.reuse_prefix = bool(reuse_prefix)
         self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
         self._pieces = TokenPieces(self.llama)
+        self._controls: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
@@ -153,16 +154,39 @@ class EdgeQwen:
         return ids
 
     def _spells_control(self, content: Any) -> bool:
-        return (isinstance(content, str) and "<" in content
-                and self.tokenize(content) != self.tokenize(content, special=False))
+        # A substring search: tokenizing with special=True to find out is quadratic in the number
+        # of control-token spellings (80,000 of them took 49 s).
+        return isinstance(content, str) and any(t in content for t in self._control_texts())
+
+    def _control_texts(self) -> tuple[str, ...]:
+        """The texts of the vocabulary's control tokens (<|im_start|>, <|endoftext|>, ...), found once."""
+        if self._controls is None:
+            import ctypes
+
+            import llama_cpp
+
+            vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+            buf = ctypes.create_string_buffer(256)
+            texts = set()
+            for t in range(self.llama.n_vocab()):
+                if llama_cpp.llama_vocab_is_control(vocab, t):
+                    n = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+                    text = buf.raw[:max(n, 0)].decode("utf-8", errors="ignore")
+                    if text:
+                        texts.add(text)
+            self._controls = tuple(sorted(texts))
+        return self._controls
 
     # -- generation -------------------------------------------------------------------------
-    def fit_messages(self, messages: Any, max_tokens: int = 1024) -> tuple[list[dict], list[int]]:
+    def fit_messages(self, messages: Any, max_tokens: int | None = 1024) -> tuple[list[dict], list[int]]:
         """The messages that will be sent and their prompt tokens, under the context_overflow policy.
 
         Raises ContextOverflowError naming the sizes when prompt + max_tokens exceeds n_ctx (with
         "truncate_middle": only when even the system prompt plus the last message do not fit).
+        `max_tokens=None` (left out by the caller) asks only for room for one token.
         """
+        given = max_tokens
+        max_tokens = 1 if max_tokens is None else max_tokens
         msgs = validate_messages(messages)
         tokens = self.prompt_tokens(msgs)
         if len(tokens) + max_tokens <= self.n_ctx:
@@ -175,35 +199,39 @@ class EdgeQwen:
                 tokens = self.prompt_tokens(kept)
                 if len(tokens) + max_tokens <= self.n_ctx:
                     return kept, tokens
+        sizes = (f"the prompt alone is {len(tokens)} tokens, which leaves no room in the context window "
+                 f"n_ctx={self.n_ctx}" if given is None else
+                 f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
+                 f"> the context window n_ctx={self.n_ctx}")
         err = ContextOverflowError(
-            f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
-            f"> the context window n_ctx={self.n_ctx}; shorten the messages, lower max_tokens, load the model "
+            f"{sizes}; shorten the messages{'' if given is None else ', lower max_tokens'}, load the model "
             f"with a larger n_ctx (up to {self.n_ctx_train})"
             + ("" if self.context_overflow == "truncate_middle" else " or use context_overflow='truncate_middle'"),
             param="max_tokens" if max_tokens >= self.n_ctx else "messages")
-        err.sizes = (len(tokens), max_tokens, self.n_ctx, self.n_ctx_train)  # for callers that word it their way
+        err.sizes = (len(tokens), given, self.n_ctx, self.n_ctx_train)  # for callers that word it their way
         raise err
 
     def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9,
                  max_tokens: int | None = DEFAULT_MAX_TOKENS,
                  stop: str | list[str] | None = None, seed: int | None = None,
                  response_format: dict | None = None, cancel: threading.Event | None = None,
-                 blocking: bool = True, reuse_prefix: bool | None = None) -> Iterator[GenerationChunk]:
+                 blocking: bool = True, reuse_prefix: bool | None = None,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
         starts on the first `next()`: it waits for a running generation to end (or raises
         BusyError when `blocking=False`) and holds the model until the iterator is exhausted
         or closed. Setting `cancel` ends it with finish_reason "cancelled". `max_tokens=None`
-        means the default (1024) or the room the prompt leaves in n_ctx, whichever is less. `reuse_prefix`
+        means `default_max_tokens` (1024) or the room the prompt leaves in n_ctx, whichever is less. `reuse_prefix`
         (None: the instance's setting) keeps the KV cache of the prefix shared with the last call;
         False evaluates the prompt afresh, which reproduces a seeded or greedy answer bit for bit.
         """
         self._check_open()
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
-        _, prompt = self.fit_messages(messages, 1 if max_tokens is None else max_tokens)
+        _, prompt = self.fit_messages(messages, max_tokens)
         if max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=min(DEFAULT_MAX_TOKENS, self.n_ctx - len(prompt)))
+            params = dataclasses.replace(params, max_tokens=min(default_max_tokens, self.n_ctx - len(prompt)))
         constraint = self._constraint(response_format)
         if constraint is not None and params.stop:
             # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
@@ -247,7 +275,8 @@ class EdgeQwen:
              max_tokens: int | None = DEFAULT_MAX_TOKENS,
              stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
              response_format: dict | None = None, cancel: threading.Event | None = None,
-             blocking: bool = True, reuse_prefix: bool | None = None) -> dict | Iterator[dict]:
+             blocking: bool = True, reuse_prefix: bool | None = None,
+             default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
@@ -255,7 +284,7 @@ class EdgeQwen:
         """
         gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
-                            reuse_prefix=reuse_prefix)
+                            reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
             return self._stream(gen, cid, created)

@@ -41,7 +41,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api_errors import error_body, error_body_of
+from .api_errors import api_key_problem, error_body, error_body_of
 from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
 from .server_schemas import (
     BodyLimit,
@@ -264,12 +264,10 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     requests with a `seed` (see the module docstring). `cors_origins` lets web pages from those
     origins ("*" for any) call the API from a browser. Extra keyword arguments go to EdgeQwen.
     """
-    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and api_key.strip() == api_key
-                                    and api_key):
+    if api_key is not None and api_key_problem(api_key):
         from .errors import RequestError
 
-        raise RequestError("the API key must be non-empty printable ASCII without surrounding spaces (HTTP headers "
-                           "carry nothing else reliably); choose another key", param="api_key")
+        raise RequestError(f"{api_key_problem(api_key)}; choose another key", param="api_key")
     table = dict(models) if models else model_table()
     registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
     if preload:
@@ -327,10 +325,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         sizes = getattr(exc, "sizes", None)
         if isinstance(exc, ContextOverflowError) and sizes:  # advice an HTTP client can act on
             prompt, wanted, n_ctx, n_train = sizes
-            body["error"]["message"] = (
-                f"the prompt is {prompt} tokens and max_tokens is {wanted}: {prompt + wanted} > this server's "
-                f"context window of {n_ctx} tokens; shorten the messages or lower max_tokens (the server can be "
-                f"started with a larger window, `edge-qwen serve --ctx N`, up to {n_train})")
+            what = (f"the prompt alone is {prompt} tokens, which leaves no room in this server's context window of "
+                    f"{n_ctx} tokens; shorten the messages" if wanted is None else
+                    f"the prompt is {prompt} tokens and max_tokens is {wanted}: {prompt + wanted} > this server's "
+                    f"context window of {n_ctx} tokens; shorten the messages or lower max_tokens")
+            body["error"]["message"] = (f"{what} (the server can be started with a larger window, "
+                                        f"`edge-qwen serve --ctx N`, up to {n_train})")
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -354,14 +354,15 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     async def complete(request: Request, body: ChatRequest) -> Any:
         slot = registry.get(body.model)
         max_tokens = body.limit()  # None: the default, within the room the prompt leaves
+        default = DEFAULT_MAX_TOKENS
         if max_tokens_limit is not None:
+            default = min(default, max_tokens_limit)
             if max_tokens is not None:
                 max_tokens = min(max_tokens, max_tokens_limit)
-            elif max_tokens_limit < DEFAULT_MAX_TOKENS:
-                max_tokens = max_tokens_limit
         kwargs = body.runtime_kwargs()
         messages = kwargs.pop("messages")
-        kwargs.update(max_tokens=max_tokens, reuse_prefix=prompt_cache and body.seed is None)
+        kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
+                      reuse_prefix=prompt_cache and body.seed is None)
         if closing:
             raise ShuttingDownError("the server is shutting down; retry on another server or once it is back")
         cancel = threading.Event()
@@ -512,7 +513,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
             for name, slot in registry.slots.items()]}
 
-    @app.get("/v1/models/{model_id}", dependencies=deps, summary="One served model (aliases included)")
+    @app.get("/v1/models/{model_id:path}", dependencies=deps, summary="One served model (aliases included)")
     async def get_model(model_id: str) -> dict[str, Any]:
         slot = registry.get(model_id)
         return {"id": model_id, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
@@ -529,22 +530,24 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
 
 def _docs_page(app: FastAPI) -> None:
-    """/docs: the Swagger UI for /openapi.json, served from the swagger-ui-bundle package (offline)."""
+    """/docs: Swagger UI 5 for /openapi.json (OpenAPI 3.1), its files from the fastapi-offline package: no CDN."""
     try:
-        from swagger_ui_bundle import swagger_ui_path
+        from importlib.resources import files
+
+        static = files("fastapi_offline") / "static"
     except ImportError:  # the schema itself is still served
         return
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
 
-    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    app.mount("/docs-assets", StaticFiles(directory=str(static)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Any:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="edge-qwen API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs-assets/favicon.png")
 
 
 def _uvicorn_server(config: Any) -> Any:

@@ -162,8 +162,10 @@ class _Unsupported(BaseModel):
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: must be empty or absent.")
     tool_choice: Any = Field(default=None, description='Not supported: absent, null or "none".')
     logprobs: bool | None = Field(default=None, description="Not supported: must be false or absent.")
+    functions: list[dict[str, Any]] | None = Field(default=None, description="Legacy function calling: not supported.")
+    function_call: Any = Field(default=None, description='Legacy function calling: not supported (absent or "none").')
 
-    @field_validator("tools")
+    @field_validator("tools", "functions")
     @classmethod
     def _tools(cls, v: Any) -> Any:
         if v:
@@ -171,7 +173,7 @@ class _Unsupported(BaseModel):
                              "tools, or describe the function in a system message and use response_format for JSON")
         return v
 
-    @field_validator("tool_choice")
+    @field_validator("tool_choice", "function_call")
     @classmethod
     def _tool_choice(cls, v: Any) -> Any:
         if v not in (None, "none"):
@@ -374,7 +376,8 @@ def validation_error_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
         message = f"request body is not valid JSON ({first.get('msg')}); send a JSON object"
         param, code = None, "invalid_json"
     else:
-        message = f"{param or 'body'}: {first.get('msg')}"
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{param or 'body'}: {msg}"
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         code = "invalid_request"

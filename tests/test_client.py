@@ -276,3 +276,9 @@ def test_a_server_that_is_not_edge_qwen(html_server):
                 call()
             assert e.value.status == 200 and e.value.code == "bad_response"
             assert "not an edge-qwen server" in e.value.message
+
+
+def test_http_client_refuses_a_key_headers_cannot_carry():
+    with pytest.raises(QwenAPIError) as e:
+        QwenClient(base_url="http://127.0.0.1:9", api_key="s3crét")
+    assert e.value.status == 400 and e.value.body["error"]["param"] == "api_key"

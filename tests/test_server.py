@@ -195,6 +195,19 @@ BAD = [
     ("float max_tokens", json.dumps({"messages": ask("x"), "max_tokens": 2.0}).encode(), 400, "invalid_request"),
     ("bool as string", json.dumps({"messages": ask("x"), "stream": "yes"}).encode(), 400, "invalid_request"),
     ("NaN", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_request"),
+    ("schema $refs explode", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/$defs/d0", "$defs": {
+            **{f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 2} for i in range(20)},
+            "d20": {"type": "integer"}}}}}}).encode(), 400, "invalid_schema"),
+    ("schema $ref chain", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/$defs/d0", "$defs": {
+            **{f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(150)}, "d150": {"type": "integer"}}}}}}).encode(),
+     400, "invalid_schema"),
+    ("schema beyond the engine", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema",
+        "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a{1000000}$"}}}}).encode(),
+     400, "invalid_schema"),
+    ("legacy functions", json.dumps({"messages": ask("x"), "functions": [{"name": "f"}]}).encode(), 400,
+     "invalid_request"),
     ("tools", json.dumps({"messages": ask("x"), "tools": [{"type": "function", "function": {"name": "f"}}]}).encode(),
      400, "invalid_request"),
     ("logprobs", json.dumps({"messages": ask("x"), "logprobs": True}).encode(), 400, "invalid_request"),
@@ -270,7 +283,8 @@ def test_internal_error_is_openai_shaped_and_keeps_the_connection(llm):
 def test_left_out_max_tokens_fits_the_room_left(default_model):
     from edge_qwen import EdgeQwen
 
-    with EdgeQwen(default_model, n_ctx=256) as small, ServerThread(create_app({"qwen2.5": small})) as url, \
+    with EdgeQwen(default_model, n_ctx=256) as small, \
+            ServerThread(create_app({"qwen2.5": small, "Org/Qwen-0.5B": small}, max_tokens_limit=200)) as url, \
             httpx.Client(base_url=url, timeout=120) as c:
         msgs = ask("Continue this list: " + ", ".join(str(i) for i in range(1, 40)))
         room = small.n_ctx - len(small.prompt_tokens(msgs))
@@ -281,6 +295,10 @@ def test_left_out_max_tokens_fits_the_room_left(default_model):
                            "context_length_exceeded")
         assert "--ctx" in err["message"] and "truncate_middle" not in err["message"]
         assert c.head("/health").status_code == 200
+        assert c.get("/v1/models/Org/Qwen-0.5B").json()["id"] == "Org/Qwen-0.5B"  # HF-style names with a slash
+        long = ask("Continue this list: " + ", ".join(str(i) for i in range(1, 200)))
+        err = assert_error(c.post("/v1/chat/completions", json={"messages": long}), 400, "context_length_exceeded")
+        assert "the prompt alone is" in err["message"] and "max_tokens" not in err["message"]
 
 
 def test_cors_origins(llm):
