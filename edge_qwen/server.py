@@ -493,6 +493,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             for ops in schema.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):  # only the dropped 422s used them
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
             app.openapi_schema = schema
         return app.openapi_schema
 
