@@ -80,21 +80,32 @@ class TokenPieces:
         self._buf = ctypes.create_string_buffer(256)
         self._cache: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
+        self._controls: tuple[str, ...] | None = None
         self._lock = threading.Lock()
 
     def piece(self, token: int) -> bytes:
         b = self._cache.get(token)
         if b is None:
-            with self._lock:  # the shared ctypes buffer must not be used by two threads at once
-                n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, False)
-                if n < 0:  # piece longer than the buffer: ask again with the size llama.cpp gave
-                    big = ctypes.create_string_buffer(-n)
-                    n = self._llama_cpp.llama_token_to_piece(self.vocab, token, big, -n, 0, False)
-                    b = big.raw[:n]
-                else:
-                    b = self._buf.raw[:n]
-            self._cache[token] = b
+            b = self._cache[token] = self._to_piece(token, special=False)
         return b
+
+    def _to_piece(self, token: int, special: bool) -> bytes:
+        with self._lock:  # the shared ctypes buffer must not be used by two threads at once
+            n = self._llama_cpp.llama_token_to_piece(self.vocab, token, self._buf, len(self._buf), 0, special)
+            if n < 0:  # piece longer than the buffer: ask again with the size llama.cpp gave
+                big = ctypes.create_string_buffer(-n)
+                n = self._llama_cpp.llama_token_to_piece(self.vocab, token, big, -n, 0, special)
+                return big.raw[:n]
+            return self._buf.raw[:n]
+
+    def control_texts(self) -> tuple[str, ...]:
+        """The texts of the vocabulary's control tokens (<|im_start|>, <|endoftext|>, ...), found once."""
+        if self._controls is None:
+            ids = (t for t in range(self._llama_cpp.llama_vocab_n_tokens(self.vocab))
+                   if self._llama_cpp.llama_vocab_is_control(self.vocab, t))
+            texts = {self._to_piece(t, special=True).decode("utf-8", errors="ignore") for t in ids}
+            self._controls = tuple(sorted(t for t in texts if t))
+        return self._controls
 
     def is_eog(self, token: int) -> bool:
         e = self._eog.get(token)

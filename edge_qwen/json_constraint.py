@@ -183,25 +183,29 @@ class JsonConstraint:
         self._n_vocab = tables.n_vocab
         self._eos = tables.eos
         self._bitmask = np.full((1, (tables.n_vocab + 31) // 32), -1, dtype=np.int32)
+        self._mask_ready = False  # the bitmask already holds the next token's mask (see check_start)
         self.sampled_tokens = 0
         self.forced_tokens = 0
 
-    def check_start(self) -> None:
-        """Compute the first token mask once: raise SchemaError if the engine fails on this schema."""
+    def _fill_mask(self) -> None:
+        """Compute the bitmask of the tokens allowed next (SchemaError if the engine fails on this schema)."""
         from llguidance.numpy import fill_next_token_bitmask
 
         fill_next_token_bitmask(self._matcher, self._bitmask)
         if self._matcher.is_error():
             raise engine_limit(self._matcher.get_error())
+
+    def check_start(self) -> None:
+        """Compute the first token's mask now, before the prompt runs; the first mask_logits reuses it."""
+        self._fill_mask()
+        self._mask_ready = True
 
     def mask_logits(self, logits: Any) -> None:
         """Set the logits of tokens the grammar does not allow next to -inf, in place."""
-        from llguidance.numpy import fill_next_token_bitmask
-
         np = self._np
-        fill_next_token_bitmask(self._matcher, self._bitmask)
-        if self._matcher.is_error():
-            raise engine_limit(self._matcher.get_error())
+        if not self._mask_ready:
+            self._fill_mask()
+        self._mask_ready = False
         n = min(len(logits), self._n_vocab)
         # One bit per token, little-endian within each 32-bit word: unpack to a bool per token.
         allowed = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:n].view(bool)
@@ -211,6 +215,7 @@ class JsonConstraint:
 
     def commit(self, token_id: int) -> list[int]:
         """Record the sampled token; return the tokens the grammar forces next (already recorded)."""
+        self._mask_ready = False  # the grammar state moves on: the next mask is a new one
         m = self._matcher
         if not m.consume_token(int(token_id)):
             if m.is_error() and m.get_error():  # the engine failed on this schema, not on a bad token

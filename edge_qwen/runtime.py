@@ -110,7 +110,6 @@ class EdgeQwen:
         self.reuse_prefix = bool(reuse_prefix)
         self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
         self._pieces = TokenPieces(self.llama)
-        self._controls: tuple[str, ...] | None = None
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._closed = False
@@ -156,26 +155,7 @@ class EdgeQwen:
     def _spells_control(self, content: Any) -> bool:
         # A substring search: tokenizing with special=True to find out is quadratic in the number
         # of control-token spellings (80,000 of them took 49 s).
-        return isinstance(content, str) and any(t in content for t in self._control_texts())
-
-    def _control_texts(self) -> tuple[str, ...]:
-        """The texts of the vocabulary's control tokens (<|im_start|>, <|endoftext|>, ...), found once."""
-        if self._controls is None:
-            import ctypes
-
-            import llama_cpp
-
-            vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
-            buf = ctypes.create_string_buffer(256)
-            texts = set()
-            for t in range(self.llama.n_vocab()):
-                if llama_cpp.llama_vocab_is_control(vocab, t):
-                    n = llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
-                    text = buf.raw[:max(n, 0)].decode("utf-8", errors="ignore")
-                    if text:
-                        texts.add(text)
-            self._controls = tuple(sorted(texts))
-        return self._controls
+        return isinstance(content, str) and any(t in content for t in self._pieces.control_texts())
 
     # -- generation -------------------------------------------------------------------------
     def fit_messages(self, messages: Any, max_tokens: int | None = 1024) -> tuple[list[dict], list[int]]:

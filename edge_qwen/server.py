@@ -44,10 +44,12 @@ from . import __version__
 from .api_errors import api_key_problem, error_body, error_body_of
 from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
 from .server_schemas import (
+    DEFAULT_MAX_TOKENS,
     BodyLimit,
     ChatRequest,
     ErrorBody,
     QwenPredictRequest,
+    send_error,
     validation_error,
 )
 
@@ -56,7 +58,6 @@ log = logging.getLogger("edge_qwen.server")
 DEFAULT_NAME = "qwen2.5"
 DEFAULT_MAX_QUEUE = 16
 DEFAULT_MAX_BODY = 1_000_000
-DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default, when a request leaves max_tokens out
 RETRY_AFTER_S = 2
 
 
@@ -77,6 +78,9 @@ class ShuttingDownError(BusyError):
     """The server is stopping: requests still waiting are turned away."""
 
     code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another server or once it is back")
 
 
 def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
@@ -240,13 +244,9 @@ class _InternalErrors:
             await self.app(scope, receive, tracked)
         except Exception as exc:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                return
-            body = json.dumps(error_body(f"internal server error ({type(exc).__name__}); see the server log",
-                                         type="server_error", code="internal_error")).encode()
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            if not started:
+                await send_error(send, 500, error_body(f"internal server error ({type(exc).__name__}); see the "
+                                                       "server log", type="server_error", code="internal_error"))
 
 
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
@@ -364,7 +364,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
                       reuse_prefix=prompt_cache and body.seed is None)
         if closing:
-            raise ShuttingDownError("the server is shutting down; retry on another server or once it is back")
+            raise ShuttingDownError
         cancel = threading.Event()
         waiter = asyncio.ensure_future(slot.acquire())
         live[cancel] = waiter
@@ -381,8 +381,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             left = cancel.is_set()  # set by the disconnect watcher or by begin_shutdown, before they cancel
             done()
             if closing:
-                raise ShuttingDownError("the server is shutting down; retry on another server or once it is back") \
-                    from None
+                raise ShuttingDownError from None
             if left:
                 return Response(status_code=499)  # the client left while queued: no one reads this answer
             raise
@@ -509,16 +508,16 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     async def qwen_predict(request: Request, body: QwenPredictRequest) -> Any:
         return await complete(request, body.to_chat())
 
+    def card(name: str, slot: _Slot) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
+
     @app.get("/v1/models", dependencies=deps, summary="Served models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
-            for name, slot in registry.slots.items()]}
+        return {"object": "list", "data": [card(name, slot) for name, slot in registry.slots.items()]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=deps, summary="One served model (aliases included)")
     async def get_model(model_id: str) -> dict[str, Any]:
-        slot = registry.get(model_id)
-        return {"id": model_id, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
+        return card(model_id, registry.get(model_id))
 
     _docs_page(app)
 
@@ -634,8 +633,8 @@ class ServerThread:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))  # port 0: the OS picks a free port, no race with other tests
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = _uvicorn_server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3,
-                                                                  lifespan="off"))
+        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3, lifespan="off")
+        self.server = _uvicorn_server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edge-qwen-uvicorn", daemon=True)
 

@@ -19,11 +19,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .api_errors import error_body
+from .runtime import DEFAULT_MAX_TOKENS
 
 # The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 0.9
-DEFAULT_MAX_TOKENS = 1024
 
 # Unknown fields are ignored; known fields take their JSON type only ("2" is not a number, 1 is not
 # true, 2.0 is not an integer), and NaN/Infinity are refused.
@@ -206,6 +206,7 @@ class ChatRequest(_Unsupported):
     seed: int | None = Seed
     n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is generated.")
     response_format: ResponseFormat | None = None
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Stop) -> Stop:
@@ -299,6 +300,14 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+async def send_error(send: Any, status: int, body: dict[str, Any]) -> None:
+    """Answer an error body as JSON straight through ASGI `send` (for middleware, below the app's handlers)."""
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
 class BodyLimit:
     """ASGI middleware in front of every POST: a body over `limit` bytes is answered 413 before
     any parsing, a body that is not UTF-8 is 400, and the body is read as JSON whatever its
@@ -308,15 +317,9 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def _reject(self, send: Any, size: str) -> None:
-        await self._answer(send, 413, f"request body of {size} bytes is over this server's limit of {self.limit} "
-                                      "bytes (serve --max-body); send a shorter request", "request_too_large")
-
-    @staticmethod
-    async def _answer(send: Any, status: int, message: str, code: str) -> None:
-        body = json.dumps(error_body(message, param=None, code=code)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, error_body(f"request body of {size} bytes is over this server's limit of "
+                                               f"{self.limit} bytes (serve --max-body); send a shorter request",
+                                               code="request_too_large"))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -340,8 +343,8 @@ class BodyLimit:
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
-            return await self._answer(send, 400, f"request body is not UTF-8 (bad byte at offset {e.start}); "
-                                                 "send JSON encoded as UTF-8", "invalid_json")
+            return await send_error(send, 400, error_body(f"request body is not UTF-8 (bad byte at offset {e.start}); "
+                                                          "send JSON encoded as UTF-8", code="invalid_json"))
         headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
         scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         replayed = False
