@@ -1,4 +1,4 @@
-"""Peak memory of `edge_qwen.convert.convert`: it must stream, not load the model.
+"""Peak memory of `edge_qwen.convert.writer.convert`: it must stream, not load the model.
 
 Two checkpoints: the real 0.5B model rebuilt as f16 (largest tensor: the 151936x896 embedding),
 and a synthetic bf16 checkpoint with 7B-sized tensors (a 152064x3584 embedding, 18944x3584 FFN
@@ -27,15 +27,15 @@ MB = 1 << 20
 _PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
 _CHILD = """
 import json, sys, time
-from edge_qwen.convert import convert
-from edge_qwen.checkpoint import open_checkpoint
+from edge_qwen.convert.writer import convert
+from edge_qwen.convert.checkpoint import open_checkpoint
 t = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], outtype=sys.argv[3], force=True, quiet=True)
 seconds = time.perf_counter() - t
 print(json.dumps({"peak_rss": PEAK, "seconds": seconds,
                   "largest": open_checkpoint(sys.argv[1]).largest_tensor_bytes}))
 """.replace("PEAK", _PEAK)
-_BASELINE = f"import json, numpy, gguf, edge_qwen.convert; print(json.dumps({{'peak_rss': {_PEAK}}}))"
+_BASELINE = f"import json, numpy, gguf, edge_qwen.convert.writer; print(json.dumps({{'peak_rss': {_PEAK}}}))"
 
 
 def measure(src: Path, out: Path, outtype: str = "f16") -> dict:
@@ -56,7 +56,7 @@ def make_7b_sized(folder: Path, tokenizer_from: Path | None = None) -> Path:
     """A bf16 Qwen2 checkpoint with 7B-sized tensors (one block, tied embedding), ~1.6 GB on disk."""
     import numpy as np
 
-    from edge_qwen.checkpoint import expected_tensors
+    from edge_qwen.convert.checkpoint import expected_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
@@ -93,7 +93,7 @@ def make_7b_sized(folder: Path, tokenizer_from: Path | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def default_checkpoint():
-    from edge_qwen.rebuild import default_checkpoint
+    from edge_qwen.convert.rebuild import default_checkpoint
 
     return default_checkpoint(quiet=True)
 
@@ -125,7 +125,7 @@ def test_convert_memory_7b_sized(benchmark, big_checkpoint, tmp_path):
 
 
 if __name__ == "__main__":
-    from edge_qwen.rebuild import default_checkpoint as _default
+    from edge_qwen.convert.rebuild import default_checkpoint as _default
 
     ckpt = _default(quiet=False)
     with tempfile.TemporaryDirectory() as tmp:

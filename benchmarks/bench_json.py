@@ -72,8 +72,8 @@ def _messages(prompt: str) -> list[dict]:
 
 def ours(llm, prompt: str, schema: dict | None, fast_forward: bool = True) -> dict:
     """One greedy generation through the shared decode loop; tokens, generation seconds, text."""
-    from edge_qwen.generate import SamplingParams, decode
-    from edge_qwen.json_constraint import make_constraint
+    from edge_qwen.engine.generate import SamplingParams, decode
+    from edge_qwen.engine.json_constraint import make_constraint
 
     llm.llama.reset()  # no KV reuse: every side evaluates the whole prompt
     prompt_ids = llm.tokenize(llm.render(_messages(prompt)))
@@ -155,7 +155,7 @@ RATIOS = [
 
 def setup_times(llm, n: int = 50) -> dict:
     """make_constraint milliseconds: a schema seen for the first time, and a repeated one."""
-    from edge_qwen.json_constraint import make_constraint
+    from edge_qwen.engine.json_constraint import make_constraint
 
     make_constraint(llm, {"type": "json_object"})  # tokenizer tables built once per model
     cold = []
@@ -217,7 +217,7 @@ def test_ratios(benchmark, llm):
 
 
 def test_grammar_setup_new_schema(benchmark, llm):
-    from edge_qwen.json_constraint import make_constraint
+    from edge_qwen.engine.json_constraint import make_constraint
 
     make_constraint(llm, {"type": "json_object"})
     counter = iter(range(10**9))
@@ -230,7 +230,7 @@ def test_grammar_setup_new_schema(benchmark, llm):
 
 
 def test_grammar_setup_cached_schema(benchmark, llm):
-    from edge_qwen.json_constraint import make_constraint
+    from edge_qwen.engine.json_constraint import make_constraint
 
     benchmark(make_constraint, llm, {"type": "json_object", "schema": RECORD_SCHEMA})
 

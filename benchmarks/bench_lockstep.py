@@ -25,7 +25,7 @@ ROUNDS = int(os.environ.get("EDGE_QWEN_BENCH_ROUNDS", "3"))
 
 
 def load(path):
-    from edge_qwen.evaluate import LogitsModel, chunk_tokens, default_corpus
+    from edge_qwen.bench.evaluate import LogitsModel, chunk_tokens, default_corpus
 
     ref, test = LogitsModel(path, N_CTX), LogitsModel(path, N_CTX)
     chunks = chunk_tokens(ref.tokenize(default_corpus()), N_CTX, N_CHUNKS)
@@ -39,7 +39,7 @@ def decode_only(ref, test, chunks) -> None:
 
 
 def lockstep(ref, test, chunks) -> None:
-    from edge_qwen.evaluate import compare_logits
+    from edge_qwen.bench.evaluate import compare_logits
 
     for c in chunks:
         lr = ref.logits(c, N_CTX // 2)[:-1]

@@ -56,7 +56,7 @@ def direct(src: Path, dest: Path, qtype: str) -> None:
     """llama.cpp's quantizer as a user of llama-cpp-python calls it."""
     import llama_cpp
 
-    from edge_qwen.quant_types import quant_type
+    from edge_qwen.quant.types import quant_type
 
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype, p.nthread = quant_type(qtype).ftype, os.cpu_count() or 1
@@ -65,14 +65,14 @@ def direct(src: Path, dest: Path, qtype: str) -> None:
 
 
 def ours(src: Path, dest: Path, qtype: str) -> None:
-    from edge_qwen.quantize import quantize
+    from edge_qwen.quant.quantize import quantize
 
     quantize(src, dest, qtype, quiet=True, force=True)
     dest.unlink()
 
 
 def cold(src: Path, dest: Path, qtype: str) -> None:
-    from edge_qwen.quant_provenance import forget_sha256
+    from edge_qwen.quant.provenance import forget_sha256
 
     forget_sha256(src)  # as the first time this file is quantized: the 1.2 GB source is hashed
     ours(src, dest, qtype)

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from edge_qwen.bench import DEFAULT_TYPES, run_sweep
-from edge_qwen.convert import convert
-from edge_qwen.rebuild import rebuild_checkpoint
+from edge_qwen.bench.sweep import DEFAULT_TYPES, run_sweep
+from edge_qwen.convert.writer import convert
+from edge_qwen.convert.rebuild import rebuild_checkpoint
 from edge_qwen.store import default_model_path
 
 NAME = "qwen2.5-coder-0.5b-instruct"

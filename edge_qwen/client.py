@@ -7,7 +7,7 @@
 
 The two modes behave the same. Both first check that the request can be sent as JSON (no NaN,
 no lone surrogate, no object JSON cannot carry). The in-process mode then validates the
-JSON-decoded request with the server's own request schema (edge_qwen.server_schemas), so it
+JSON-decoded request with the server's own request schema (edge_qwen.serve.protocol), so it
 accepts and refuses exactly what `edge-qwen serve` accepts and refuses. It answers the same
 model names and returns the same dicts (chunk dicts when streaming), with the same `models()`
 list and the same `health()` shape as a server that serves one model as "qwen2.5".
@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .api_errors import QwenAPIError, api_key_problem, encode_request, error_body, error_body_of
+from .serve.api_errors import QwenAPIError, api_key_problem, encode_request, error_body, error_body_of
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 DEFAULT_MODEL_NAME = "qwen2.5"  # the name the server gives the model it serves first
@@ -193,7 +193,7 @@ class QwenClient:
     def _local(self, payload: dict[str, Any]) -> Any:
         from pydantic import ValidationError
 
-        from .server_schemas import ChatRequest, validation_error_body
+        from .serve.protocol import ChatRequest, validation_error_body
 
         try:
             body = ChatRequest.model_validate(payload)

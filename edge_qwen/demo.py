@@ -40,8 +40,8 @@ def run_demo(quiet: bool = False, echo: Callable[[str], None] = print,
     result = {"default_model": str(path)}
 
     # Rebuild a Hugging Face checkpoint from it and convert that back with edge-qwen (once, reused).
-    from .convert import default_f16_gguf
-    from .rebuild import default_checkpoint
+    from .convert.writer import default_f16_gguf
+    from .convert.rebuild import default_checkpoint
 
     ckpt = default_checkpoint(quiet=quiet)
     echo(f"checkpoint rebuilt from it: {ckpt} (f16 safetensors, config, tokenizer)")
@@ -52,7 +52,7 @@ def run_demo(quiet: bool = False, echo: Callable[[str], None] = print,
     result.update(checkpoint=str(ckpt), f16_gguf=str(f16))
 
     # Quantize with an importance matrix computed from the shipped calibration corpus (once, reused).
-    from .quantize import quantize
+    from .quant.quantize import quantize
     from .store import models_dir
 
     # "-imat-" keeps it apart from the original Q4_K_M default model in the same folder.

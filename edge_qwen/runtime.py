@@ -1,7 +1,7 @@
 """EdgeQwen: load a Qwen2.5 GGUF once, chat with it many times, from any thread.
 
 The model file is checked before llama.cpp sees it; messages go through the chat template
-stored in the GGUF; generation is the one decode loop in `edge_qwen.generate`. One
+stored in the GGUF; generation is the one decode loop in `edge_qwen.engine.generate`. One
 generation runs at a time per EdgeQwen (a lock held for the whole generation, including
 while a stream is consumed), so calls from several threads are serialized, never interleaved.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 from .chat_template import render_chat, validate_messages
 from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
-from .generate import GenerationChunk, SamplingParams, TokenPieces, decode
+from .engine.generate import GenerationChunk, SamplingParams, TokenPieces, decode
 
 OVERFLOW_POLICIES = ("error", "truncate_middle")
 DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default
@@ -227,11 +227,11 @@ class EdgeQwen:
             raise RequestError(f"response_format must be an object like {{'type': 'json_object'}}, "
                                f"got {response_format!r}", param="response_format")
         try:
-            from .json_constraint import make_constraint
+            from .engine.json_constraint import make_constraint
         except ImportError:
             if response_format.get("type") == "text":
                 return None
-            raise RequestError("response_format not supported yet (edge_qwen.json_constraint is missing)",
+            raise RequestError("response_format not supported yet (edge_qwen.engine.json_constraint is missing)",
                                param="response_format") from None
         return make_constraint(self, response_format)
 

@@ -66,7 +66,7 @@ def make_tiny_checkpoint(path: Path, tied: bool = False, dtype: str = "bfloat16"
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from edge_qwen.tokenizer_gguf import QWEN2_SPLIT_REGEX
+    from edge_qwen.convert.tokenizer import QWEN2_SPLIT_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -119,7 +119,7 @@ def rebuilt_checkpoint(default_model, tmp_path_factory):
     """The default model rebuilt as an f16 Hugging Face checkpoint (3 shards, ~1.2 GB), deleted at session end."""
     import shutil
 
-    from edge_qwen.rebuild import rebuild_checkpoint
+    from edge_qwen.convert.rebuild import rebuild_checkpoint
 
     root = tmp_path_factory.mktemp("rebuilt")
     out = rebuild_checkpoint(default_model, root / "qwen2.5-coder-0.5b-instruct", dtype="f16",
@@ -131,7 +131,7 @@ def rebuilt_checkpoint(default_model, tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_f16_gguf(rebuilt_checkpoint, tmp_path_factory):
     """rebuilt_checkpoint converted by edge-qwen to an f16 GGUF (~1.3 GB), deleted at session end."""
-    from edge_qwen.convert import convert
+    from edge_qwen.convert.writer import convert
 
     out = convert(rebuilt_checkpoint, tmp_path_factory.mktemp("f16") / "qwen2.5-coder-0.5b-instruct-f16.gguf",
                   outtype="f16", quiet=True)

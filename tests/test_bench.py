@@ -10,7 +10,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edge_qwen.bench import (BenchError, compute_buffer_bytes, kv_cache_bytes, model_shape, recommend,
+from edge_qwen.bench.sweep import (BenchError, compute_buffer_bytes, kv_cache_bytes, model_shape, recommend,
                              run_sweep)
 from edge_qwen.cli import main
 from edge_qwen.cli._bench import parse_size
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def f16(default_model, tmp_path_factory):
     """An f16 GGUF of the default model (dequantized by llama.cpp's quantizer), deleted afterwards."""
-    from edge_qwen.quantize import quantize
+    from edge_qwen.quant.quantize import quantize
 
     out = tmp_path_factory.mktemp("f16") / "qwen2.5-coder-0.5b-instruct-f16.gguf"
     quantize(default_model, out, qtype="F16", allow_requantize=True, quiet=True)
@@ -100,7 +100,7 @@ def test_resume_measures_only_new_types(sweep, f16, monkeypatch):
         assert after[name] == ns, f"{name} was measured again instead of resumed"
     assert set(after) == {"F16.json", "Q8_0.json", "Q2_K.json", "Q4_K_M.json"}
     # fully resumed: nothing is quantized or measured, the reports are rebuilt from types/*.json
-    import edge_qwen.bench as bench
+    import edge_qwen.bench.sweep as bench
 
     def boom(*a, **k):
         raise AssertionError("a finished type was measured again")
@@ -185,7 +185,7 @@ def test_bad_inputs_are_refused(tmp_path, f16):
 
 
 def test_lockstep_against_itself_is_exact(f16):
-    from edge_qwen.evaluate import evaluate
+    from edge_qwen.bench.evaluate import evaluate
 
     r = evaluate(f16, f16, n_ctx=128, n_chunks=1)
     assert r["kl_max"] == 0.0 and r["same_top"] == 1.0 and r["ppl"] == r["ppl_ref"]

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from edge_qwen.client import QwenAPIError, QwenClient
-from edge_qwen.server import ServerThread, create_app
+from edge_qwen.serve.app import ServerThread, create_app
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_qwen.cli import main
-from edge_qwen.convert import OUTTYPES, convert
+from edge_qwen.convert.writer import OUTTYPES, convert
 
 TEXT = "<|im_start|>user\n你好, def add(a, b): return a + b 🙂🚀 12345 the quick fox<|im_end|>\n<tool_call>"
 
@@ -77,12 +77,12 @@ def test_every_outtype_matches_transformers(tiny_ggufs, hf_tiny, outtype, tol, a
 
 
 def test_tensor_types_and_exact_values(tiny_checkpoint, tiny_ggufs):
-    from edge_qwen.checkpoint import open_checkpoint
+    from edge_qwen.convert.checkpoint import open_checkpoint
     from edge_qwen.gguf_file import check_gguf
 
     import gguf
 
-    from edge_qwen.checkpoint import expected_tensors
+    from edge_qwen.convert.checkpoint import expected_tensors
 
     ckpt = open_checkpoint(tiny_checkpoint)
     files = {t: _gguf_tensors(p) for t, p in tiny_ggufs.items()}

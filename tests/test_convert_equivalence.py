@@ -77,7 +77,7 @@ class TestF32:
 
     @pytest.fixture(scope="class")
     def ours_f32(self, rebuilt_checkpoint, tmp_path_factory):
-        from edge_qwen.convert import convert
+        from edge_qwen.convert.writer import convert
 
         out = convert(rebuilt_checkpoint, tmp_path_factory.mktemp("f32") / "default-f32.gguf", outtype="f32",
                       quiet=True)
@@ -85,7 +85,7 @@ class TestF32:
         out.unlink(missing_ok=True)
 
     def test_every_tensor_roundtrips_exactly(self, original, ours_f32, rebuilt_checkpoint):
-        from edge_qwen.checkpoint import expected_tensors, open_checkpoint
+        from edge_qwen.convert.checkpoint import expected_tensors, open_checkpoint
 
         ckpt = open_checkpoint(rebuilt_checkpoint)
         to_hf = {g: hf for hf, (g, _s) in expected_tensors(ckpt.config).items()}

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from edge_qwen.cli import main
 from edge_qwen.errors import OutputExistsError
 from edge_qwen.gguf_file import read_header
-from edge_qwen.imatrix import (ImatrixError, compute_imatrix, default_calibration_path, imatrix, load_imatrix)
-from edge_qwen.quantize import quantize
+from edge_qwen.quant.imatrix import (ImatrixError, compute_imatrix, default_calibration_path, imatrix, load_imatrix)
+from edge_qwen.quant.quantize import quantize
 
 # Evaluation text for the KL test: written for this test, not part of the calibration corpus.
 EVAL_TEXT = """The harbor town woke slowly on Sunday. Gulls argued over the fish market's leftovers, a baker pulled \
@@ -41,7 +41,7 @@ for real data with quoted fields, use a parser library.<|im_end|>
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_checkpoint, tmp_path_factory) -> Path:
-    from edge_qwen.convert import convert
+    from edge_qwen.convert.writer import convert
 
     return convert(tiny_checkpoint, tmp_path_factory.mktemp("tinyi") / "tiny-f16.gguf", outtype="f16", quiet=True)
 
@@ -197,7 +197,7 @@ def test_imatrix_lowers_kl_divergence(default_f16_gguf, tmp_path):
     Q3_K to Q4_0 (145 tensors; only the 24 ffn_down stay Q3_K); both use the imatrix."""
     from llama_cpp import Llama
 
-    from edge_qwen.metrics import kl_divergence
+    from edge_qwen.bench.metrics import kl_divergence
 
     with_im = quantize(default_f16_gguf, tmp_path / "with.gguf", "Q3_K_S", calibration="default", chunks=2,
                        quiet=True)

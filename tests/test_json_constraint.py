@@ -13,8 +13,8 @@ import jsonschema
 import pytest
 
 from edge_qwen.errors import ConstraintViolation, RequestError, SchemaError
-from edge_qwen.json_constraint import ANY_OBJECT, make_constraint, model_tables, parse_response_format
-from edge_qwen.json_schema_support import check_schema, validate_output
+from edge_qwen.engine.json_constraint import ANY_OBJECT, make_constraint, model_tables, parse_response_format
+from edge_qwen.engine.json_schema import check_schema, validate_output
 
 
 def obj(props: dict, required: list[str] | None = None, **extra) -> dict:

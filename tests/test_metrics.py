@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from edge_qwen import metrics
+from edge_qwen.bench import metrics
 
 
 def test_log_softmax_is_normalised_and_stable():

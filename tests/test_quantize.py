@@ -13,17 +13,17 @@ from edge_qwen.cli import main
 from edge_qwen.errors import EdgeQwenError, ModelFileError, OutputExistsError
 from edge_qwen.files import sha256_file
 from edge_qwen.gguf_file import read_header
-from edge_qwen.imatrix import ImatrixError, compute_imatrix
-from edge_qwen.imatrix_collect import llama_log
-from edge_qwen.quant_types import (ALIASES, QUANT_TYPES, TENSOR_TYPES, QuantTypeError, format_table, quant_type,
+from edge_qwen.quant.imatrix import ImatrixError, compute_imatrix
+from edge_qwen.quant.imatrix_collect import llama_log
+from edge_qwen.quant.types import (ALIASES, QUANT_TYPES, TENSOR_TYPES, QuantTypeError, format_table, quant_type,
                                    quant_types, tensor_type)
-from edge_qwen.quantize import default_output_name, parse_overrides, quantize
+from edge_qwen.quant.quantize import default_output_name, parse_overrides, quantize
 
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny random Qwen2 checkpoint converted by edge-qwen to an f16 GGUF (hidden 256: K-quants apply)."""
-    from edge_qwen.convert import convert
+    from edge_qwen.convert.writer import convert
 
     return convert(tiny_checkpoint, tmp_path_factory.mktemp("tinyq") / "tiny-f16.gguf", outtype="f16", quiet=True)
 
@@ -210,7 +210,7 @@ def test_provenance_keys(tiny_f16, tiny_imatrix, tmp_path):
     assert meta["general.quantize.calibration"] == "default"
     assert meta["quantize.imatrix.file"] == tiny_imatrix.name and meta["quantize.imatrix.chunks_count"] == 2
     assert meta["general.file_type"] == 23
-    from edge_qwen.imatrix import load_imatrix
+    from edge_qwen.quant.imatrix import load_imatrix
 
     mem = load_imatrix(tiny_imatrix)
     mem.path = None  # as if computed in memory and never saved
@@ -283,7 +283,7 @@ def test_requantize_allowed_on_request(default_model):
 
 
 def test_convert_and_quantize_then_inspect(tiny_checkpoint, tmp_path):
-    from edge_qwen.quantize import convert_and_quantize
+    from edge_qwen.quant.quantize import convert_and_quantize
 
     res = convert_and_quantize(tiny_checkpoint, tmp_path, "Q8_0,Q4_K_M", quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-qwen2-q4_k_m.gguf", "tiny-qwen2-q8_0.gguf"]
@@ -298,7 +298,7 @@ def test_source_hash_is_remembered_across_processes(tiny_f16, isolated_home, tmp
     import json
     import os
 
-    from edge_qwen import quant_provenance as prov
+    from edge_qwen.quant import provenance as prov
 
     src = tmp_path / "copy-f16.gguf"
     src.write_bytes(tiny_f16.read_bytes())

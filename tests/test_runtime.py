@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from edge_qwen.cli import main
 from edge_qwen.errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
-from edge_qwen.generate import SamplingParams, StopMatcher, TokenPieces, decode
+from edge_qwen.engine.generate import SamplingParams, StopMatcher, TokenPieces, decode
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 

@@ -19,7 +19,7 @@ import httpx
 import jsonschema
 import pytest
 
-from edge_qwen.server import ServerThread, create_app, model_table
+from edge_qwen.serve.app import ServerThread, create_app, model_table
 
 pytestmark = pytest.mark.slow
 
@@ -149,7 +149,7 @@ def test_qwen_predict_shapes_and_defaults(http):
     assert texts[0] and texts[0] == texts[1] == texts[2]
     assert flat.json()["object"] == "chat.completion" and nested.json()["model"] == "qwen2.5"
     # Qwen defaults: temperature 0.7, top_p 0.9, max_tokens 1024, no stream.
-    from edge_qwen.server_schemas import QwenPredictRequest
+    from edge_qwen.serve.protocol import QwenPredictRequest
 
     d = QwenPredictRequest.model_validate({"messages": ask("x")}).to_chat()
     kw = d.runtime_kwargs()  # max_tokens None: 1024, or the room the prompt leaves if that is less

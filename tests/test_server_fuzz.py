@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from edge_qwen.server import ServerThread, create_app
+from edge_qwen.serve.app import ServerThread, create_app
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""`edge-qwen bench` and `edge-qwen recommend`: thin shells over edge_qwen.bench."""
+"""`edge-qwen bench` and `edge-qwen recommend`: thin shells over edge_qwen.bench.sweep."""
 
 from __future__ import annotations
 
@@ -52,8 +52,8 @@ class SizeType(click.ParamType):
 @quiet_option
 def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, quiet):
     """Quantize F16_GGUF to each type and measure size, speed, memory and quality against it."""
-    from ..bench import DEFAULT_TYPES, QUICK_TYPES, run_sweep
-    from ..bench_report import markdown_table
+    from ..bench.sweep import DEFAULT_TYPES, QUICK_TYPES, run_sweep
+    from ..bench.report import markdown_table
 
     chosen = types or ",".join(QUICK_TYPES if quick else DEFAULT_TYPES)
     rows = run_sweep(f16_gguf, chosen, out_dir, quick=quick, imatrix=imatrix, resume=not no_resume,
@@ -70,7 +70,7 @@ def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, 
 @quiet_option
 def recommend_cmd(source, max_ram, n_ctx, quiet):
     """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF."""
-    from ..bench import recommend
+    from ..bench.sweep import recommend
 
     rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet)
     mb = lambda v: "-" if v is None else f"{v / 1e6:.0f}"  # noqa: E731

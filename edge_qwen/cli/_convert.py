@@ -1,4 +1,4 @@
-"""`edge-qwen convert`, `inspect` and `rebuild`: thin shells over edge_qwen.convert / rebuild."""
+"""`edge-qwen convert`, `inspect` and `rebuild`: thin shells over edge_qwen.convert.writer / rebuild."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix:
     if qtype is None:
         if imatrix or calibration:
             raise click.BadParameter("--imatrix and --calibration need --type", param_hint="--type")
-        from ..convert import convert as run_convert
+        from ..convert.writer import convert as run_convert
 
         path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet)
         if not quiet:
             click.echo(f"wrote {path}")
         return
-    from ..quantize import convert_and_quantize
+    from ..quant.quantize import convert_and_quantize
 
     res = convert_and_quantize(src, out, qtype=qtype, force=force, quiet=quiet,
                                imatrix=imatrix, calibration=calibration)
@@ -53,7 +53,7 @@ def inspect(file: str, as_json: bool) -> None:
     """Show a GGUF file's metadata, tensor types, size, bits per weight and provenance."""
     import json
 
-    from ..convert import inspect_gguf
+    from ..convert.writer import inspect_gguf
 
     info = inspect_gguf(file)
     if as_json:
@@ -79,7 +79,7 @@ def inspect(file: str, as_json: bool) -> None:
 @quiet_option
 def rebuild(gguf_file: str, outdir: str, dtype: str, shard_size: int | None, force: bool, quiet: bool) -> None:
     """Rebuild a Hugging Face checkpoint folder from a qwen2 GGUF (dequantized)."""
-    from ..rebuild import rebuild_checkpoint
+    from ..convert.rebuild import rebuild_checkpoint
 
     path = rebuild_checkpoint(gguf_file, outdir, dtype=dtype, max_shard_bytes=shard_size, force=force, quiet=quiet)
     if not quiet:

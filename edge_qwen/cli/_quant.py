@@ -1,4 +1,4 @@
-"""`edge-qwen quantize` and `edge-qwen imatrix`: thin shells over edge_qwen.quantize / .imatrix."""
+"""`edge-qwen quantize` and `edge-qwen imatrix`: thin shells over edge_qwen.quant.quantize / .imatrix."""
 
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ def quantize_cmd(src, qtype, out, imatrix_file, calibration, chunks, embedding_t
                  overrides, dry_run, allow_requantize, threads, list_types, force, quiet):
     """Quantize the GGUF model SRC (f16/bf16/f32) to one or more llama.cpp types."""
     if list_types:
-        from ..quant_types import format_table
+        from ..quant.types import format_table
 
         click.echo(format_table())
         return
     if not src:
         raise click.UsageError("give the GGUF model to quantize (SRC), or --list to see the types")
-    from ..quantize import quantize
+    from ..quant.quantize import quantize
 
     res = quantize(src, out, qtype, imatrix=imatrix_file, calibration=calibration,
                    embedding_type=embedding_type, output_type=output_type, pure=pure,
@@ -77,7 +77,7 @@ def quantize_cmd(src, qtype, out, imatrix_file, calibration, chunks, embedding_t
 @quiet_option
 def imatrix_cmd(src, calibration, out, chunks, n_ctx, threads, force, quiet):
     """Compute an importance matrix for the GGUF model SRC from calibration text."""
-    from ..imatrix import imatrix
+    from ..quant.imatrix import imatrix
 
     r = imatrix(src, calibration, out, chunks=chunks, n_ctx=n_ctx, n_threads=threads, force=force, quiet=quiet)
     click.echo(f"wrote {r.path}  ({r.entries} tensors, {r.chunks} chunks = {r.tokens} tokens of "

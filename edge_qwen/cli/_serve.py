@@ -1,4 +1,4 @@
-"""`edge-qwen serve`: the OpenAI-compatible and Qwen-shaped HTTP server (edge_qwen.server.serve)."""
+"""`edge-qwen serve`: the OpenAI-compatible and Qwen-shaped HTTP server (edge_qwen.serve.app.serve)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
     startup, before the port opens. Ctrl-C stops the server cleanly.
     """
-    from ..server import model_table, serve
+    from ..serve.app import model_table, serve
 
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,

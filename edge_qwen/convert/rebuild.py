@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelFileError
+from ..errors import ModelFileError
 
 DTYPES = ("f32", "f16", "bf16")
 _ST_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -82,7 +82,7 @@ def rebuild_config(reader: Any, path: Path, dtype: str) -> dict[str, Any]:
 
 
 def _tokenizer_files(reader: Any, config: dict[str, Any]) -> dict[str, Any]:
-    from .tokenizer_gguf import tokenizer_json_from_vocab
+    from .tokenizer import tokenizer_json_from_vocab
 
     if _meta(reader, "tokenizer.ggml.model") != "gpt2" or _meta(reader, "tokenizer.ggml.pre") != "qwen2":
         raise ModelFileError("the GGUF's tokenizer is not gpt2 BPE with the qwen2 pre-tokenizer; "
@@ -151,9 +151,9 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     import numpy as np
 
     from .checkpoint import expected_tensors
-    from .errors import OutputExistsError
-    from .gguf_file import open_reader
-    from .progress import progress
+    from ..errors import OutputExistsError
+    from ..gguf_file import open_reader
+    from ..progress import progress
 
     if dtype not in DTYPES:
         raise ModelFileError(f"dtype {dtype!r} is not supported for a rebuilt checkpoint; choose {', '.join(DTYPES)}")
@@ -235,7 +235,7 @@ def default_checkpoint(quiet: bool = True) -> Path:
     The folder appears only when complete (built under a temporary name), so its config.json
     existing means it is whole.
     """
-    from .store import DEFAULT_MODEL_NAME, checkpoints_dir, default_model_path
+    from ..store import DEFAULT_MODEL_NAME, checkpoints_dir, default_model_path
 
     out = checkpoints_dir() / DEFAULT_MODEL_NAME.removesuffix("-q4_k_m")
     if (out / "config.json").is_file():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 INDEX_FILE = "model.safetensors.index.json"

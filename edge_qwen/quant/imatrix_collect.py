@@ -1,4 +1,4 @@
-"""Running llama.cpp to collect importance-matrix statistics (see edge_qwen.imatrix for the what).
+"""Running llama.cpp to collect importance-matrix statistics (see edge_qwen.quant.imatrix for the what).
 
 The scheduler's eval callback (`llama_context_params.cb_eval`) is asked about every node of the
 graph; `_Collector` says yes to MUL_MAT / MUL_MAT_ID nodes whose weight is a `blk.*` tensor and
@@ -14,7 +14,7 @@ import ctypes
 import os
 from collections.abc import Callable, Iterator
 
-from .errors import EdgeQwenError, ModelFileError
+from ..errors import EdgeQwenError, ModelFileError
 from .imatrix import DEFAULT_CTX, Imatrix, ImatrixError, calibration_text
 
 
@@ -192,11 +192,11 @@ def _weight_name(raw: bytes) -> str:
 def collect(model: str | os.PathLike, calibration: str | os.PathLike | None = "default",
             n_ctx: int = DEFAULT_CTX, chunks: int | None = None, n_threads: int | None = None,
             quiet: bool = False) -> Imatrix:
-    """`edge_qwen.imatrix.compute_imatrix`: load the model, tokenize, decode chunk by chunk."""
+    """`edge_qwen.quant.imatrix.compute_imatrix`: load the model, tokenize, decode chunk by chunk."""
     import llama_cpp
 
-    from .gguf_file import check_gguf
-    from .progress import progress
+    from ..gguf_file import check_gguf
+    from ..progress import progress
 
     check_gguf(model)
     text, label = calibration_text(calibration)

@@ -1,6 +1,6 @@
 """The sweep's outputs: Markdown table, CSV, JSON and PNG plots, plus the machine they ran on.
 
-Kept apart from edge_qwen.bench so the measuring and the presenting can change separately;
+Kept apart from edge_qwen.bench.sweep so the measuring and the presenting can change separately;
 every figure here is read from the measured rows, nothing is computed anew except unit
 conversions.
 """
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_output
+from ..files import atomic_output
 
 MB = 1_000_000
 
@@ -53,7 +53,7 @@ def environment() -> dict[str, Any]:
     import numpy
     import psutil
 
-    from . import __version__
+    from .. import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -203,7 +203,7 @@ def write_all(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any], q
 
 def load_results(out: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a finished sweep folder (its results.json)."""
-    from .errors import EdgeQwenError
+    from ..errors import EdgeQwenError
 
     p = Path(out)
     f = p / "results.json" if p.is_dir() else p

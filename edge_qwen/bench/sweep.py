@@ -4,9 +4,9 @@ For each type, in one run on one machine: file size and bits per weight; load ti
 prompt-processing and generation speed, peak resident memory and structured-extraction
 validity/accuracy (measured in a subprocess per model, so memory is that model's alone);
 perplexity, KL divergence against the reference and same-top-token rate (the lockstep
-evaluator, edge_qwen.evaluate). Each type's result is saved to `<out>/types/<TYPE>.json` as
+evaluator, edge_qwen.bench.evaluate). Each type's result is saved to `<out>/types/<TYPE>.json` as
 soon as it is measured, so an interrupted sweep resumes where it stopped; the tables and
-plots (edge_qwen.bench_report) are rebuilt from those files at the end.
+plots (edge_qwen.bench.report) are rebuilt from those files at the end.
 
 `recommend` picks the lowest-KL type whose memory need fits a RAM budget.
 """
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeQwenError
+from ..errors import EdgeQwenError
 
 DEFAULT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS")
 QUICK_TYPES = ("Q8_0", "Q4_K_M")
@@ -52,7 +52,7 @@ class BenchError(EdgeQwenError):
 
 
 # ----------------------------------------------------------------------------------------------
-# measurements of one model, run in a subprocess (python -m edge_qwen.bench <spec> <out>)
+# measurements of one model, run in a subprocess (python -m edge_qwen.bench.sweep <spec> <out>)
 
 def _peak_rss_bytes() -> int:
     """This process's resident high-water mark.
@@ -89,7 +89,7 @@ def measure_model(path: str | os.PathLike, settings: SweepSettings, n_threads: i
     Meant to run in a fresh subprocess (see `_measure_in_subprocess`): peak RSS is the
     process's high-water mark, so it is the model's own only in a process of its own.
     """
-    from . import EdgeQwen
+    from .. import EdgeQwen
     from .extraction import run_tasks
 
     t0 = time.perf_counter()
@@ -130,7 +130,7 @@ def _measure_in_subprocess(path: Path, settings: SweepSettings, workdir: Path) -
     out = workdir / f".measured-{path.stem}.json"
     spec.write_text(json.dumps({"path": str(path), "settings": asdict(settings)}), encoding="utf-8")
     try:
-        proc = subprocess.run([sys.executable, "-m", "edge_qwen.bench", str(spec), str(out)],
+        proc = subprocess.run([sys.executable, "-m", "edge_qwen.bench.sweep", str(spec), str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -146,13 +146,13 @@ def _measure_in_subprocess(path: Path, settings: SweepSettings, workdir: Path) -
 # the sweep
 
 def _quantize(src: Path, out: Path, qtype: str, imatrix: str | os.PathLike | None, quiet: bool) -> None:
-    from .quantize import quantize
+    from ..quant.quantize import quantize
 
     quantize(src, out, qtype=qtype, imatrix=imatrix, force=True, quiet=True)
 
 
 def _reference_label(info: Any) -> str:
-    from .quant_types import quant_type
+    from ..quant.types import quant_type
 
     try:
         return quant_type(info.file_type).name if info.file_type is not None else "REF"
@@ -174,7 +174,7 @@ def _load_done(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _save_row(path: Path, row: dict[str, Any]) -> None:
-    from .files import atomic_output
+    from ..files import atomic_output
 
     with atomic_output(path, force=True) as tmp:
         tmp.write_text(json.dumps(row, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -191,12 +191,12 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
     (the per-type results a resumed sweep reuses). Quantized files live in `models_dir`
     (default out_dir/models) while measured and are deleted after unless `keep_models`.
     """
-    from . import bench_report
+    from . import report as bench_report
     from .evaluate import lockstep, summarize
-    from .gguf_file import check_gguf
+    from ..gguf_file import check_gguf
     from .metrics import bits_per_weight
-    from .progress import progress
-    from .quant_types import quant_types
+    from ..progress import progress
+    from ..quant.types import quant_types
 
     ref = Path(f16_path)
     info = check_gguf(ref)
@@ -277,7 +277,7 @@ MIB = 1 << 20
 
 def model_shape(path: str | os.PathLike) -> dict[str, int]:
     """The hyperparameters the memory estimate needs, from a GGUF header."""
-    from .gguf_file import read_header
+    from ..gguf_file import read_header
 
     meta, tensors, _ = read_header(path)
     arch = meta.get("general.architecture", "qwen2")
@@ -313,7 +313,7 @@ def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: i
     Returns {"choice", "n_ctx", "max_ram_bytes", "candidates": [...]} (candidates sorted by KL);
     raises BenchError, with the smallest need, when nothing fits.
     """
-    from .bench_report import load_results
+    from .report import load_results
 
     if not isinstance(max_ram_bytes, int) or max_ram_bytes <= 0:
         raise BenchError(f"the RAM budget must be a positive number of bytes, got {max_ram_bytes!r}")
@@ -324,7 +324,7 @@ def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: i
     else:
         p = Path(source)
         if p.is_file() and p.suffix == ".gguf":
-            from .store import home
+            from ..store import home
 
             rows = run_sweep(p, DEFAULT_TYPES, home() / "bench" / f"{p.stem}-quick", quick=True, quiet=quiet)
         else:

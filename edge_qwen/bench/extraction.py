@@ -13,7 +13,7 @@ import re
 from importlib import resources
 from typing import Any
 
-from .errors import EdgeQwenError
+from ..errors import EdgeQwenError
 
 _TRAILING = re.compile(r"[\s.,;:!?。，；：！？]+$")
 

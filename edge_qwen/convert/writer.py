@@ -3,7 +3,7 @@
 The header (hyper-parameters, tokenizer, provenance, tensor directory) is written first;
 then tensor data streams in row chunks from the checkpoint's memory maps straight into the
 file, so peak memory is one chunk plus the tokenizer, not the model. Tensor names come
-from the table in `edge_qwen.checkpoint.QWEN2_TENSORS`.
+from the table in `edge_qwen.convert.checkpoint.QWEN2_TENSORS`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .checkpoint import Checkpoint, expected_tensors, open_checkpoint
-from .errors import CheckpointError
-from .files import atomic_output
+from ..errors import CheckpointError
+from ..files import atomic_output
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "qwen2"
@@ -31,7 +31,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
     text = str(src)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         try:
-            from .hub import snapshot_path  # type: ignore[attr-defined]
+            from ..hub import snapshot_path  # type: ignore[attr-defined]
         except ImportError:
             raise CheckpointError(f"{text!r} is not a folder, and this edge-qwen cannot look up pulled repositories; "
                                   "give the checkpoint folder") from None
@@ -154,8 +154,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
     import gguf
     import numpy as np
 
-    from .progress import progress
-    from .tokenizer_gguf import add_vocab, read_vocab
+    from ..progress import progress
+    from .tokenizer import add_vocab, read_vocab
 
     if outtype not in OUTTYPES:
         raise CheckpointError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
@@ -165,10 +165,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
     # a hub snapshot folder is named after its commit: name the model after the repo instead
     base = prov["repo"].split("/")[-1] if "revision" in prov else folder.resolve().name
     if out is None:
-        from .store import models_dir
+        from ..store import models_dir
 
         out = models_dir() / f"{base.lower()}-{outtype}.gguf"
-    from .files import check_output
+    from ..files import check_output
 
     check_output(out, force)  # fail before the slow tokenizer work
     vocab = read_vocab(folder, int(ckpt.config["vocab_size"]))
@@ -238,7 +238,7 @@ PROVENANCE_PREFIXES = ("general.", "edge_qwen.")
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
     """A summary of a GGUF file: size, parameters, bits per weight, tensor types, metadata, provenance."""
-    from .gguf_file import check_gguf
+    from ..gguf_file import check_gguf
 
     info = check_gguf(path, architectures=None)
     meta = {k: v for k, v in info.metadata.items()}
@@ -259,7 +259,7 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
 def default_f16_gguf(quiet: bool = True) -> Path:
     """The store's f16 GGUF converted by edge-qwen from the rebuilt default checkpoint (made once)."""
     from .rebuild import default_checkpoint
-    from .store import DEFAULT_MODEL_NAME, models_dir
+    from ..store import DEFAULT_MODEL_NAME, models_dir
 
     out = models_dir() / (DEFAULT_MODEL_NAME.removesuffix("-q4_k_m") + "-f16.gguf")
     if out.is_file():  # written atomically: present means complete

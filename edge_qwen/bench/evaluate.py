@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeQwenError, ModelFileError
+from ..errors import EdgeQwenError, ModelFileError
 
 # Rows of (rows, 151936) float64 per metric call: bounds temporary memory to ~100 MB.
 _ROW_BLOCK = 32
@@ -45,7 +45,7 @@ class LogitsModel:
     def __init__(self, path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None):
         from llama_cpp import Llama
 
-        from .gguf_file import check_gguf
+        from ..gguf_file import check_gguf
 
         check_gguf(path)
         self.path = Path(path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import EdgeQwenError
+from ..errors import EdgeQwenError
 
 
 class QuantTypeError(EdgeQwenError):

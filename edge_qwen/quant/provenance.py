@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeQwenError
-from .files import sha256_file
+from ..errors import EdgeQwenError
+from ..files import sha256_file
 
 HASH_PLACEHOLDER = "0" * 64
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT
@@ -28,7 +28,7 @@ def _hash_key(path: str | os.PathLike) -> tuple[str, int, int, int]:
 
 
 def _hash_store() -> Path:
-    from .store import home
+    from ..store import home
 
     return home() / "cache" / "sha256.json"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import EdgeQwenError, ModelFileError
-from .files import atomic_output, sha256_file
+from ..errors import EdgeQwenError, ModelFileError
+from ..files import atomic_output, sha256_file
 
 DEFAULT_CTX = 512  # llama.cpp's imatrix default chunk: statistics depend on it, so keep it
 
@@ -108,7 +108,7 @@ class Imatrix:
 
     def check_model(self, model: str | os.PathLike) -> None:
         """Raise ImatrixError unless every entry names a weight of `model` with a matching row length."""
-        from .gguf_file import read_header
+        from ..gguf_file import read_header
 
         _, tensors, _ = read_header(model)
         shapes = {name: shape for name, shape, _t, _o in tensors}
@@ -182,7 +182,7 @@ def load_imatrix(path: str | os.PathLike) -> Imatrix:
 def _load_gguf(p: Path) -> Imatrix:
     import numpy as np
 
-    from .gguf_file import open_reader
+    from ..gguf_file import open_reader
 
     try:
         r = open_reader(p)
@@ -253,7 +253,7 @@ def compute_imatrix(model: str | os.PathLike, calibration: str | os.PathLike | N
 
     `calibration` is a UTF-8 text file or "default" (the shipped corpus); ChatML markers in it
     are parsed as special tokens. `chunks` caps the number of chunks (all that fit by default).
-    The llama.cpp side (the cb_eval collector) lives in edge_qwen.imatrix_collect.
+    The llama.cpp side (the cb_eval collector) lives in edge_qwen.quant.imatrix_collect.
     """
     from .imatrix_collect import collect
 
@@ -280,7 +280,7 @@ def imatrix(model: str | os.PathLike, calibration: str | os.PathLike | None = "d
 
     Default output: `<model stem>.imatrix.gguf` beside the model.
     """
-    from .files import check_output
+    from ..files import check_output
 
     src = Path(model)
     dest = Path(out) if out else src.with_name(f"{src.stem}.imatrix.gguf")

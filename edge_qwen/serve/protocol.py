@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .api_errors import error_body
-from .runtime import DEFAULT_MAX_TOKENS
+from ..runtime import DEFAULT_MAX_TOKENS
 
 # The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
 DEFAULT_TEMPERATURE = 0.7
@@ -124,7 +124,7 @@ class ResponseFormat(BaseModel):
                 out["schema"] = self.schema_
             return out
         if self.json_schema is None:
-            from .errors import RequestError
+            from ..errors import RequestError
 
             raise RequestError('response_format type "json_schema" needs a "json_schema" object with a "schema"',
                                param="response_format.json_schema")
@@ -264,7 +264,7 @@ class QwenPredictRequest(QwenParameters):
 
     def to_chat(self) -> ChatRequest:
         """The same request in the OpenAI shape (raises RequestError without messages)."""
-        from .errors import RequestError
+        from ..errors import RequestError
 
         p = self.parameters or QwenParameters()
         messages = self.messages or (self.input.messages if self.input else None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Qwen2's pre-tokenizer split (from its tokenizer.json); llama.cpp calls it "qwen2".
 QWEN2_SPLIT_REGEX = (

@@ -40,10 +40,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
+from .. import __version__
 from .api_errors import api_key_problem, error_body, error_body_of
-from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
-from .server_schemas import (
+from ..errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
+from .protocol import (
     DEFAULT_MAX_TOKENS,
     BodyLimit,
     ChatRequest,
@@ -53,7 +53,7 @@ from .server_schemas import (
     validation_error,
 )
 
-log = logging.getLogger("edge_qwen.server")
+log = logging.getLogger("edge_qwen.serve.app")
 
 DEFAULT_NAME = "qwen2.5"
 DEFAULT_MAX_QUEUE = 16
@@ -89,8 +89,8 @@ def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tupl
     With neither, the default model is served as "qwen2.5". Raises RequestError for a
     malformed or repeated name.
     """
-    from .errors import RequestError
-    from .store import resolve_model
+    from ..errors import RequestError
+    from ..store import resolve_model
 
     table: dict[str, Path] = {}
 
@@ -129,7 +129,7 @@ class _Slot:
         """The EdgeQwen, loaded on first call (at startup when the app preloads)."""
         with self._load_lock:
             if self.llm is None:
-                from .runtime import EdgeQwen
+                from ..runtime import EdgeQwen
 
                 self.llm = EdgeQwen(self.path, **self.llm_options)
             return self.llm
@@ -162,7 +162,7 @@ class _Models:
     """Served names -> slots. The first model also answers to "qwen2.5", "default" and no name."""
 
     def __init__(self, table: Mapping[str, Any], max_queue: int, llm_options: dict[str, Any]):
-        from .gguf_file import check_gguf
+        from ..gguf_file import check_gguf
 
         if not table:
             raise ValueError("create_app needs at least one model")
@@ -265,7 +265,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     origins ("*" for any) call the API from a browser. Extra keyword arguments go to EdgeQwen.
     """
     if api_key is not None and api_key_problem(api_key):
-        from .errors import RequestError
+        from ..errors import RequestError
 
         raise RequestError(f"{api_key_problem(api_key)}; choose another key", param="api_key")
     table = dict(models) if models else model_table()
@@ -568,7 +568,7 @@ def _uvicorn_server(config: Any) -> Any:
 def _check_port(host: str, port: int) -> None:
     import socket
 
-    from .errors import RequestError
+    from ..errors import RequestError
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

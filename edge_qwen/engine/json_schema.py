@@ -15,7 +15,7 @@ import json
 import logging
 from typing import Any
 
-from .errors import ConstraintViolation, SchemaError
+from ..errors import ConstraintViolation, SchemaError
 
 log = logging.getLogger("edge_qwen.json")
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import EdgeQwenError, ModelFileError
-from .files import check_output, sha256_file
+from .. import __version__
+from ..errors import EdgeQwenError, ModelFileError
+from ..files import check_output, sha256_file
 from .imatrix import Imatrix, ImatrixError, compute_imatrix, load_imatrix
 from .imatrix_collect import llama_log
-from .quant_provenance import (HASH_PLACEHOLDER, cached_sha256, hash_in_background, kv_bytes, kv_overrides,
+from .provenance import (HASH_PLACEHOLDER, cached_sha256, hash_in_background, kv_bytes, kv_overrides,
                                patch_string, source_sha256)
-from .quant_types import QuantType, QuantTypeError, quant_types, tensor_type
+from .types import QuantType, QuantTypeError, quant_types, tensor_type
 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 _ALIGN = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to it
@@ -82,7 +82,7 @@ class QuantizeResult:
 
 def default_output_name(src: str | os.PathLike, qtype: str | QuantType) -> str:
     """`<src stem without -f16/-bf16/-f32 or an old type suffix>-<type in lower case>.gguf`."""
-    from .quant_types import ALIASES, QUANT_TYPES
+    from .types import ALIASES, QUANT_TYPES
 
     q = quant_types(qtype)[0]
     stem = Path(src).name
@@ -124,7 +124,7 @@ def parse_overrides(overrides: Any) -> list[tuple[str, int]]:
 
 
 def _check_source(src: Path, allow_requantize: bool):
-    from .gguf_file import check_gguf
+    from ..gguf_file import check_gguf
 
     info = check_gguf(src)
     quantized = {t: n for t, n in info.tensor_types.items() if t not in FLOAT_TYPES}
@@ -162,7 +162,7 @@ def _imatrix_array(llama_cpp, im: Imatrix):
 
 
 def _size_from_types(tensors, data_start: int, targets: dict[str, str]) -> int:
-    from .quant_types import TENSOR_TYPES_BY_ID, TENSOR_TYPES
+    from .types import TENSOR_TYPES_BY_ID, TENSOR_TYPES
 
     total = data_start
     for name, shape, ttype, _off in tensors:
@@ -176,7 +176,7 @@ def _size_from_types(tensors, data_start: int, targets: dict[str, str]) -> int:
 
 
 def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: int, quiet: bool):
-    from .progress import progress
+    from ..progress import progress
 
     targets: dict[str, str] = {}
     state: dict[str, Any] = {"fallbacks": 0, "errors": [], "last": None}
@@ -233,7 +233,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     src = Path(src).expanduser()
     info = _check_source(src, allow_requantize)
     if dry_run:  # shapes, for computing sizes from llama.cpp's per-tensor decisions
-        from .gguf_file import read_header
+        from ..gguf_file import read_header
 
         _, tensors, data_start = read_header(src)
     dests = [] if dry_run else _outputs(src, out, types)
@@ -257,7 +257,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     if im is None and calibration is not None and not dry_run:
         base = (dests[0] if dests else src).parent / f"{default_output_name(src, 'F16')[:-9]}.imatrix.gguf"
         if base.exists() and not force:
-            from .errors import OutputExistsError
+            from ..errors import OutputExistsError
 
             raise OutputExistsError(f"{base} already exists (an imatrix from an earlier run); reuse it with "
                                     f"--imatrix {base}, or pass --force to compute it again")
@@ -329,7 +329,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
                                               q.needs_imatrix and im is None and calibration is None))
             continue
         dest = dests[i]
-        from .files import atomic_output
+        from ..files import atomic_output
 
         with atomic_output(dest, force) as tmp:
             targets, fb = _run_one(llama_cpp, src, tmp, q, params, info.n_tensors, quiet)
@@ -354,10 +354,10 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
     `out` works as in `quantize()`; default outputs go to the store's models folder.
     """
     try:
-        from .convert import convert
+        from ..convert.writer import convert
     except ImportError:
-        raise QuantizeError("conversion is not available in this install (edge_qwen.convert is missing)") from None
-    from .store import models_dir
+        raise QuantizeError("conversion is not available in this install (edge_qwen.convert.writer is missing)") from None
+    from ..store import models_dir
 
     types = quant_types(qtype)
     ckpt = Path(checkpoint)

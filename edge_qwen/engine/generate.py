@@ -50,7 +50,7 @@ class GenerationChunk:
 
 
 class Constraint(Protocol):
-    """What the decode loop needs from a constraint engine (edge_qwen.json_constraint)."""
+    """What the decode loop needs from a constraint engine (edge_qwen.engine.json_constraint)."""
 
     def mask_logits(self, logits: Any) -> None: ...
     def commit(self, token_id: int) -> list[int]: ...
@@ -195,7 +195,7 @@ def _eval(llama, tokens: Sequence[int]) -> None:
     try:
         llama.eval(tokens)
     except RuntimeError as e:  # llama_decode failed: KV cache full or a backend error
-        from .errors import EdgeQwenError
+        from ..errors import EdgeQwenError
 
         llama.n_tokens = 0  # the cache state is unknown: never reuse it
         raise EdgeQwenError(f"llama.cpp could not evaluate {len(tokens)} tokens ({e}); "

@@ -1,6 +1,6 @@
 """JSON output that is always valid: llguidance token masks plus fast-forward of forced tokens.
 
-The decode loop (edge_qwen.generate) drives a constraint through four calls per request:
+The decode loop (edge_qwen.engine.generate) drives a constraint through four calls per request:
 
     c = make_constraint(llm, response_format)        # None for free text
     c.mask_logits(logits)                            # before sampling: disallowed tokens -> -inf
@@ -25,8 +25,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from .errors import ConstraintViolation, RequestError, SchemaError
-from .json_schema_support import check_depth, check_schema, engine_error, engine_limit, validate_output
+from ..errors import ConstraintViolation, RequestError, SchemaError
+from .json_schema import check_depth, check_schema, engine_error, engine_limit, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
 # plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
