@@ -37,8 +37,13 @@ def pull(repo_id: str, revision: str | None, token: str | None, as_json: bool, q
     Only the files conversion needs are fetched; an interrupted pull resumes when run again.
     Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE.
     """
+    from huggingface_hub.utils import logging as hf_logging
+
     from ..hub import pull as pull_repo
 
+    # huggingface_hub logs each retried request as a warning on stderr; our own error line says
+    # what failed and what to do, so its per-attempt noise would only bury it.
+    hf_logging.set_verbosity_error()
     r = pull_repo(repo_id, revision=revision, token=token, quiet=quiet or as_json)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)

@@ -36,7 +36,7 @@ class ImatrixError(EdgeQwenError):
 
 def default_calibration_path() -> Path:
     """The calibration corpus shipped with edge-qwen (English, Chinese, code, ChatML turns)."""
-    return Path(__file__).parent / "data" / "calibration.txt"
+    return Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
 
 def calibration_text(calibration: str | os.PathLike | None) -> tuple[str, str]:
