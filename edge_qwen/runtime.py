@@ -125,11 +125,11 @@ class EdgeQwen:
         self._check_open()
         return b"".join(self._pieces.piece(int(t)) for t in ids).decode("utf-8", errors="replace")
 
-    def render(self, messages: Any) -> str:
-        """The prompt text for `messages`, from the model's chat template."""
-        return render_chat(self.chat_template, messages)
+    def render(self, messages: Any, tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages` (and the OpenAI-shaped `tools` offered), from the model's chat template."""
+        return render_chat(self.chat_template, messages, tools=tools or None)
 
-    def prompt_tokens(self, messages: Any) -> list[int]:
+    def prompt_tokens(self, messages: Any, tools: list[dict] | None = None) -> list[int]:
         """The prompt token ids for validated `messages`: the chat template's markers are special
         tokens, while message content is always text.
 
@@ -137,11 +137,11 @@ class EdgeQwen:
         the plain characters, so user text cannot forge turns. Other content tokenizes exactly as
         the whole rendered prompt would.
         """
-        text = self.render(messages)
+        text = self.render(messages, tools)
         if not any(self._spells_control(m.get("content")) for m in messages):
             return self.tokenize(text)
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        parts = _MARKER.split(self.render(marked))
+        parts = _MARKER.split(self.render(marked, tools))
         if sorted(int(i) for i in parts[1::2]) != list(range(len(messages))):
             return self.tokenize(text)  # a template that rewrites content: it cannot be told apart
         ids: list[int] = []
@@ -158,7 +158,8 @@ class EdgeQwen:
         return isinstance(content, str) and any(t in content for t in self._pieces.control_texts())
 
     # -- generation -------------------------------------------------------------------------
-    def fit_messages(self, messages: Any, max_tokens: int | None = 1024) -> tuple[list[dict], list[int]]:
+    def fit_messages(self, messages: Any, max_tokens: int | None = 1024,
+                     tools: list[dict] | None = None) -> tuple[list[dict], list[int]]:
         """The messages that will be sent and their prompt tokens, under the context_overflow policy.
 
         Raises ContextOverflowError naming the sizes when prompt + max_tokens exceeds n_ctx (with
@@ -168,7 +169,7 @@ class EdgeQwen:
         given = max_tokens
         max_tokens = 1 if max_tokens is None else max_tokens
         msgs = validate_messages(messages)
-        tokens = self.prompt_tokens(msgs)
+        tokens = self.prompt_tokens(msgs, tools)
         if len(tokens) + max_tokens <= self.n_ctx:
             return msgs, tokens
         if self.context_overflow == "truncate_middle":
@@ -176,7 +177,7 @@ class EdgeQwen:
             kept = list(msgs)
             while len(kept) > keep_head + 1:
                 del kept[keep_head]  # the oldest turn after the system prompt
-                tokens = self.prompt_tokens(kept)
+                tokens = self.prompt_tokens(kept, tools)
                 if len(tokens) + max_tokens <= self.n_ctx:
                     return kept, tokens
         sizes = (f"the prompt alone is {len(tokens)} tokens, which leaves no room in the context window "
@@ -196,7 +197,7 @@ class EdgeQwen:
                  stop: str | list[str] | None = None, seed: int | None = None,
                  response_format: dict | None = None, cancel: threading.Event | None = None,
                  blocking: bool = True, reuse_prefix: bool | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Iterator[GenerationChunk]:
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
@@ -206,14 +207,28 @@ class EdgeQwen:
         means `default_max_tokens` (1024) or the room the prompt leaves in n_ctx, whichever is less. `reuse_prefix`
         (None: the instance's setting) keeps the KV cache of the prefix shared with the last call;
         False evaluates the prompt afresh, which reproduces a seeded or greedy answer bit for bit.
+        `tools` (checked engine.tool_calls.Tools) offers functions in the prompt; every call the model
+        starts is then generated under the call grammar (see engine/tool_calls.py).
         """
+        from .engine.tool_calls import ToolCallConstraint, prepare_history
+
         self._check_open()
         params = _check_params(temperature, top_p, max_tokens, stop, seed)
-        _, prompt = self.fit_messages(messages, max_tokens)
+        active = tools is not None and tools.active
+        if isinstance(messages, list):
+            messages = prepare_history(messages)  # assistant tool_calls and tool results, checked
+        if tools is not None:
+            if active and response_format not in (None, {"type": "text"}):
+                raise RequestError("response_format cannot be combined with tools the model may call; send one "
+                                   "of them (or tool_choice \"none\")", param="response_format")
+        _, prompt = self.fit_messages(messages, max_tokens, tools.specs if active else None)
         if max_tokens is None:
             params = dataclasses.replace(params, max_tokens=min(default_max_tokens, self.n_ctx - len(prompt)))
-        constraint = self._constraint(response_format)
-        if constraint is not None and params.stop:
+        if active:
+            constraint = ToolCallConstraint(self, tools)
+        else:
+            constraint = self._constraint(response_format)
+        if constraint is not None and params.stop and not active:
             # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
             raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
                                "ends the reply); remove stop", param="stop")
@@ -256,31 +271,44 @@ class EdgeQwen:
              stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
              response_format: dict | None = None, cancel: threading.Event | None = None,
              blocking: bool = True, reuse_prefix: bool | None = None,
-             default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict | Iterator[dict]:
+             default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: list[dict] | None = None,
+             tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
-        JSON text.
+        JSON text. With `tools` (OpenAI's [{"type": "function", "function": {name, description,
+        parameters}}]) the reply may carry `tool_calls` (finish_reason "tool_calls"); `tool_choice`
+        is "auto" (default), "none", "required" or {"type": "function", "function": {"name": ...}}.
+        Every returned call's arguments parse and validate against its function's parameters.
         """
+        from .engine.tool_calls import ToolCallParser, Tools, parse_tools
+
+        checked = tools if isinstance(tools, Tools) else parse_tools(tools, tool_choice, parallel_tool_calls)
         gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
-                            reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens)
+                            reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        parser = ToolCallParser(checked, self.tokenize("<tool_call>")[0] if checked is not None else None)
         if stream:
-            return self._stream(gen, cid, created)
-        parts, last = [], None
+            return self._stream(gen, cid, created, parser)
+        last = None
         for chunk in gen:
-            parts.append(chunk.text)
+            parser.feed(chunk.text, chunk.token_ids)
             last = chunk
         assert last is not None and last.finish_reason is not None  # decode always ends with one
+        content, calls = parser.finish()
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        finish = last.finish_reason
+        if calls:
+            message = {"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]}
+            finish = "tool_calls" if finish == "stop" else finish
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": last.finish_reason}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": _usage(last),
         }
 
-    def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int) -> Iterator[dict]:
+    def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int, parser: Any = None) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -288,16 +316,28 @@ class EdgeQwen:
                 out["usage"] = usage
             return out
 
+        from .engine.tool_calls import openai_deltas
+
         try:
             first = True
             for c in gen:
                 if first:
                     yield chunk({"role": "assistant", "content": ""})
                     first = False
-                if c.text:
-                    yield chunk({"content": c.text})
+                if parser is None:
+                    if c.text:
+                        yield chunk({"content": c.text})
+                else:
+                    for delta in openai_deltas(parser.feed(c.text, c.token_ids)):
+                        yield chunk(delta)
                 if c.finish_reason is not None:
-                    yield chunk({}, c.finish_reason, _usage(c))
+                    finish = c.finish_reason
+                    if parser is not None:
+                        for delta in openai_deltas(parser.flush()):
+                            yield chunk(delta)
+                        if parser.finish()[1] and finish == "stop":
+                            finish = "tool_calls"
+                    yield chunk({}, finish, _usage(c))
         finally:
             gen.close()  # a closed stream releases the model at once
 

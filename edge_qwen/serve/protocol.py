@@ -63,6 +63,8 @@ class Message(BaseModel):
         description='"developer" is read as "system" and "function" as "tool".')
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -93,7 +95,12 @@ class Message(BaseModel):
             text = c
         else:
             text = "".join(p.text for p in c)
-        return {"role": ROLE_ALIASES.get(self.role, self.role), "content": text}
+        out: dict[str, Any] = {"role": ROLE_ALIASES.get(self.role, self.role), "content": text}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class JSONSchemaSpec(BaseModel):
@@ -159,25 +166,23 @@ class _Unsupported(BaseModel):
     an agent framework learns at once that they are not served."""
 
     model_config = _LAX
-    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported: must be empty or absent.")
-    tool_choice: Any = Field(default=None, description='Not supported: absent, null or "none".')
     logprobs: bool | None = Field(default=None, description="Not supported: must be false or absent.")
     functions: list[dict[str, Any]] | None = Field(default=None, description="Legacy function calling: not supported.")
     function_call: Any = Field(default=None, description='Legacy function calling: not supported (absent or "none").')
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
     def _tools(cls, v: Any) -> Any:
         if v:
-            raise ValueError("function calling (tools) is not supported by edge-qwen yet; send the request without "
-                             "tools, or describe the function in a system message and use response_format for JSON")
+            raise ValueError("legacy `functions` are not served; send them as tools: "
+                             "[{\"type\": \"function\", \"function\": {...}}]")
         return v
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
     def _tool_choice(cls, v: Any) -> Any:
         if v not in (None, "none"):
-            raise ValueError('function calling is not supported by edge-qwen yet; leave tool_choice out or "none"')
+            raise ValueError('legacy `function_call` is not served; use tool_choice')
         return v
 
     @field_validator("logprobs")
@@ -188,7 +193,21 @@ class _Unsupported(BaseModel):
         return v
 
 
-class ChatRequest(_Unsupported):
+class _Tooling(_Unsupported):
+    """Function calling (checked in depth by engine.tool_calls.parse_tools)."""
+
+    tools: list[dict[str, Any]] | None = Field(default=None, description='[{"type": "function", "function": '
+                                               '{"name", "description", "parameters"}}]')
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description='"none", "auto" (default with '
+                                                     'tools), "required" or {"type": "function", "function": '
+                                                     '{"name": ...}}.')
+    parallel_tool_calls: bool | None = Field(default=None, description="Default true: several calls per reply.")
+
+    def tool_kwargs(self) -> dict[str, Any]:
+        return {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
+
+
+class ChatRequest(_Tooling):
     """POST /v1/chat/completions (OpenAI chat completions)."""
 
     model_config = _LAX
@@ -219,14 +238,18 @@ class ChatRequest(_Unsupported):
 
     def runtime_kwargs(self) -> dict[str, Any]:
         """What EdgeQwen.chat takes for this request (defaults filled in), without `stream`."""
-        return {"messages": [m.plain() for m in self.messages],
+        from ..engine.tool_calls import check_tool_ids
+
+        messages = [m.plain() for m in self.messages]
+        check_tool_ids(messages)
+        return {"messages": messages, **self.tool_kwargs(),
                 "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
                 "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
                 "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed,
                 "response_format": self.response_format.runtime_form() if self.response_format else None}
 
 
-class QwenParameters(_Unsupported):
+class QwenParameters(_Tooling):
     """The `parameters` object of the Qwen (DashScope) request shape."""
 
     model_config = _LAX
@@ -284,7 +307,9 @@ class QwenPredictRequest(QwenParameters):
             temperature=pick("temperature", DEFAULT_TEMPERATURE), top_p=pick("top_p", DEFAULT_TOP_P),
             max_tokens=pick("max_tokens", None), max_completion_tokens=None,
             stream=pick("stream", False), stream_options=None, stop=pick("stop", None),
-            seed=pick("seed", None), n=1, response_format=pick("response_format", None))
+            seed=pick("seed", None), n=1, response_format=pick("response_format", None),
+            tools=pick("tools", None), tool_choice=pick("tool_choice", None),
+            parallel_tool_calls=pick("parallel_tool_calls", None))
 
 
 class ErrorDetail(BaseModel):
