@@ -38,6 +38,56 @@ class DevicePlan:
     n_threads: int
 
 
+# Bytes per element of the KV cache types llama.cpp offers (ggml type id -> size; block types
+# store 32 elements per block).
+KV_TYPE_BYTES = {0: 4.0, 1: 2.0, 30: 2.0, 2: 18 / 32, 3: 20 / 32, 6: 22 / 32, 7: 24 / 32, 8: 34 / 32, 20: 18 / 32}
+DEFAULT_PARALLEL_CPU = 4   # batched decode on a few cores gains little past 4 streams, each one slower
+DEFAULT_PARALLEL_GPU = 8
+
+
+def kv_cache_bytes(metadata: dict[str, Any], cells: int, type_k: int = 1, type_v: int = 1) -> int:
+    """Bytes of a KV cache of `cells` tokens for the model described by GGUF `metadata`.
+
+    Per cell and layer llama.cpp stores head_count_kv keys of key_length and values of
+    value_length (both embedding_length / head_count unless the GGUF says otherwise), in
+    type_k / type_v (ggml type ids; 1 = f16, the default).
+    """
+    arch = metadata.get("general.architecture", "")
+
+    def get(key: str, default: Any = None) -> Any:
+        return metadata.get(f"{arch}.{key}", default)
+
+    layers, embd, heads = int(get("block_count", 0)), int(get("embedding_length", 0)), int(get("attention.head_count", 1))
+    heads_kv = get("attention.head_count_kv", heads)
+    heads_kv = int(max(heads_kv) if isinstance(heads_kv, list) else heads_kv)
+    head_k = int(get("attention.key_length", embd // max(heads, 1)))
+    head_v = int(get("attention.value_length", embd // max(heads, 1)))
+    per_cell = layers * heads_kv * (head_k * KV_TYPE_BYTES.get(type_k, 2.0) + head_v * KV_TYPE_BYTES.get(type_v, 2.0))
+    return int(per_cell * cells)
+
+
+def default_parallel(device: str, n_ctx: int, metadata: dict[str, Any] | None = None) -> int:
+    """`serve --parallel`'s default: 4 slots on a CPU, 8 on a GPU, fewer when the KV cache for that
+    many slots of n_ctx tokens would take more than a quarter of the machine's memory."""
+    n = DEFAULT_PARALLEL_GPU if device not in ("cpu",) else DEFAULT_PARALLEL_CPU
+    if metadata:
+        try:
+            import psutil
+
+            budget = psutil.virtual_memory().total / 4
+        except (ImportError, OSError):
+            budget = 4 << 30
+        per_slot = max(kv_cache_bytes(metadata, n_ctx), 1)
+        n = max(1, min(n, int(budget // per_slot)))
+    return n
+
+
+def describe_kv(metadata: dict[str, Any], n_ctx: int, parallel: int, type_k: int = 1, type_v: int = 1) -> str:
+    """'4 slots x 4096 tokens = 16384 cells, 192 MiB': the KV memory of an engine, for people."""
+    b = kv_cache_bytes(metadata, n_ctx * parallel, type_k, type_v)
+    return f"{parallel} slot{'s' if parallel != 1 else ''} x {n_ctx} tokens = {n_ctx * parallel} cells, {b / 2**20:.0f} MiB"
+
+
 def physical_cores() -> int:
     """Physical CPU cores (llama.cpp runs fastest with one thread per physical core)."""
     try:
@@ -144,6 +194,7 @@ class DoctorReport:
     default_model_parts_installed: bool = False
     offload_check: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    kv_cache: str | None = None  # KV memory of `serve`'s default slots for the default model
 
     def _model_state(self) -> str:
         if self.default_model_present:
@@ -163,6 +214,8 @@ class DoctorReport:
             f"device=auto        {self.auto_device}",
             f"default model      {self.default_model or '-'} ({self._model_state()})",
         ]
+        if self.kv_cache:
+            out.append(f"KV cache (serve)   {self.kv_cache}")
         if self.offload_check is not None:
             c = self.offload_check
             bufs = ", ".join(f"{k} {v:.0f} MiB" for k, v in c.get("model_buffers_mib", {}).items())
@@ -247,6 +300,15 @@ def doctor(check_offload: bool = True) -> DoctorReport:
         auto_device=f"{plan.device} ({'all layers offloaded' if plan.n_gpu_layers == -1 else 'no offload'}, "
                     f"{plan.n_threads} threads)",
         default_model=str(model), default_model_present=present, default_model_parts_installed=parts)
+    if present:
+        try:
+            from .gguf_file import check_gguf
+
+            meta = check_gguf(model).metadata
+            n = default_parallel(plan.device, 4096, meta)
+            report.kv_cache = f"{describe_kv(meta, 4096, n)} (default --parallel {n}, n_ctx 4096, f16)"
+        except Exception as e:  # the report must come out whatever the file holds
+            report.problems.append(f"could not read the default model's shape: {e}")
     if report.gpu_offload and check_offload:
         if present:
             report.offload_check = offload_check(str(model))

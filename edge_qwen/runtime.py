@@ -1,9 +1,10 @@
 """EdgeQwen: load a Qwen2.5 GGUF once, chat with it many times, from any thread.
 
 The model file is checked before llama.cpp sees it; messages go through the chat template
-stored in the GGUF; generation is the one decode loop in `edge_qwen.engine.generate`. One
-generation runs at a time per EdgeQwen (a lock held for the whole generation, including
-while a stream is consumed), so calls from several threads are serialized, never interleaved.
+stored in the GGUF; generation runs on the model's batched engine (`edge_qwen.engine.scheduler`,
+the one decode loop). With `parallel=N` up to N generations from any threads run together in
+one batch, each with its own sampling, stop strings and cancel event, never interleaving their
+outputs; more wait their turn. The default, 1, runs one generation at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from .chat_template import render_chat, validate_messages
 from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
-from .engine.generate import GenerationChunk, SamplingParams, TokenPieces, decode
+from .engine.generate import GenerationChunk, SamplingParams, TokenPieces
 
 OVERFLOW_POLICIES = ("error", "truncate_middle")
 DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default
@@ -27,7 +28,56 @@ _MARKER = re.compile("\ue000(\\d+)\ue001")  # stands for message i's content whi
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 
-def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed: Any) -> SamplingParams:
+MAX_LOGIT_BIAS = 1024  # logit_bias entries one request may set
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON and Python strings may hold lone surrogates ("\ud800"), which no UTF-8 text can carry.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_penalties(frequency_penalty: Any, presence_penalty: Any, top_k: Any, logit_bias: Any,
+                     n_vocab: int | None) -> dict[str, Any]:
+    """The SamplingParams fields for OpenAI's penalties and logit_bias and a top-k cut, checked
+    (OpenAI's ranges: penalties in [-2, 2], biases in [-100, 100] keyed by token id)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not number(v) or not -2 <= v <= 2:
+            raise RequestError(f"{name}={v!r} is outside [-2, 2]", param=name)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise RequestError(f"top_k={top_k!r} must be a non-negative integer (0: no top-k cut)", param="top_k")
+    biases: list[tuple[int, float]] = []
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise RequestError("logit_bias must be an object mapping token ids to biases, like {\"1234\": -100}",
+                               param="logit_bias")
+        if len(logit_bias) > MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                               param="logit_bias")
+        for key, bias in logit_bias.items():
+            shown = str(key)[:40]
+            token = key if isinstance(key, int) and not isinstance(key, bool) else (
+                int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else None)
+            if token is None or (n_vocab is not None and not 0 <= token < n_vocab):
+                raise RequestError(f"logit_bias key {shown!r} is not a token id of this model "
+                                   f"(0 to {n_vocab - 1 if n_vocab else 'n_vocab - 1'})", param="logit_bias")
+            if not number(bias) or not -100 <= bias <= 100:
+                raise RequestError(f"logit_bias[{shown!r}]={bias!r} is outside [-100, 100]", param="logit_bias")
+            biases.append((token, float(bias)))
+    return {"frequency_penalty": float(frequency_penalty), "presence_penalty": float(presence_penalty),
+            "top_k": top_k, "logit_bias": tuple(biases)}
+
+
+def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed: Any,
+                  **penalties: Any) -> SamplingParams:
+    """SamplingParams from a request's values, or RequestError naming the bad one. `penalties` are
+    _check_penalties' arguments (frequency_penalty, presence_penalty, top_k, logit_bias, n_vocab)."""
     def number(v: Any) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -50,9 +100,14 @@ def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed
         raise RequestError(f"stop must be a string or a list of strings, got {stop!r}", param="stop")
     if any(s == "" for s in stops):
         raise RequestError("stop contains an empty string; remove it", param="stop")
+    if any(not _is_utf8(s) for s in stops):
+        raise RequestError("stop contains a lone UTF-16 surrogate, which is not valid Unicode; send well-formed "
+                           "text", param="stop")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise RequestError(f"seed={seed!r} must be an integer or None", param="seed")
-    return SamplingParams(float(temperature), float(top_p), max_tokens, stops, seed)
+    extra = _check_penalties(penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
+                             penalties.get("top_k", 0), penalties.get("logit_bias"), penalties.get("n_vocab"))
+    return SamplingParams(float(temperature), float(top_p), max_tokens, stops, seed, **extra)
 
 
 class EdgeQwen:
@@ -69,12 +124,16 @@ class EdgeQwen:
         multi-turn chat). Off by default, because a reused prefix can change a greedy answer
         to a repeated request; the interactive `edge-qwen chat` and `edge-qwen serve` turn it
         on. `generate`/`chat` take `reuse_prefix` per call to override it.
+    parallel: how many generations run at once (sequence slots of the engine; default 1). Each
+        slot may hold n_ctx tokens, so the KV cache is n_ctx * parallel cells (`kv_cache_bytes`).
+        Batched logits are not bit-identical to single-sequence ones: a seed reproduces an answer
+        exactly only when the request runs alone (see docs/runtime.md).
     """
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
                  n_threads: int | None = None, n_gpu_layers: int | None = None,
                  context_overflow: str = "error", verbose: bool = False, n_batch: int = 512,
-                 reuse_prefix: bool = False):
+                 reuse_prefix: bool = False, parallel: int = 1):
         from .device import select_device
         from .gguf_file import check_gguf
         from .store import resolve_model
@@ -106,12 +165,24 @@ class EdgeQwen:
         self.n_threads = plan.n_threads
         self.n_gpu_layers = plan.n_gpu_layers
         self.context_overflow = context_overflow
-        # Off by default: the same request must give the same greedy answer (see _reuse_prefix).
+        # Off by default: a reused prefix can tip a greedy near-tie (see docs/runtime.md).
         self.reuse_prefix = bool(reuse_prefix)
         self.chat_template: str | None = self.llama.metadata.get("tokenizer.chat_template")
         self._pieces = TokenPieces(self.llama)
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+        from .device import kv_cache_bytes
+        from .engine.scheduler import Engine
+
+        try:
+            self.engine = Engine(self.llama, parallel=parallel, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
+                                 pieces=self._pieces)
+        except EdgeQwenError:
+            self.llama.close()
+            raise
+        self.parallel = parallel
+        self.kv_cache_bytes = kv_cache_bytes(info.metadata, self.engine.kv_cells,
+                                             self.llama.context_params.type_k, self.llama.context_params.type_v)
+        self._owners: dict[int, int] = {}  # thread id -> streams it has open (to refuse a self-deadlock)
+        self._owners_lock = threading.Lock()
         self._closed = False
 
     # -- tokens -----------------------------------------------------------------------------
@@ -195,9 +266,12 @@ class EdgeQwen:
     def generate(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9,
                  max_tokens: int | None = DEFAULT_MAX_TOKENS,
                  stop: str | list[str] | None = None, seed: int | None = None,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, top_k: int = 0,
+                 logit_bias: dict | None = None,
                  response_format: dict | None = None, cancel: threading.Event | None = None,
                  blocking: bool = True, reuse_prefix: bool | None = None,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None) -> Iterator[GenerationChunk]:
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None,
+                 cache_key: str = "") -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
@@ -207,13 +281,20 @@ class EdgeQwen:
         means `default_max_tokens` (1024) or the room the prompt leaves in n_ctx, whichever is less. `reuse_prefix`
         (None: the instance's setting) keeps the KV cache of the prefix shared with the last call;
         False evaluates the prompt afresh, which reproduces a seeded or greedy answer bit for bit.
+        `frequency_penalty` and `presence_penalty` (OpenAI's, -2 to 2) penalize tokens already generated;
+        `logit_bias` ({token id: -100 to 100}) shifts chosen tokens' logits; `top_k` > 0 samples among
+        the k most likely tokens only. All run in llama.cpp's own samplers.
         `tools` (checked engine.tool_calls.Tools) offers functions in the prompt; every call the model
         starts is then generated under the call grammar (see engine/tool_calls.py).
+        `cache_key` scopes the prefix cache: a prompt reuses KV cells only from requests with the
+        same key (the server passes one per API key and cache_salt).
         """
         from .engine.tool_calls import ToolCallConstraint, prepare_history
 
         self._check_open()
-        params = _check_params(temperature, top_p, max_tokens, stop, seed)
+        params = _check_params(temperature, top_p, max_tokens, stop, seed, frequency_penalty=frequency_penalty,
+                               presence_penalty=presence_penalty, top_k=top_k, logit_bias=logit_bias,
+                               n_vocab=self.llama.n_vocab())
         active = tools is not None and tools.active
         if isinstance(messages, list):
             messages = prepare_history(messages)  # assistant tool_calls and tool results, checked
@@ -233,7 +314,12 @@ class EdgeQwen:
             raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
                                "ends the reply); remove stop", param="stop")
         reuse = self.reuse_prefix if reuse_prefix is None else bool(reuse_prefix)
-        return self._locked(prompt, params, constraint, cancel, blocking, reuse)
+        if getattr(constraint, "needs_validation", False):  # a schema only validation can fully guarantee
+            from .engine.json_retry import generate_checked
+
+            return generate_checked(lambda p, c: self._run(prompt, p, c, cancel, blocking, reuse, cache_key),
+                                    params, constraint)
+        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key)
 
     def _constraint(self, response_format: dict | None):
         if response_format is None:
@@ -250,29 +336,35 @@ class EdgeQwen:
                                param="response_format") from None
         return make_constraint(self, response_format)
 
-    def _locked(self, prompt, params, constraint, cancel, blocking, reuse) -> Iterator[GenerationChunk]:
+    def _run(self, prompt, params, constraint, cancel, blocking, reuse, cache_key) -> Iterator[GenerationChunk]:
         me = threading.get_ident()
-        if self._owner == me:
-            raise BusyError("a generation is already running in this thread; consume or close its stream "
-                            "before starting another")
-        if not self._lock.acquire(blocking=blocking):
-            raise BusyError("the model is busy with another generation; retry later (or call with blocking=True)")
-        self._owner = me
+        with self._owners_lock:
+            if self._owners.get(me, 0) >= self.parallel:
+                raise BusyError("a generation is already running in this thread"
+                                + (f" (all {self.parallel} slots)" if self.parallel > 1 else "")
+                                + "; consume or close its stream before starting another")
+            self._owners[me] = self._owners.get(me, 0) + 1
         try:
             self._check_open()
-            yield from decode(self.llama, prompt, params, pieces=self._pieces, constraint=constraint,
-                              reuse_prefix=reuse, cancel=cancel)
+            seq = self.engine.submit(prompt, params, constraint=constraint, cancel=cancel, cache_key=cache_key,
+                                     reuse_prefix=reuse, blocking=blocking)
+            yield from self.engine.stream(seq)
         finally:
-            self._owner = None
-            self._lock.release()
+            with self._owners_lock:
+                self._owners[me] -= 1
+                if not self._owners[me]:
+                    del self._owners[me]
 
     def chat(self, messages: Any, *, temperature: float = 0.7, top_p: float = 0.9,
              max_tokens: int | None = DEFAULT_MAX_TOKENS,
              stop: str | list[str] | None = None, seed: int | None = None, stream: bool = False,
+             frequency_penalty: float = 0.0, presence_penalty: float = 0.0, top_k: int = 0,
+             logit_bias: dict | None = None,
              response_format: dict | None = None, cancel: threading.Event | None = None,
              blocking: bool = True, reuse_prefix: bool | None = None,
              default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: list[dict] | None = None,
-             tool_choice: Any = None, parallel_tool_calls: bool | None = None) -> dict | Iterator[dict]:
+             tool_choice: Any = None, parallel_tool_calls: bool | None = None,
+             cache_key: str = "") -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
@@ -285,7 +377,10 @@ class EdgeQwen:
 
         checked = tools if isinstance(tools, Tools) else parse_tools(tools, tool_choice, parallel_tool_calls)
         gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, top_k=top_k,
+                            logit_bias=logit_bias,
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
+                            cache_key=cache_key,
                             reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         parser = ToolCallParser(checked, self.tokenize("<tool_call>")[0] if checked is not None else None)
@@ -347,15 +442,18 @@ class EdgeQwen:
             raise EdgeQwenError(f"this EdgeQwen ({self.model_name}) was closed; create a new one")
 
     def close(self) -> None:
-        """Free the model and its context. Waits for a running generation to finish."""
+        """Free the model and its context. Waits for running generations to finish."""
         if self._closed:
             return
-        if self._owner == threading.get_ident():
+        if threading.get_ident() in self._owners:
             raise BusyError("close the running stream before closing the model")
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self.llama.close()
+        self.engine.wait_idle()
+        with self._owners_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.engine.close()
+        self.llama.close()
 
     def __enter__(self) -> EdgeQwen:
         return self
@@ -372,5 +470,8 @@ def _usage(last: GenerationChunk) -> dict:
     """OpenAI's usage object; prompt_tokens_details.cached_tokens counts the reused KV prefix."""
     t = last.timings
     p, c, cached = (t.prompt_tokens, t.completion_tokens, t.cached_tokens) if t else (0, 0, 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+             "prompt_tokens_details": {"cached_tokens": cached}}
+    if hasattr(t, "json_retries"):  # a validated JSON answer (engine/json_retry.py): what its retries cost
+        usage["json_retries"], usage["json_retry_tokens"] = t.json_retries, t.json_retry_tokens
+    return usage

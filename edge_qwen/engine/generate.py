@@ -1,12 +1,13 @@
-"""The decode loop: the one place edge-qwen turns prompt tokens into generated text.
+"""What every generation is made of: the streaming chunk, sampling settings and chain, stop strings,
+UTF-8-safe token pieces, the constraint protocol, and `decode()`.
 
 Everything that generates (EdgeQwen.chat, the CLI, the HTTP server, benchmarks) consumes
-`decode()`, which yields `GenerationChunk`s. The loop drives llama.cpp directly: the prompt is
-evaluated in n_batch chunks (reusing the KV-cache prefix shared with the previous call),
-sampling runs in llama.cpp's own sampler chain (no Python pass over 151,936 logits), text is
-detokenized incrementally and only complete UTF-8 characters and text that cannot be the
-start of a stop string are released. An optional constraint (the JSON engine) masks the
-logits in place before sampling and may force tokens, which are decoded in one batch.
+GenerationChunks from the one decode loop, the batched engine (edge_qwen.engine.scheduler);
+`decode()` is its entry point for a bare llama_cpp.Llama. Sampling runs in llama.cpp's own
+sampler chain (`_sampler`, one per sequence: no Python pass over 151,936 logits), text is
+detokenized incrementally and only complete UTF-8 characters and text that cannot be the start
+of a stop string are released. An optional constraint (the JSON engine) masks the logits in
+place before sampling and may force tokens, which are decoded in the same batch.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class SamplingParams:
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # OpenAI's penalties (-2..2, over the tokens generated so far), a top-k cut (0: off) and
+    # logit_bias as ((token id, bias -100..100), ...): all applied by llama.cpp's own samplers.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    top_k: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 class TokenPieces:
@@ -154,11 +161,24 @@ def _sampler(params: SamplingParams):
     import llama_cpp
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    # Bias and penalties change the logits before any choice, greedy included (llama.cpp's order).
+    if params.logit_bias:
+        biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
+        # n_vocab 0: llama.cpp then looks each biased token up by id (the same result as its fast path).
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(
+            0, len(params.logit_bias), biases))
+    if params.frequency_penalty or params.presence_penalty:
+        # The window covers the whole completion: OpenAI counts every token generated so far
+        # (the prompt is not fed to the chain, so only generated and forced tokens count).
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
+            max(int(params.max_tokens), 1), 1.0, float(params.frequency_penalty), float(params.presence_penalty)))
     if params.temperature == 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
     # Temperature first, then nucleus on the tempered distribution (the order transformers
     # and the Qwen API use), then a seeded draw.
+    if params.top_k > 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(int(params.top_k)))
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(float(params.temperature)))
     if params.top_p < 1.0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(float(params.top_p), 1))
@@ -167,120 +187,18 @@ def _sampler(params: SamplingParams):
     return chain
 
 
-def _reuse_prefix(llama, prompt: Sequence[int], enabled: bool = True) -> int:
-    """Keep the KV cache of the longest prefix shared with the last call; return its length.
-
-    With `enabled` False the cache is cleared: a prompt evaluated afresh in one batch gives
-    bit-identical logits every time, while a reused prefix (built from other batch shapes)
-    can tip a near-tie and change a greedy answer to the same request.
-    """
-    import llama_cpp
-    import numpy as np
-
-    n_cached = int(llama.n_tokens)
-    m = min(n_cached, len(prompt) - 1)  # at least one prompt token must be evaluated for logits
-    common = 0
-    if m > 0 and enabled:
-        diff = np.nonzero(llama.input_ids[:m] != np.asarray(prompt[:m], dtype=np.intc))[0]
-        common = int(diff[0]) if len(diff) else m
-    mem = llama_cpp.llama_get_memory(llama.ctx)
-    if not llama_cpp.llama_memory_seq_rm(mem, -1, common, -1):
-        llama_cpp.llama_memory_clear(mem, True)  # partial removal unsupported: start afresh
-        common = 0
-    llama.n_tokens = common
-    return common
-
-
-def _eval(llama, tokens: Sequence[int]) -> None:
-    try:
-        llama.eval(tokens)
-    except RuntimeError as e:  # llama_decode failed: KV cache full or a backend error
-        from ..errors import EdgeQwenError
-
-        llama.n_tokens = 0  # the cache state is unknown: never reuse it
-        raise EdgeQwenError(f"llama.cpp could not evaluate {len(tokens)} tokens ({e}); "
-                            "try a smaller request or a larger n_ctx") from None
-
-
-def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: TokenPieces,
+def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: TokenPieces | None = None,
            constraint: Constraint | None = None, cancel: threading.Event | None = None,
-           n_batch: int | None = None, reuse_prefix: bool = False) -> Iterator[GenerationChunk]:
+           n_batch: int | None = None, reuse_prefix: bool = False, cache_key: str = "",
+           blocking: bool = True) -> Iterator[GenerationChunk]:
     """Generate from `prompt` token ids on a llama_cpp.Llama; yield GenerationChunks.
 
-    The caller owns the Llama for the whole iteration (EdgeQwen holds its lock). Closing the
-    generator stops generation; the KV cache stays consistent with `llama.n_tokens`.
+    The generation runs on the batched engine that owns `llama` (edge_qwen.engine.scheduler),
+    beside whatever else that engine is generating; a Llama without one gets an engine with a
+    single slot. Closing the generator stops the generation and frees its slot.
     """
-    import llama_cpp
-    import numpy as np
+    from .scheduler import Engine, engine_of
 
-    ctx = llama.ctx
-    n_vocab = llama.n_vocab()
-    batch = n_batch or llama.n_batch
-    stopper = StopMatcher(params.stop)
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    emitted: list[str] = []
-    n_completion = 0
-    finish: str | None = None
-    t0 = time.perf_counter()
-    cached = _reuse_prefix(llama, prompt, reuse_prefix)
-    rest = list(prompt[cached:])
-    for i in range(0, len(rest), batch):
-        if cancel is not None and cancel.is_set():
-            finish = "cancelled"
-            break
-        _eval(llama, rest[i:i + batch])
-    t1 = time.perf_counter()
-
-    def final(text: str, ids: list[int], reason: str, stop_hit: bool = False) -> GenerationChunk:
-        if not stop_hit:  # release what was held back: an unfinished stop-string prefix
-            # The bytes of a character cut off by max_tokens or a cancel stay in the decoder and
-            # are dropped: a half character would come out as U+FFFD.
-            text += stopper.flush()
-        emitted.append(text)
-        if constraint is not None:
-            constraint.finalize("".join(emitted), reason)
-        t2 = time.perf_counter()
-        return GenerationChunk(text, ids, reason, Timings(len(prompt), n_completion, (t1 - t0) * 1e3,
-                                                          (t2 - t1) * 1e3, cached))
-
-    if finish is not None:
-        yield final("", [], finish)
-        return
-    smpl = _sampler(params)
-    try:
-        while True:
-            if constraint is not None:
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-                constraint.mask_logits(logits)
-            tok = int(llama_cpp.llama_sampler_sample(smpl, ctx, -1))
-            if pieces.is_eog(tok):
-                # End of turn. An EOG token is not content; under a constraint the mask only
-                # lets it through where the grammar may end.
-                yield final("", [], "stop")
-                return
-            new = [tok]
-            if constraint is not None:
-                new += constraint.commit(tok)
-            room = params.max_tokens - n_completion
-            cut = len(new) > room
-            if cut:  # forced tokens past max_tokens are cut: the output is unfinished, "length"
-                new = new[:room]
-            n_completion += len(new)
-            text, stopped = stopper.feed(utf8.decode(b"".join(pieces.piece(t) for t in new)))
-            if stopped:
-                yield final(text, new, "stop", stop_hit=True)
-                return
-            if not cut and constraint is not None and constraint.is_finished():
-                yield final(text, new, "stop")
-                return
-            if n_completion >= params.max_tokens:
-                yield final(text, new, "length")
-                return
-            if cancel is not None and cancel.is_set():
-                yield final(text, new, "cancelled")
-                return
-            emitted.append(text)
-            yield GenerationChunk(text, new)
-            _eval(llama, new)
-    finally:
-        llama_cpp.llama_sampler_free(smpl)
+    engine = engine_of(llama) or Engine(llama, parallel=1, n_batch=n_batch, pieces=pieces)
+    yield from engine.generate(prompt, params, constraint=constraint, cancel=cancel, reuse_prefix=reuse_prefix,
+                               cache_key=cache_key, blocking=blocking)

@@ -1,0 +1,52 @@
+"""Per-sequence sampling: one llama.cpp sampler chain per generation, reading its own logits row.
+
+The chain itself (temperature, top_p, the seeded draw and whatever other settings
+SamplingParams carries) is built by `edge_qwen.engine.generate._sampler`, so every setting
+added there applies to every sequence of the batched engine. This module applies it to one
+row of a batch: the constraint masks that row in place, then llama.cpp samples from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .generate import Constraint, SamplingParams, _sampler
+
+
+class SequenceSampler:
+    """The sampler chain of one sequence (freed with `free()`; the engine thread is its only user)."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int):
+        self.chain = _sampler(params)
+        self.n_vocab = n_vocab
+
+    def sample(self, ctx: Any, row: int, constraint: Constraint | None = None) -> int:
+        """Sample the next token from logits row `row` of the last llama_decode.
+
+        The constraint masks that row in place (llama.cpp keeps the logits of the batch until
+        the next decode), so the chain sees only the tokens the grammar allows.
+        """
+        import llama_cpp
+
+        if constraint is not None:
+            import numpy as np
+
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,))
+            constraint.mask_logits(logits)
+        # llama_sampler_sample also accepts the token into the chain (penalty history, grammar).
+        return int(llama_cpp.llama_sampler_sample(self.chain, ctx, row))
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        """Tell the chain about tokens that were not sampled (forced by a constraint)."""
+        import llama_cpp
+
+        for t in tokens:
+            llama_cpp.llama_sampler_accept(self.chain, int(t))
+
+    def free(self) -> None:
+        import llama_cpp
+
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
