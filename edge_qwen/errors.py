@@ -41,6 +41,23 @@ class OutputExistsError(EdgeQwenError):
     code = "output_exists"
 
 
+class OutputWriteError(EdgeQwenError):
+    """An output cannot be written: read-only or missing folder, permission, full disk, size limit.
+
+    The message names the path and the problem; nothing is left under the final name.
+    """
+
+    status = 500
+    type = "server_error"
+    code = "output_write_failed"
+
+
+class DiskSpaceError(OutputWriteError):
+    """Not enough free space for an output (found before the work, or when the disk filled up)."""
+
+    code = "insufficient_storage"
+
+
 class SchemaError(EdgeQwenError):
     """A JSON schema is invalid or uses keywords the engine cannot enforce."""
 

@@ -106,7 +106,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str
 
     p = Path(path)
     if not p.exists():
-        raise ModelFileError(f"{p} does not exist; give the path of a GGUF model file")
+        from .files import missing_path_note
+
+        raise ModelFileError(f"{p} does not exist ({missing_path_note(p)}); give the path of a GGUF model file")
     if p.is_dir():
         raise ModelFileError(f"{p} is a folder, not a GGUF file (to convert a Hugging Face folder use `edge-qwen convert`)")
     size = p.stat().st_size

@@ -7,13 +7,14 @@ pulled repo without touching the network. huggingface_hub is imported only insid
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError, EdgeQwenError, ModelNotFoundError
+from .errors import CheckpointError, DiskSpaceError, EdgeQwenError, ModelNotFoundError, OutputWriteError
 from .store import hf_cache_dir
 
 # What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
@@ -42,6 +43,13 @@ def _check_repo_id(repo_id: str) -> None:
             f"{repo_id!r} is not a Hugging Face repo id; give it as ORG/NAME, e.g. Qwen/Qwen2.5-0.5B-Instruct",
             param="repo_id",
         )
+
+
+def is_pulled(repo_id: str) -> bool:
+    """Whether the store's HF cache has a folder for `repo_id` (complete or not); no network."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", repo_id or "") or ".." in repo_id:
+        return False
+    return _repo_folder(repo_id).is_dir()
 
 
 def snapshot_path(repo_id: str, revision: str | None = None) -> Path:
@@ -181,10 +189,23 @@ def _missing_summary(e: Exception) -> str:
     return m.group(1) if m else "some files are missing"
 
 
+# OSError numbers that mean the store cannot be written (not a network failure).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.ENOTDIR, errno.EMFILE, errno.ENAMETOOLONG}
+
+
 def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> EdgeQwenError:
     """huggingface_hub's exceptions -> one-line errors that say what to do."""
     from huggingface_hub import errors as hf
 
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS and not isinstance(e, hf.HfHubHTTPError):
+        from .files import os_problem
+
+        what, todo = os_problem(e)
+        where = e.filename if isinstance(e.filename, str) and e.filename else hf_cache_dir()
+        cls = DiskSpaceError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else OutputWriteError
+        return cls(f"cannot write {where} while pulling {repo_id}: {what}; {todo} (or set EDGE_QWEN_HOME to "
+                   "a folder on another disk); run the pull again to resume it")
     where = _endpoint()
     status = getattr(getattr(e, "response", None), "status_code", None)
     if isinstance(e, hf.GatedRepoError):
@@ -225,6 +246,35 @@ def _translate(e: Exception, repo_id: str, revision: str, offline: bool) -> Edge
                          "run the pull again to resume it", code="hub_error")
 
 
+def _check_pull_space(repo_id: str, revision: str, token: str | None, blobs_present: set[str]) -> None:
+    """Refuse a pull whose missing files do not fit the store's disk, before downloading any.
+
+    The sizes come from the repo's file listing (one small request; `snapshot_download` makes
+    the same). If the listing cannot be had, nothing is checked here: the download that
+    follows reports the network problem, and a disk that fills up is still one clear error.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    from .files import check_free_space
+
+    try:
+        entries = [f for f in HfApi(endpoint=_endpoint(), token=token).list_repo_tree(
+            repo_id, revision=revision, recursive=False) if getattr(f, "size", None) is not None]
+    except Exception:  # noqa: BLE001 -- best effort: snapshot_download reports the real error next
+        return
+    wanted = filter_repo_objects(entries, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                                 key=lambda f: f.path)
+    need = 0
+    for f in wanted:
+        blob = f.lfs.sha256 if getattr(f, "lfs", None) else getattr(f, "blob_id", None)
+        if blob not in blobs_present:
+            need += int(f.size)
+    if need:
+        check_free_space(hf_cache_dir() / "blobs", need, advice="free some space, or set EDGE_QWEN_HOME to a "
+                         "folder on a disk with room")
+
+
 def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False) -> PullResult:
     """Download a Hugging Face checkpoint repo into the model store (resuming what is already there).
 
@@ -232,6 +282,10 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
     HF_TOKEN (or `token`) and HF_HUB_OFFLINE (offline: the cached snapshot is used if complete).
     Warns (in `PullResult.warnings`) when config.json's architecture is not Qwen2ForCausalLM.
     """
+    local = Path(repo_id).expanduser()
+    if local.is_dir() and (local / "config.json").is_file():
+        raise EdgeQwenError(f"{repo_id} is a checkpoint folder on this machine, not a Hub repo to pull; "
+                            f"convert it directly: edge-qwen convert {repo_id}", param="repo_id")
     _check_repo_id(repo_id)
     rev = revision or "main"
     offline = _offline()
@@ -240,11 +294,17 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
 
     folder = _repo_folder(repo_id)
     blobs_before, files_before = _cache_state(folder)
+    try:
+        hf_cache_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _translate(e, repo_id, rev, offline) from None
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; follow the environment as it is now,
     # and put the library's setting back afterwards for whoever else uses it in this process.
     was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
     bar = _tqdm_class(quiet)
     try:
+        if not offline:
+            _check_pull_space(repo_id, rev, token or os.environ.get("HF_TOKEN") or None, blobs_before)
         path = huggingface_hub.snapshot_download(
             repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,

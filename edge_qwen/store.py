@@ -14,7 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import ModelFileError, OutputWriteError
 from .files import atomic_output, sha256_file
 
 
@@ -47,18 +47,27 @@ def home() -> Path:
     return root
 
 
+def _store_folder(name: str) -> Path:
+    d = home() / name
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .files import os_problem
+
+        what, _todo = os_problem(e)
+        raise OutputWriteError(f"cannot create the model store folder {d}: {what}; set EDGE_QWEN_HOME to a "
+                               "folder you can write to") from None
+    return d
+
+
 def models_dir() -> Path:
     """Folder for GGUF files in the store (created on demand)."""
-    d = home() / "models"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return _store_folder("models")
 
 
 def checkpoints_dir() -> Path:
     """Folder for rebuilt Hugging Face checkpoints (created on demand)."""
-    d = home() / "checkpoints"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return _store_folder("checkpoints")
 
 
 def hf_cache_dir() -> Path:
@@ -97,7 +106,7 @@ def default_model_path(assemble: bool = True, quiet: bool = True) -> Path:
     from .progress import progress
 
     total = sum(p.stat().st_size for p in parts)
-    with atomic_output(target, force=True) as tmp:
+    with atomic_output(target, force=True, expected_size=total) as tmp:
         with open(tmp, "wb") as out, progress(total, "assembling default model", "B", quiet,
                                               unit_scale=True) as bar:
             for p in parts:
@@ -128,12 +137,15 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     p = Path(model).expanduser()
     if p.exists():
         return p
-    for cand in (models_dir() / str(model), models_dir() / f"{model}.gguf"):
+    store = home() / "models"  # looked in, not created: a lookup writes nothing
+    for cand in (store / str(model), store / f"{model}.gguf"):
         if cand.is_file():
             return cand
     from .errors import ModelNotFoundError
+    from .files import missing_path_note
 
+    # Say what is missing on disk first (a mistyped path is the likelier mistake), then the store.
     raise ModelNotFoundError(
-        f"model {str(model)!r} is neither a file nor a model in the store ({models_dir()}); "
+        f"model {str(model)!r} is neither a file ({missing_path_note(p)}) nor a model in the store ({store}); "
         "give a GGUF path or run `edge-qwen models` to list the store"
     )

@@ -180,6 +180,23 @@ def _save_row(path: Path, row: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(row, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
+def _check_writable(out: Path, mdir: Path, n_params: int, qtypes: list[Any], keep_models: bool) -> None:
+    """Fail before any quantizing when the results folder cannot be written or the models cannot fit.
+
+    Each quantized model is deleted once measured (unless `keep_models`), so the largest one
+    must fit; with `keep_models`, all of them. Sizes are nominal bits per weight (a lower bound).
+    """
+    from ..files import check_free_space, check_output, write_error
+
+    try:
+        (out / "types").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(e, out / "types") from None
+    check_output(out / "types" / ".probe", force=True)  # read-only folder: refused here; stale partials go
+    sizes = [int(n_params * q.bits_per_weight / 8) for q in qtypes]
+    check_free_space(mdir / "model.gguf", sum(sizes) if keep_models else max(sizes))
+
+
 def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: str | os.PathLike = "bench",
               quick: bool = False, imatrix: str | os.PathLike | None = None, resume: bool = True,
               quiet: bool = False, keep_models: bool = False,
@@ -205,11 +222,11 @@ def run_sweep(f16_path: str | os.PathLike, types: Any = DEFAULT_TYPES, out_dir: 
         raise BenchError(f"no quantized types to measure in {types!r}; give e.g. --types Q8_0,Q4_K_M")
     settings = QUICK if quick else FULL
     out = Path(out_dir)
-    (out / "types").mkdir(parents=True, exist_ok=True)
+    mdir = Path(models_dir) if models_dir is not None else out / "models"
+    _check_writable(out, mdir, info.n_params, qtypes, keep_models)
     stamp = {"version": RESULT_VERSION, "reference": ref.name, "reference_size": info.size,
              "settings": asdict(settings), "imatrix": Path(imatrix).name if imatrix else None}
     ref_label = _reference_label(info)
-    mdir = Path(models_dir) if models_dir is not None else out / "models"
     names = [ref_label] + [q.name for q in qtypes]
     done = {n: (_load_done(out / "types" / f"{n}.json", stamp) if resume else None) for n in names}
     todo = [n for n in names if done[n] is None]

@@ -34,6 +34,12 @@ class EdgeQwenGroup(click.Group):
             return super().invoke(ctx)
         except EdgeQwenError as e:
             raise click.ClickException(e.message) from None
+        except OSError as e:
+            # A file system problem no library call turned into its own error (a full disk, a
+            # read-only or unreadable folder): one line naming the path and the problem.
+            from ..files import describe_os_error
+
+            raise click.ClickException(describe_os_error(e)) from None
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelFileError
+from ..errors import EdgeQwenError, ModelFileError
 
 DTYPES = ("f32", "f16", "bf16")
 _ST_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
@@ -186,11 +186,23 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         shards[-1].append(item)
         size += nbytes
 
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    from ..files import check_free_space, partial_path, remove_quietly, remove_stale_partials, write_error
+
+    total = sum(int(np.prod(p[2])) * width for p in plan)
+    tmp = partial_path(out)
     try:
-        total = sum(int(np.prod(p[2])) * width for p in plan)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(out.parent)  # what runs killed with SIGKILL left behind
+        remove_quietly(tmp)
+        tmp.mkdir()  # a read-only folder fails here, before any work
+    except OSError as e:
+        raise write_error(e, out, tmp) from None
+    try:
+        check_free_space(out, total)  # the weights; the JSON files are small beside them
+    except EdgeQwenError:
+        remove_quietly(tmp)
+        raise
+    try:
         weight_map: dict[str, str] = {}
         with progress(total, f"rebuilding {dtype} checkpoint", "B", quiet, unit_scale=True) as bar:
             for i, shard in enumerate(shards, 1):
@@ -213,7 +225,7 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                             part = data[start:start + _ROWS] if data.ndim > 1 else data
                             rows = gguf.quants.dequantize(part, t.tensor_type)
                             enc = _encode(rows, dtype)
-                            enc.tofile(f)
+                            f.write(memoryview(np.ascontiguousarray(enc)).cast("B"))  # errno kept (tofile drops it)
                             bar.update(enc.nbytes)
         if len(shards) > 1:
             _write_json(tmp / "model.safetensors.index.json",
@@ -224,8 +236,10 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:  # a full disk or a folder gone read-only: one clear error, no partial folder
+        raise write_error(e, out, tmp) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_quietly(tmp)
     return out
 
 

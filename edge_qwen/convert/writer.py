@@ -24,20 +24,28 @@ ARCH = "qwen2"
 
 
 def resolve_source(src: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a repo id ("Qwen/Qwen2.5-0.5B-Instruct") already pulled into the store."""
+    """A local checkpoint folder, or a repo id ("Qwen/Qwen2.5-0.5B-Instruct") already pulled into the store.
+
+    A missing path shaped like a repo id (`ckpt/nope`) is looked up in the store only if it was
+    pulled; otherwise the error says first that no such local folder exists (a mistyped path
+    is the likelier mistake), then how to pull it if it was meant as a repo.
+    """
+    from ..files import missing_path_note
+
     p = Path(src).expanduser()
     if p.exists():
         return p
     text = str(src)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text):
-        try:
-            from ..hub import snapshot_path  # type: ignore[attr-defined]
-        except ImportError:
-            raise CheckpointError(f"{text!r} is not a folder, and this edge-qwen cannot look up pulled repositories; "
-                                  "give the checkpoint folder") from None
-        return Path(snapshot_path(text, revision=None))
-    raise CheckpointError(f"{text!r} is neither a checkpoint folder nor a repo id (org/name); "
-                          "give a Hugging Face checkpoint folder or pull the repository first")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
+        from ..hub import is_pulled, snapshot_path
+
+        if is_pulled(text):
+            return Path(snapshot_path(text, revision=None))
+        raise CheckpointError(f"{text!r} is not a local folder ({missing_path_note(p)}) nor a repo pulled into "
+                              f"the model store; check the path, or if you meant the Hugging Face repo {text}, "
+                              f"run `edge-qwen pull {text}` first")
+    raise CheckpointError(f"{text!r} is neither a checkpoint folder nor a repo id (org/name) "
+                          f"({missing_path_note(p)}); give a Hugging Face checkpoint folder or pull the repository first")
 
 
 def _provenance(ckpt: Checkpoint) -> dict[str, str]:
@@ -142,6 +150,36 @@ def _encode(block: Any, qtype: Any) -> Any:
     return gguf.quants.quantize(np.ascontiguousarray(block, dtype=np.float32), qtype)
 
 
+# Largest magnitude a tensor type can hold: float16 saturates at 65504, and Q8_0 keeps each
+# block's scale (max |x| / 127) in float16.
+_FINITE_LIMIT = {"F16": 65504.0, "Q8_0": 65504.0 * 127}
+
+
+def _check_values(block: Any, ref: Any, qtype: Any, row0: int) -> None:
+    """Refuse NaN/infinite weights, and weights the tensor's type cannot hold, naming the tensor.
+
+    Runs on each chunk as it streams (two reductions over memory already read; no extra pass
+    over the file). A NaN weight makes llama.cpp's logits NaN, and the model then outputs
+    token 0 forever; f16 would silently turn values beyond 65504 into infinities.
+    """
+    import numpy as np
+
+    hi, lo = float(block.max()), float(block.min())
+    if np.isfinite(hi) and np.isfinite(lo):
+        limit = _FINITE_LIMIT.get(qtype.name)
+        if limit is not None and max(hi, -lo) > limit:
+            raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} has values up to {max(hi, -lo):.4g}, "
+                                  f"beyond what {qtype.name} can hold ({limit:.6g}); convert with --outtype bf16 "
+                                  "or f32 (outtype='bf16')")
+        return
+    first = np.argwhere(~np.isfinite(block))[0]
+    where = f"row {row0 + int(first[0])}" if block.ndim > 1 else f"index {int(first[0])}"
+    raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} holds {int(np.isnan(block).sum())} NaN and "
+                          f"{int(np.isinf(block).sum())} infinite values (the first at {where}); the checkpoint is "
+                          "damaged or its training diverged, and a GGUF of it would output garbage: download it again "
+                          "or fix the weights")
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtype: str = "f16",
             force: bool = False, quiet: bool = False, name: str | None = None,
             chunk_bytes: int = 64 << 20) -> Path:
@@ -183,7 +221,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
 
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, expected_size=sum(p[3] for p in plan)) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH)
         try:
             w.add_type(gguf.GGUFType.MODEL)
@@ -217,10 +255,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
             with progress(total, f"converting to {outtype}", "B", quiet, unit_scale=True) as bar:
                 for i, (gguf_name, ref, qtype, nbytes) in enumerate(plan, 1):
                     w.write_padding(fout, fout.tell())
-                    written = 0
+                    written = row0 = 0
                     for block in ref.chunks(chunk_bytes):
+                        _check_values(block, ref, qtype, row0)
+                        row0 += block.shape[0] if block.ndim > 1 else 0
                         data = _encode(block, qtype)
-                        data.tofile(fout)
+                        # fout.write, not ndarray.tofile: tofile reports a full disk without an errno
+                        fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
                         written += data.nbytes
                         bar.update(data.nbytes)
                     if written != nbytes:  # would silently corrupt every later tensor

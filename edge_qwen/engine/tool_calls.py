@@ -50,6 +50,7 @@ class Tools:
     choice: str = "auto"                      # "none" | "auto" | "required" (a named function: "required")
     names: list[str] = field(default_factory=list)   # the functions the model may call now
     parallel: bool = True
+    constrain: bool = True                    # False: tools in the prompt, output left free (measurement only)
 
     @property
     def active(self) -> bool:
@@ -302,6 +303,8 @@ class ToolCallConstraint:
         self._seen_tokens: list[tuple[int, int]] = []  # (character offset in _seen, token)
         self._tagged = False        # the current call was opened by <tool_call>
         self._after_tokens = 0
+        if not tools.constrain:  # measurement mode: the model's own output, nothing masked or forced
+            self.phase, self._watching = "text", False
 
     # the Constraint protocol
     def mask_logits(self, logits: Any) -> None:
@@ -326,6 +329,8 @@ class ToolCallConstraint:
 
     def commit(self, token_id: int) -> list[int]:
         tok = int(token_id)
+        if not self.tools.constrain:
+            return []
         if self.phase == "call":
             forced = self._json.commit(tok)
             return self._after_json(forced)

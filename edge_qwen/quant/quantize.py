@@ -187,6 +187,8 @@ def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: 
             # "converting to" may come on a later line when llama.cpp interjects a message
             # (e.g. "did not find weights for token_embd.weight") in the middle of a tensor's line.
             conv = re.search(r"converting to (\w+)", line) or re.search(r"MiB \((\w+)\)\s*$", line)
+            if "failed to quantize" in line:  # may end a tensor's line, so test it first
+                state["errors"].append(line.strip())
             if m:
                 state["last"] = m.group(3)
                 targets[m.group(3)] = (conv.group(1) if conv else m.group(4)).upper()
@@ -195,7 +197,7 @@ def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: 
                 targets[state["last"]] = conv.group(1).upper()
             elif "falling back to" in line:
                 state["fallbacks"] += 1
-            elif level == 3 or "failed to quantize" in line:
+            elif level == 3 and "failed to quantize" not in line:
                 state["errors"].append(line.strip())
 
         with llama_log(on_line):
@@ -203,11 +205,31 @@ def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: 
     if rc != 0:
         reason = next((e.split("failed to quantize:", 1)[1].strip() for e in reversed(state["errors"])
                        if "failed to quantize:" in e), "; ".join(e for e in state["errors"] if e.strip()) or "unknown")
+        if "iostream" in reason or "write" in reason.lower():  # llama.cpp's C++ streams hide the errno
+            from ..files import output_failure
+
+            raise output_failure(dest, f"llama.cpp could not write it ({reason})")
         if "imatrix" in reason or "importance matrix" in reason:
             raise ImatrixError(f"llama.cpp needs an importance matrix for {q.name} on {src}: {reason}; "
                                "pass --imatrix FILE or --calibration default")
         raise QuantizeError(f"llama.cpp could not quantize {src} to {q.name}: {reason}")
     return targets, state["fallbacks"]
+
+
+def _check_space(dests: list[Path], types: list[QuantType], n_params: int) -> None:
+    """Refuse before llama.cpp starts when the outputs surely cannot fit their disk.
+
+    The estimate is the nominal bits per weight (a lower bound: llama.cpp falls back to larger
+    types for some tensors), so a refusal here is certain; a disk that fills up during the
+    run is still one clear error.
+    """
+    from ..files import check_free_space
+
+    by_folder: dict[Path, list[tuple[Path, int]]] = {}
+    for d, q in zip(dests, types):
+        by_folder.setdefault(d.parent.resolve(), []).append((d, int(n_params * q.bits_per_weight / 8)))
+    for items in by_folder.values():
+        check_free_space(items[0][0], sum(n for _d, n in items))
 
 
 def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: Any = "Q4_K_M",
@@ -241,6 +263,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         if d.resolve() == src.resolve():
             raise QuantTypeError(f"output {d} is the input file; choose another output name", param="out")
         check_output(d, force)
+    _check_space(dests, types, info.n_params)
 
     if imatrix is not None and calibration is not None:
         raise ImatrixError("give either an imatrix (--imatrix) or calibration text to compute one "
@@ -363,7 +386,12 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
     ckpt = Path(checkpoint)
     folder = (Path(out).parent if out and len(types) == 1 and Path(out).suffix == ".gguf"
               else Path(out) if out else models_dir())
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ..files import write_error
+
+        raise write_error(e, folder) from None
     f16 = folder / f"{ckpt.name.replace('/', '-').lower() or 'model'}-f16.gguf"
     existed = f16.exists()
     made = convert(str(checkpoint), f16, outtype="f16", force=force, quiet=quiet)

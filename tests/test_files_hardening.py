@@ -1,0 +1,361 @@
+"""Everything that writes files, under the conditions of a real laptop (issue 10, "Conversion and files").
+
+Every case runs the real `edge-qwen` command in a subprocess, as a user would: a read-only
+output folder, a genuinely full file system (a small tmpfs, where this runs as root), a write
+that hits the file-size limit half way (RLIMIT_FSIZE, everywhere), a run killed with SIGKILL,
+weights holding NaN, and a mistyped relative path. Each must end in one `Error:` line naming
+the path and the problem, and leave nothing behind but what was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_qwen.gguf_file import check_gguf
+
+CLI = [sys.executable, "-c", "from edge_qwen.cli import main; main()"]
+TENSOR = "model.layers.1.mlp.up_proj.weight"  # (512, 256) in the tiny checkpoint
+
+
+def run_cli(*args, cwd: Path | None = None, fsize: int | None = None, env: dict | None = None,
+            timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess; `fsize` caps the size of any file it writes (ulimit -f)."""
+    full = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    full.setdefault("HF_HUB_OFFLINE", "1")
+    full.update(env or {})
+
+    def limit() -> None:
+        # Ignored SIGXFSZ: the write fails with EFBIG instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=full,
+                          timeout=timeout, preexec_fn=limit if fsize is not None else None)
+
+
+def one_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """The single `Error:` line of a failed run (no traceback, exit 1), checked to hold `needles`."""
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, readonly: bool = False):
+    """A real small file system at `path` (root only); yields None where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        yield None
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if r.returncode != 0:
+        yield None
+        return
+    try:
+        if readonly:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_f16(tiny_checkpoint, tmp_path_factory) -> Path:
+    from edge_qwen.convert.writer import convert
+
+    return convert(tiny_checkpoint, tmp_path_factory.mktemp("f16") / "tiny-f16.gguf", quiet=True)
+
+
+def _writers(d: Path, ckpt: Path, f16: Path) -> dict[str, tuple[list, dict]]:
+    """Every command that writes, aimed at folder `d`: (arguments, environment)."""
+    home = {"EDGE_QWEN_HOME": str(d / "home")}
+    return {
+        "convert": (["convert", ckpt, "-o", d / "m.gguf"], {}),
+        "convert --type": (["convert", ckpt, "--type", "Q8_0", "-o", d / "q.gguf"], {}),
+        "convert into the store": (["convert", ckpt], home),
+        "quantize": (["quantize", f16, "-t", "Q8_0", "-o", d / "q.gguf"], {}),
+        "imatrix": (["imatrix", f16, "-o", d / "m.imatrix.gguf", "--chunks", "1"], {}),
+        "rebuild": (["rebuild", f16, d / "ckpt"], {}),
+        "bench": (["bench", f16, "--quick", "--out", d / "bench"], {}),
+        "pull": (["pull", "Qwen/Qwen2.5-0.5B-Instruct"], home),
+        "demo": (["demo"], home),
+    }
+
+
+def test_read_only_folder_is_one_error_line_for_every_writer(tmp_path, tiny_checkpoint, tiny_f16):
+    d = tmp_path / "ro"
+    with tmpfs(d, "4m", readonly=True) as mounted:
+        if mounted is None:
+            if os.geteuid() == 0:
+                pytest.skip("running as root without mount(8): a read-only folder cannot be made here")
+            d.chmod(0o555)
+            problem = "permission denied"
+        else:
+            problem = "read-only"
+        try:
+            for name, (args, env) in _writers(d, tiny_checkpoint, tiny_f16).items():
+                t0 = time.monotonic()
+                line = one_error(run_cli(*args, env=env), problem)
+                assert str(d) in line, (name, line)  # the path is named
+                assert time.monotonic() - t0 < 60, name  # refused before the slow work
+            assert leftovers(d) == []
+        finally:
+            if mounted is None:
+                d.chmod(0o755)
+
+
+def test_full_disk_is_refused_before_the_work(tmp_path, tiny_checkpoint, tiny_f16):
+    """A real 1 MB file system: every writer whose output size is known says so before starting."""
+    d = tmp_path / "full"
+    with tmpfs(d, "1m") as mounted:
+        if mounted is None:
+            pytest.skip("needs root to mount a small tmpfs (the file-size-limit test covers full writes everywhere)")
+        writers = _writers(d, tiny_checkpoint, tiny_f16)
+        for name in ("convert", "convert --type", "convert into the store", "quantize", "rebuild", "bench", "demo"):
+            args, env = writers[name]
+            line = one_error(run_cli(*args, env=env), "needs about", "free", str(d))
+            assert "MB" in line, (name, line)
+        assert [p for p in leftovers(d) if "partial" in p] == []
+        assert not list(d.rglob("*.gguf"))
+
+
+def test_disk_filling_up_during_quantize(tmp_path, tiny_f16):
+    """llama.cpp's writer meets a really full disk half way: one line, not "failed: unknown"."""
+    from edge_qwen.files import SPACE_MARGIN
+    from edge_qwen.quant.types import quant_types
+
+    probe = tmp_path / "probe.gguf"
+    r = run_cli("quantize", tiny_f16, "-t", "Q4_K_M", "-o", probe, "-q")
+    assert r.returncode == 0, r.stderr
+    actual = probe.stat().st_size
+    estimate = int(check_gguf(tiny_f16).n_params * quant_types("Q4_K_M")[0].bits_per_weight / 8) + SPACE_MARGIN
+    # A file system that passes the (lower-bound) check but cannot hold the real file.
+    pages = (estimate + actual) // 2 // 4096
+    assert estimate < pages * 4096 < actual - 4096, (estimate, actual)
+    d = tmp_path / "gap"
+    with tmpfs(d, str(pages * 4096)) as mounted:
+        if mounted is None:
+            pytest.skip("needs root to mount a small tmpfs (the file-size-limit test covers full writes everywhere)")
+        one_error(run_cli("quantize", tiny_f16, "-t", "Q4_K_M", "-o", d / "q.gguf"),
+                  f"cannot write {d / 'q.gguf'}: no space left on the device")
+        assert leftovers(d) == []
+
+
+@pytest.mark.parametrize("name", ["convert", "convert --type", "quantize", "imatrix", "rebuild"])
+def test_write_past_the_file_size_limit(name, tmp_path, tiny_checkpoint, tiny_f16):
+    """Each writer hits a real EFBIG in the middle of its output (RLIMIT_FSIZE): one line, no partial file."""
+    d = tmp_path / "out"
+    d.mkdir()
+    args, env = _writers(d, tiny_checkpoint, tiny_f16)[name]
+    one_error(run_cli(*args, env=env, fsize=8192), "cannot write", "file-size limit")
+    assert leftovers(d) == []
+
+
+def test_pull_into_a_full_or_limited_store(tmp_path, tiny_checkpoint):
+    """`pull` over real HTTP (the local Hub stand-in): a store too small is refused before downloading,
+    a download cut by the file-size limit is one line, and the next pull completes it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hubstub import HubStub
+
+    stub = HubStub().start()
+    try:
+        files = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir() if p.is_file()}
+        stub.add_commit("acme/tiny-qwen2", files)
+        online = {"HF_ENDPOINT": stub.endpoint, "HF_HUB_OFFLINE": "0"}
+        small = tmp_path / "small"
+        with tmpfs(small, "1m") as mounted:
+            if mounted is not None:
+                line = one_error(run_cli("pull", "acme/tiny-qwen2", env={**online, "EDGE_QWEN_HOME": str(small)}),
+                                 "needs about", "EDGE_QWEN_HOME")
+                assert "2.9 MB" in line
+                assert not any(p.name == "model.safetensors" for p in small.rglob("*"))
+        home = tmp_path / "home"
+        env = {**online, "EDGE_QWEN_HOME": str(home)}
+        one_error(run_cli("pull", "acme/tiny-qwen2", env=env, fsize=1 << 20),
+                  "while pulling acme/tiny-qwen2", "file-size limit", "run the pull again")
+        r = run_cli("pull", "acme/tiny-qwen2", env=env)
+        assert r.returncode == 0, r.stderr
+    finally:
+        stub.stop()
+    r = run_cli("convert", "acme/tiny-qwen2", "-o", tmp_path / "pulled.gguf", "-q", env={"EDGE_QWEN_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+
+
+# --- runs killed with SIGKILL ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint's tokenizer with wider layers (f16, ~90 MB): converting it to f32 takes
+    long enough to catch the process in the middle of writing."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from edge_qwen.convert.checkpoint import read_safetensors_header
+
+    out = tmp_path_factory.mktemp("big") / "wide-qwen2"
+    shutil.copytree(tiny_checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    h, i = config["hidden_size"], config["intermediate_size"]
+    wide = {h: 1024, i: 2816}
+    config.update(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_hidden_layers=4)
+    (out / "config.json").write_text(json.dumps(config))
+    header, _ = read_safetensors_header(out / "model.safetensors")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shape = tuple(wide.get(d, d) for d in info["shape"])
+        if "embed_tokens" in name or "lm_head" in name:  # (vocab, hidden): the vocab may equal a width
+            shape = (info["shape"][0], 1024)
+        names = [name.replace("layers.1.", f"layers.{b}.") for b in (1, 2, 3)] if ".layers.1." in name else [name]
+        for n in names:
+            tensors[n] = np.full(shape, 0.01, dtype=np.float16)
+    (out / "model.safetensors").unlink()
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+def _start_convert(src: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(CLI + ["convert", str(src), "--outtype", "f32", "-o", str(out), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _partial_being_written(proc: subprocess.Popen, out: Path) -> Path:
+    partial = out.with_name(f".{out.name}.partial-{proc.pid}")
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > (1 << 20)):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the conversion never started writing"
+        time.sleep(0.002)
+    return partial
+
+
+def test_partial_files_of_killed_runs_are_removed_by_the_next(tmp_path, big_checkpoint, tiny_checkpoint):
+    d = tmp_path / "out"
+    d.mkdir()
+    procs = []
+    try:
+        live = _start_convert(big_checkpoint, d / "live.gguf")
+        procs.append(live)
+        live_partial = _partial_being_written(live, d / "live.gguf")
+        os.kill(live.pid, signal.SIGSTOP)  # a live writer, paused mid-file
+        killed = _start_convert(big_checkpoint, d / "killed.gguf")
+        procs.append(killed)
+        killed_partial = _partial_being_written(killed, d / "killed.gguf")
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(30)
+        assert killed_partial.exists() and not (d / "killed.gguf").exists()  # what SIGKILL leaves
+        # A partial whose pid now belongs to a process started after the file was written (pid reuse).
+        sleeper = subprocess.Popen(["sleep", "120"])
+        procs.append(sleeper)
+        reused = d / f".old.gguf.partial-{sleeper.pid}"
+        reused.write_bytes(b"\0" * 4096)
+        os.utime(reused, (time.time() - 3600,) * 2)
+
+        r = run_cli("convert", tiny_checkpoint, "-o", d / "next.gguf", "-q")
+        assert r.returncode == 0, r.stderr
+        assert not killed_partial.exists() and not reused.exists()
+        assert live_partial.exists()  # never a live process's file
+        os.kill(live.pid, signal.SIGCONT)
+        assert live.wait(300) == 0, live.stderr.read().decode()
+        assert not live_partial.exists()
+        assert check_gguf(d / "live.gguf").n_tensors > 0 and check_gguf(d / "next.gguf").n_tensors > 0
+        assert leftovers(d) == ["live.gguf", "next.gguf"]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+                p.wait(30)
+
+
+# --- broken weights --------------------------------------------------------------------------
+
+def _poisoned(src: Path, dst: Path, index: int, value: bytes) -> Path:
+    """A copy of the bf16 checkpoint `src` with one value of TENSOR replaced by the bf16 bytes `value`."""
+    from edge_qwen.convert.checkpoint import read_safetensors_header
+
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    header, start = read_safetensors_header(f)
+    info = header[TENSOR]
+    assert info["dtype"] == "BF16"
+    with open(f, "r+b") as fh:
+        fh.seek(start + info["data_offsets"][0] + 2 * index)
+        fh.write(value)
+    return dst
+
+
+@pytest.mark.parametrize("value,outtype,needle", [
+    (b"\xc0\x7f", "f16", "holds 1 NaN and 0 infinite values (the first at row 300)"),
+    (b"\x80\x7f", "bf16", "holds 0 NaN and 1 infinite values (the first at row 300)"),
+    (b"\x80\xff", "q8_0", "holds 0 NaN and 1 infinite values (the first at row 300)"),
+    (b"\xc3\x47", "f16", "has values up to 9.984e+04, beyond what F16 can hold"),  # 99840 in bf16
+])
+def test_broken_weights_are_refused_with_the_tensor_name(value, outtype, needle, tmp_path, tiny_checkpoint):
+    src = _poisoned(tiny_checkpoint, tmp_path / "ckpt", 300 * 256 + 7, value)
+    d = tmp_path / "out"
+    d.mkdir()
+    one_error(run_cli("convert", src, "--outtype", outtype, "-o", d / "m.gguf"), f"tensor '{TENSOR}'", needle)
+    assert leftovers(d) == []
+
+
+def test_weights_f16_cannot_hold_convert_to_bf16(tmp_path, tiny_checkpoint):
+    src = _poisoned(tiny_checkpoint, tmp_path / "ckpt", 5, b"\xc3\x47")
+    r = run_cli("convert", src, "--outtype", "bf16", "-o", tmp_path / "m.gguf", "-q")
+    assert r.returncode == 0, r.stderr
+
+
+def test_nan_found_in_a_later_chunk_of_a_streamed_tensor(tmp_path, tiny_checkpoint):
+    """Checked chunk by chunk as the tensor streams: the row is counted across chunks."""
+    from edge_qwen.convert.writer import convert
+    from edge_qwen.errors import CheckpointError
+
+    src = _poisoned(tiny_checkpoint, tmp_path / "ckpt", 450 * 256, b"\xc0\x7f")
+    with pytest.raises(CheckpointError, match=rf"'{TENSOR}'.*1 NaN.*the first at row 450\)"):
+        convert(src, tmp_path / "m.gguf", chunk_bytes=64 * 256 * 4, quiet=True)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial*"))
+
+
+# --- mistyped paths --------------------------------------------------------------------------
+
+def test_mistyped_relative_checkpoint_path_says_so_first(tmp_path):
+    (tmp_path / "ckpt" / "qwen-small").mkdir(parents=True)
+    env = {"EDGE_QWEN_HOME": str(tmp_path / "home")}
+    line = one_error(run_cli("convert", "ckpt/qwen-smal", cwd=tmp_path, env=env),
+                     "'ckpt/qwen-smal' is not a local folder", "did you mean 'qwen-small'?",
+                     "edge-qwen pull ckpt/qwen-smal")
+    assert line.index("not a local folder") < line.index("edge-qwen pull")
+    one_error(run_cli("convert", "chkpt/qwen-small", cwd=tmp_path, env=env),
+              f"is not a local folder ({tmp_path / 'chkpt'} does not exist)")
+    assert not (tmp_path / "home" / "models").exists()
+
+
+def test_mistyped_model_paths_name_what_is_missing(tmp_path, tiny_f16):
+    (tmp_path / "models").mkdir()
+    shutil.copy(tiny_f16, tmp_path / "models" / "tiny-f16.gguf")
+    env = {"EDGE_QWEN_HOME": str(tmp_path / "home")}
+    typo = "models/tiny-f61.gguf"
+    for args in (["quantize", typo], ["imatrix", typo], ["bench", typo, "--quick"], ["chat", typo, "hi"],
+                 ["serve", typo], ["inspect", typo], ["rebuild", typo, "ckpt"]):
+        one_error(run_cli(*args, cwd=tmp_path, env=env), "tiny-f61.gguf", "did you mean 'tiny-f16.gguf'?")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
