@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("qwen2",)
+SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen2vl")  # the Qwen family (issue 14)
 
 
 @dataclass
@@ -185,7 +185,8 @@ def check_gguf(path: str | os.PathLike, architectures: tuple[str, ...] | None = 
         raise ModelFileError(f"{p} has no general.architecture key; it is not a model file llama.cpp can load")
     if architectures is not None and arch not in architectures:
         raise ModelFileError(
-            f"{p} is a {arch!r} model; edge-qwen supports {', '.join(architectures)} (Qwen2 / Qwen2.5) only"
+            f"{p} is a {arch!r} model; edge-qwen supports {', '.join(architectures)} (the Qwen family) only"
+            + ("; a 'clip' file is a vision projector: pass it as --mmproj next to its model" if arch == "clip" else "")
         )
     types: dict[str, int] = {}
     n_params = 0

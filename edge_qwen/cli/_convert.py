@@ -21,20 +21,27 @@ from .options import force_option, quiet_option
               help="With --type: importance matrix file to quantize with.")
 @click.option("--calibration", default=None, metavar="FILE|default",
               help="With --type: compute an importance matrix from this text first.")
+@click.option("--mmproj", is_flag=True,
+              help="Write the vision tower of a Qwen2.5-VL checkpoint (the mmproj GGUF for --mmproj) "
+                   "instead of its text model.")
 @force_option
 @quiet_option
 def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix: str | None,
-            calibration: str | None, force: bool, quiet: bool) -> None:
-    """Convert a Hugging Face Qwen2 checkpoint (folder or pulled repo id) to GGUF.
+            calibration: str | None, mmproj: bool, force: bool, quiet: bool) -> None:
+    """Convert a Hugging Face Qwen checkpoint (folder or pulled repo id) to GGUF.
 
-    With --type, quantize the converted model in the same step.
+    Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE and Qwen2.5-VL (text model; --mmproj for its
+    vision tower). With --type, quantize the converted model in the same step.
     """
+    if mmproj and qtype is not None:
+        raise click.BadParameter("a vision tower (--mmproj) is not quantized; use --outtype f16 or q8_0",
+                                 param_hint="--type")
     if qtype is None:
         if imatrix or calibration:
             raise click.BadParameter("--imatrix and --calibration need --type", param_hint="--type")
         from ..convert.writer import convert as run_convert
 
-        path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet)
+        path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet, mmproj=mmproj)
         if not quiet:
             click.echo(f"wrote {path}")
         return

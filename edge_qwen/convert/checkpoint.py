@@ -1,4 +1,4 @@
-"""Reading and validating Hugging Face Qwen2 checkpoint folders, tensor by tensor.
+"""Reading and validating Hugging Face Qwen checkpoint folders, tensor by tensor.
 
 A checkpoint is config.json plus one `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Safetensors headers are parsed here (not by the safetensors
@@ -6,8 +6,9 @@ package) so a missing or truncated shard is reported by name before any work sta
 tensor data is read from memory maps in row chunks: converting never holds more than one
 chunk of one tensor in memory, whatever the model size.
 
-This module also owns the Qwen2 tensor layout: the ONE table that maps Hugging Face tensor
-names to GGUF tensor names, with the shape each must have for a given config.
+The tensor tables (Hugging Face name -> GGUF name and shape) live in `archs/`, one module per
+architecture; this module checks a folder against its table and plans each GGUF tensor as the
+pieces of checkpoint tensors it is streamed from.
 """
 
 from __future__ import annotations
@@ -22,37 +23,21 @@ from typing import Any
 
 from ..errors import CheckpointError
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype name -> (numpy dtype name used to read the raw bytes, bytes per value)
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("uint16", 2)}
+# Newer transformers save a VL model's parts under these prefixes; llama.cpp reads both spellings.
+_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
-# The Qwen2 tensor table. Each row: Hugging Face name ("{bid}" = block number), the GGUF
-# tensor (gguf.MODEL_TENSOR member name, turned into a name by gguf.TENSOR_NAMES), the GGUF
-# suffix, and the shape as a function of the config's sizes (see `_sizes`).
-QWEN2_TENSORS: tuple[tuple[str, str, str, str], ...] = (
-    ("model.embed_tokens.weight", "TOKEN_EMBD", "weight", "V,H"),
-    ("model.norm.weight", "OUTPUT_NORM", "weight", "H"),
-    ("lm_head.weight", "OUTPUT", "weight", "V,H"),
-    ("model.layers.{bid}.input_layernorm.weight", "ATTN_NORM", "weight", "H"),
-    ("model.layers.{bid}.self_attn.q_proj.weight", "ATTN_Q", "weight", "Q,H"),
-    ("model.layers.{bid}.self_attn.q_proj.bias", "ATTN_Q", "bias", "Q"),
-    ("model.layers.{bid}.self_attn.k_proj.weight", "ATTN_K", "weight", "KV,H"),
-    ("model.layers.{bid}.self_attn.k_proj.bias", "ATTN_K", "bias", "KV"),
-    ("model.layers.{bid}.self_attn.v_proj.weight", "ATTN_V", "weight", "KV,H"),
-    ("model.layers.{bid}.self_attn.v_proj.bias", "ATTN_V", "bias", "KV"),
-    ("model.layers.{bid}.self_attn.o_proj.weight", "ATTN_OUT", "weight", "H,Q"),
-    ("model.layers.{bid}.post_attention_layernorm.weight", "FFN_NORM", "weight", "H"),
-    ("model.layers.{bid}.mlp.gate_proj.weight", "FFN_GATE", "weight", "I,H"),
-    ("model.layers.{bid}.mlp.up_proj.weight", "FFN_UP", "weight", "I,H"),
-    ("model.layers.{bid}.mlp.down_proj.weight", "FFN_DOWN", "weight", "H,I"),
-)
-# Tensors a checkpoint may hold that are deliberately not written, and why.
-SKIPPED_TENSORS: dict[str, str] = {
-    "lm_head.weight": "tied to model.embed_tokens.weight (tie_word_embeddings: true); llama.cpp reuses token_embd",
-    "model.layers.{bid}.self_attn.rotary_emb.inv_freq": "rotary frequencies are recomputed by llama.cpp from rope_theta",
-}
+
+def __getattr__(name: str) -> Any:
+    # the Qwen2 table moved to archs/qwen2.py; old names still resolve
+    if name == "SUPPORTED_ARCHITECTURES":
+        from .archs import supported_architectures
+
+        return supported_architectures()
+    raise AttributeError(name)
 
 
 @dataclass
@@ -69,21 +54,23 @@ class TensorRef:
     def nbytes(self) -> int:
         return _DTYPES[self.dtype][1] * _numel(self.shape)
 
-    def chunks(self, max_bytes: int = 64 << 20) -> Iterator[Any]:
-        """Yield float32 row blocks of the tensor (2-D: rows of the first axis), read via mmap.
+    def chunks(self, max_bytes: int = 64 << 20, rows: tuple[int, int] | None = None) -> Iterator[Any]:
+        """Yield float32 row blocks of the tensor (rows of the first axis), read via mmap.
 
-        Each block's memory map is dropped before the next one is made, so resident memory
-        stays at one block however large the tensor is. bf16 is widened exactly to float32.
+        `rows` limits the blocks to rows [start, stop) (the elements of a 1-D tensor). Each
+        block's memory map is dropped before the next one is made, so resident memory stays at
+        one block however large the tensor is. bf16 is widened exactly to float32.
         """
         import numpy as np
 
         np_dtype, size = _DTYPES[self.dtype]
         shape = self.shape if self.shape else (1,)
-        row = _numel(shape[1:]) if len(shape) > 1 else _numel(shape)
-        rows = shape[0] if len(shape) > 1 else 1
+        one_d = len(shape) == 1
+        row = 1 if one_d else _numel(shape[1:])
+        begin, end = rows if rows is not None else (0, shape[0])
         step = max(1, max_bytes // max(row * 4, 1))
-        for start in range(0, rows, step):
-            n = min(step, rows - start)
+        for start in range(begin, end, step):
+            n = min(step, end - start)
             mm = np.memmap(self.file, dtype=np_dtype, mode="r", offset=self.offset + start * row * size,
                            shape=(n * row,))
             if self.dtype == "BF16":
@@ -91,7 +78,7 @@ class TensorRef:
             else:
                 block = mm.astype(np.float32)
             del mm
-            yield block.reshape((n,) + tuple(shape[1:])) if len(shape) > 1 else block.reshape(shape)
+            yield block if one_d else block.reshape((n,) + tuple(shape[1:]))
 
     def read(self) -> Any:
         """The whole tensor as float32 (for small tensors and tests)."""
@@ -103,20 +90,66 @@ class TensorRef:
 
 @dataclass
 class Checkpoint:
-    """A validated checkpoint folder: its config and every tensor, in file order."""
+    """A validated checkpoint folder: its config, architecture table and every tensor, in file order.
+
+    `part` is "model" (the text model) or "mmproj" (the vision tower of a VL checkpoint).
+    """
 
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorRef] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    arch: Any = None  # archs.Architecture
+    part: str = "model"
 
     @property
     def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", False))
+        from .archs import text_config
+
+        return bool(text_config(self.config).get("tie_word_embeddings", False))
 
     @property
     def largest_tensor_bytes(self) -> int:
         return max((t.nbytes for t in self.tensors.values()), default=0)
+
+
+@dataclass
+class Piece:
+    """Part of one checkpoint tensor: all of it, a row block ("rows:i/n") or an axis-2 slice ("t:i")."""
+
+    ref: TensorRef
+    take: str | None = None
+
+
+@dataclass
+class TensorSource:
+    """One GGUF tensor as the checkpoint pieces it streams from, in order (experts: expert 0 first)."""
+
+    name: str  # the Hugging Face name, for messages ("{0..7}" for stacked experts)
+    gguf_name: str
+    shape: tuple[int, ...]  # numpy order
+    pieces: list[Piece]
+    row: Any  # the archs.Row it comes from
+
+    @property
+    def file(self) -> Path:
+        return self.pieces[0].ref.file
+
+    def chunks(self, max_bytes: int = 64 << 20) -> Iterator[Any]:
+        """float32 row blocks of the GGUF tensor, in the order its bytes are laid out."""
+        import numpy as np
+
+        for piece in self.pieces:
+            ref, take = piece.ref, piece.take
+            if take is None:
+                yield from ref.chunks(max_bytes)
+            elif take.startswith("rows:"):
+                i, n = (int(x) for x in take[5:].split("/"))
+                per = ref.shape[0] // n
+                yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per))
+            else:  # "t:i": a patch convolution, small enough to read whole
+                t = int(take[2:])
+                yield np.ascontiguousarray(ref.read()[:, :, t])
 
 
 def _numel(shape) -> int:
@@ -126,35 +159,61 @@ def _numel(shape) -> int:
     return n
 
 
-def _sizes(config: dict[str, Any], path: Path) -> dict[str, int]:
-    """The dimensions the tensor table's shapes refer to, checked for presence and type."""
-    def need(key: str) -> int:
-        v = config.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise CheckpointError(f"{path / 'config.json'}: key {key!r} must be a positive integer, got {v!r}; "
-                                  "fix config.json (it should come with the checkpoint)")
-        return v
-
-    h, nh = need("hidden_size"), need("num_attention_heads")
-    nkv = config.get("num_key_value_heads") or nh
-    head_dim = config.get("head_dim") or h // nh
-    return {"V": need("vocab_size"), "H": h, "I": need("intermediate_size"), "L": need("num_hidden_layers"),
-            "Q": nh * head_dim, "KV": int(nkv) * head_dim}
+def canonical_name(name: str) -> str:
+    """A tensor name in the published layout (newer transformers nest the VL parts under model.)."""
+    for old, new in _ALIASES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
 
 
-def expected_tensors(config: dict[str, Any], path: Path = Path(".")) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Hugging Face tensor name -> (GGUF tensor name, expected shape) for a Qwen2 config."""
-    import gguf
+def _blocks(row: Any, sizes: dict[str, int], key: str) -> list[int | None]:
+    return list(range(sizes[key])) if "{bid}" in row.hf else [None]
 
-    sizes = _sizes(config, path)
+
+def expected_tensors(config: dict[str, Any], path: Path = Path("."), part: str = "model"
+                     ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Hugging Face tensor name -> (GGUF tensor name, shape the checkpoint tensor must have).
+
+    A Hugging Face tensor split into several GGUF tensors (a fused qkv) maps to the first.
+    """
+    from .archs import find_architecture
+
+    arch = find_architecture(config, path, part)
+    sizes = arch.sizes(config, path)
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for hf, kind, suffix, dims in QWEN2_TENSORS:
-        gguf_name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[kind]] + "." + suffix
-        shape = tuple(sizes[d] for d in dims.split(","))
-        blocks = range(sizes["L"]) if "{bid}" in hf else [None]
-        for b in blocks:
-            out[hf.format(bid=b)] = (gguf_name.format(bid=b), shape)
+    for row in arch.tensors:
+        for b in _blocks(row, sizes, arch.blocks_key):
+            xids = range(sizes["E"]) if "{xid}" in row.hf else [None]
+            for x in xids:
+                out.setdefault(row.hf.format(bid=b, xid=x), (row.gguf_name(b), row.hf_shape(sizes)))
     return out
+
+
+def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
+    """Every GGUF tensor to write, block by block, with the checkpoint pieces it is made of.
+
+    `lm_head.weight` is planned whenever the checkpoint stores it, tied or not: llama.cpp's
+    converter writes it too, and llama.cpp then uses it instead of the embedding.
+    """
+    arch = ckpt.arch
+    sizes = arch.sizes(ckpt.config, ckpt.path)
+    plan: list[tuple[int, TensorSource]] = []
+    for order, row in enumerate(arch.tensors):
+        for b in _blocks(row, sizes, arch.blocks_key):
+            name = row.hf.format(bid=b, xid="{xid}")
+            if "{xid}" in row.hf:
+                refs = [ckpt.tensors[name.format(xid=x)] for x in range(sizes["E"])]
+                label = name.replace("{xid}", f"{{0..{sizes['E'] - 1}}}")
+            else:
+                if name not in ckpt.tensors:  # only lm_head of a tied checkpoint (checked in _validate)
+                    continue
+                refs, label = [ckpt.tensors[name]], name
+            shape = tuple(sizes[d] for d in row.shape.split(","))
+            src = TensorSource(label, row.gguf_name(b), shape, [Piece(r, row.take) for r in refs], row)
+            plan.append(((-1 if b is None else b), order, src))  # type: ignore[arg-type]
+    plan.sort(key=lambda item: (item[0], item[1]))
+    return [src for *_k, src in plan]
 
 
 def read_json_file(file: Path) -> Any:
@@ -167,6 +226,8 @@ def read_json_file(file: Path) -> Any:
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """config.json of a checkpoint folder, refused unless it describes a supported architecture."""
+    from .archs import find_architecture
+
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is not a folder; give a Hugging Face checkpoint folder "
@@ -178,15 +239,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     config = read_json_file(cfg_file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object")
-    archs = config.get("architectures") or []
-    if not isinstance(archs, list):
-        archs = [archs]
-    known = any(a in SUPPORTED_ARCHITECTURES for a in archs) or (not archs and config.get("model_type") == "qwen2")
-    if not known or config.get("model_type", "qwen2") != "qwen2":
-        raise CheckpointError(
-            f"{cfg_file}: architecture {', '.join(map(str, archs)) or config.get('model_type') or 'unknown'} is not "
-            f"supported; edge-qwen converts {', '.join(SUPPORTED_ARCHITECTURES)} (Qwen2 / Qwen2.5 and their fine-tunes) only"
-        )
+    find_architecture(config, folder)
     return config
 
 
@@ -227,16 +280,22 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, start
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Validate a Qwen2 checkpoint folder and index its tensors (no tensor data is read).
+def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
+    """Validate a checkpoint folder and index its tensors (no tensor data is read).
 
     Checks: config.json and architecture; every shard present and complete; every tensor
-    known to the Qwen2 table (or deliberately skipped), of dtype F32/F16/BF16 and of the
-    shape the config implies; no required tensor missing. Raises CheckpointError naming
-    the file, tensor or key and what to do.
+    known to the architecture's table (or deliberately skipped, or of the other part of a VL
+    checkpoint), of dtype F32/F16/BF16 and of the shape the config implies; no required
+    tensor missing. `part="mmproj"` checks the vision tower instead of the text model.
+    Raises CheckpointError naming the file, tensor or key and what to do.
     """
+    from .archs import find_architecture
+
     folder = Path(path)
     config = read_config(folder)
+    arch = find_architecture(config, folder, part)
+    if arch.check is not None:
+        arch.check(config, folder)
     index_file = folder / INDEX_FILE
     if index_file.is_file():
         try:
@@ -251,7 +310,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         hint = f" (found {', '.join(found[:3])}: only safetensors weights are read)" if found else ""
         raise CheckpointError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}{hint}; "
                               "download the safetensors weights of the checkpoint")
-    ckpt = Checkpoint(path=folder, config=config)
+    ckpt = Checkpoint(path=folder, config=config, arch=arch, part=part)
     for name in names:
         file = folder / name
         if not file.is_file():
@@ -264,44 +323,45 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             if weight_map is not None and weight_map.get(tname) != name:
                 raise CheckpointError(f"{file} holds tensor {tname!r} but {INDEX_FILE} places it in "
                                       f"{weight_map.get(tname)!r}; the index and shards do not match, download again")
-            ckpt.tensors[tname] = TensorRef(tname, file, start + info["data_offsets"][0], info["dtype"],
-                                            tuple(info["shape"]))
+            ckpt.tensors[canonical_name(tname)] = TensorRef(tname, file, start + info["data_offsets"][0],
+                                                            info["dtype"], tuple(info["shape"]))
     if weight_map is not None:
         for tname, shard in weight_map.items():
-            if tname not in ckpt.tensors:
+            if canonical_name(tname) not in ckpt.tensors:
                 raise CheckpointError(f"tensor {tname!r} is listed in {INDEX_FILE} but missing from {shard}; "
                                       "download the shard again")
     _validate(ckpt)
     return ckpt
 
 
-def _is_skipped(name: str) -> bool:
+def _is_skipped(name: str, skipped: dict[str, str]) -> bool:
     import re
 
-    for pattern in SKIPPED_TENSORS:
+    for pattern in skipped:
         if re.fullmatch(re.escape(pattern).replace(r"\{bid\}", r"\d+"), name):
             return True
     return False
 
 
 def _validate(ckpt: Checkpoint) -> None:
-    expected = expected_tensors(ckpt.config, ckpt.path)
+    arch = ckpt.arch
+    expected = expected_tensors(ckpt.config, ckpt.path, ckpt.part)
     for name, ref in ckpt.tensors.items():
+        if name.startswith(arch.other_part_prefixes):
+            continue  # converted by the other part's table (the text model / the vision tower)
         if ref.dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {ref.file.name} has dtype {ref.dtype}; edge-qwen reads "
+            raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} has dtype {ref.dtype}; edge-qwen reads "
                                   "F32, F16 and BF16 checkpoints only (dequantize GPTQ/AWQ checkpoints first)")
-        if name == "lm_head.weight" and ckpt.tied:
-            continue
         if name not in expected:
-            if _is_skipped(name):
+            if _is_skipped(name, arch.skipped):
                 continue
-            raise CheckpointError(f"tensor {name!r} in {ref.file.name} is not part of a Qwen2ForCausalLM model "
+            raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} is not part of a {arch.name} model "
                                   "(no GGUF name for it); is this checkpoint another architecture or an adapter?")
         shape = expected[name][1]
         if tuple(ref.shape) != shape:
-            raise CheckpointError(f"tensor {name!r} in {ref.file.name} has shape {list(ref.shape)} but config.json "
+            raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} has shape {list(ref.shape)} but config.json "
                                   f"implies {list(shape)}; the weights do not match config.json")
     for name in expected:
         if name not in ckpt.tensors and not (name == "lm_head.weight" and ckpt.tied):
             raise CheckpointError(f"tensor {name!r} is missing from {ckpt.path}; the checkpoint is incomplete "
-                                  "(download all shards) or is not a Qwen2ForCausalLM model")
+                                  f"(download all shards) or is not a {arch.name} model")

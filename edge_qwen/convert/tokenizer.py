@@ -1,4 +1,4 @@
-"""Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) <-> GGUF vocabulary.
+"""Hugging Face tokenizer (tokenizer.json, or vocab.json + merges.txt, with tokenizer_config.json) <-> GGUF vocabulary.
 
 llama.cpp re-implements the tokenizer from the GGUF: the token strings, their types, the BPE
 merges and the name of a pre-tokenizer it knows ("qwen2"). That only reproduces Hugging
@@ -23,6 +23,23 @@ QWEN2_PRE = "qwen2"
 
 # gguf.TokenType values (kept as ints so importing this module stays cheap).
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# The slow-tokenizer classes whose split regex is Qwen2's (transformers hard-codes it), so a
+# checkpoint with only vocab.json + merges.txt can be converted when it names one of them.
+QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+
+def looks_like_control(text: str) -> bool:
+    """True for added tokens llama.cpp's converter stores as CONTROL even when not marked special.
+
+    Qwen's published tokenizer marks `<|fim_prefix|>` ... `<|file_sep|>` `"special": false`;
+    llama.cpp's convert_hf_to_gguf.py (`does_token_look_special`) makes every `<|...|>` token
+    CONTROL anyway, and llama.cpp warns at load about control-looking tokens that are not. The
+    same rule here keeps the two converters' files, and their tokenization, identical.
+    """
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
 
 
 @dataclass
@@ -82,12 +99,43 @@ def check_tokenizer_json(tok: dict[str, Any], file: Path) -> None:
         raise CheckpointError(f"{file}: the BPE model has no merges; the tokenizer file is incomplete")
 
 
+def _read_vocab_merges(folder: Path) -> tuple[dict[str, int], list[str], list[dict[str, Any]]]:
+    """(vocab, merges, added tokens) of a checkpoint that ships vocab.json + merges.txt only."""
+    from .checkpoint import read_json_file
+
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = read_json_file(cfg_file) if cfg_file.is_file() else {}
+    cls = cfg.get("tokenizer_class") if isinstance(cfg, dict) else None
+    if cls not in QWEN2_TOKENIZER_CLASSES:
+        raise CheckpointError(f"{folder} has vocab.json and merges.txt but no tokenizer.json, and "
+                              f"{cfg_file.name} names tokenizer_class {cls!r}, not {' or '.join(QWEN2_TOKENIZER_CLASSES)}; "
+                              "without tokenizer.json only Qwen2's tokenizer (whose split is known) can be converted")
+    vocab = read_json_file(folder / "vocab.json")
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise CheckpointError(f"{folder / 'vocab.json'} must map token strings to ids; download it again")
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [m for m in lines if m and not m.startswith("#version")]
+    if not merges or any(len(m.split(" ")) != 2 for m in merges):
+        raise CheckpointError(f"{folder / 'merges.txt'} is empty or damaged (each line must be two pieces); "
+                              "download it again")
+    decoder = cfg.get("added_tokens_decoder") or {}
+    added = []
+    for tid, info in decoder.items():
+        try:
+            added.append({"id": int(tid), "content": str(info["content"]), "special": bool(info.get("special"))})
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{cfg_file}: added_tokens_decoder entry {tid!r} is damaged") from None
+    return vocab, merges, added
+
+
 def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
     """Build the GGUF vocabulary of a checkpoint folder, padded to the model's `vocab_size`.
 
-    Added tokens marked special become CONTROL tokens, other added tokens USER_DEFINED;
-    ids past the tokenizer's end (the embedding is usually padded) become "[PAD<id>]"
-    UNUSED tokens, as llama.cpp's own converter names them.
+    Reads tokenizer.json, or vocab.json + merges.txt (+ tokenizer_config.json's added tokens)
+    when a checkpoint ships only those. Added tokens marked special, or looking like control
+    tokens (`<|...|>`, see `looks_like_control`), become CONTROL tokens, other added tokens
+    USER_DEFINED; ids past the tokenizer's end (the embedding is usually padded) become
+    "[PAD<id>]" UNUSED tokens, as llama.cpp's own converter names them.
     """
     import logging
 
@@ -95,17 +143,22 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
 
     folder = Path(folder)
     file = folder / "tokenizer.json"
-    if not file.is_file():
-        raise CheckpointError(f"{folder} has no tokenizer.json; copy the tokenizer files of the model into the "
-                              "folder (Qwen2 ships tokenizer.json and tokenizer_config.json)")
     from .checkpoint import read_json_file
 
-    tok = read_json_file(file)
-    check_tokenizer_json(tok, file)
-    model = tok["model"]
-    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
-    for added in tok.get("added_tokens", []):
-        by_id[added["id"]] = (added["content"], CONTROL if added.get("special") else USER_DEFINED)
+    if file.is_file():
+        tok = read_json_file(file)
+        check_tokenizer_json(tok, file)
+        vocab_map, raw_merges, added_tokens = tok["model"]["vocab"], tok["model"]["merges"], tok.get("added_tokens", [])
+    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab_map, raw_merges, added_tokens = _read_vocab_merges(folder)
+        file = folder / "vocab.json"
+    else:
+        raise CheckpointError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); copy the tokenizer "
+                              "files of the model into the folder (Qwen ships tokenizer.json and tokenizer_config.json)")
+    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in vocab_map.items()}
+    for added in added_tokens:
+        text = added["content"]
+        by_id[added["id"]] = (text, CONTROL if added.get("special") or looks_like_control(text) else USER_DEFINED)
     if by_id and max(by_id) >= vocab_size:
         raise CheckpointError(f"{file}: token id {max(by_id)} does not fit vocab_size {vocab_size} of config.json; "
                               "the tokenizer and the model do not belong together")
@@ -114,7 +167,7 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
         text, kind = by_id.get(i, (f"[PAD{i}]", UNUSED))
         tokens.append(text)
         types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
     # gguf-py's SpecialVocab reads bos/eos/pad, add_bos_token and the chat template the way
     # llama.cpp's converter does (tokenizer_config first, config.json ids as fallback).
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
@@ -123,8 +176,14 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{folder}: several named chat templates are not supported; keep one "
                               "'chat_template' string in tokenizer_config.json")
+    add_special = dict(special.add_special_token)
+    if file.name == "tokenizer.json" and (tok.get("post_processor") or {}).get("type") == "ByteLevel":
+        # a ByteLevel post-processor adds no BOS/EOS: llama.cpp's gguf-py (newer than PyPI's)
+        # writes both flags as false, and so do we, so the files agree key for key
+        add_special.setdefault("bos", False)
+        add_special.setdefault("eos", False)
     return GGUFVocab(tokens=tokens, token_types=types, merges=merges,
-                     special_ids=dict(special.special_token_ids), add_special=dict(special.add_special_token),
+                     special_ids=dict(special.special_token_ids), add_special=add_special,
                      chat_template=template)
 
 

@@ -1,9 +1,10 @@
-"""Hugging Face Qwen2 checkpoint -> GGUF, written with gguf-py's GGUFWriter.
+"""Hugging Face Qwen checkpoint -> GGUF, written with gguf-py's GGUFWriter.
 
 The header (hyper-parameters, tokenizer, provenance, tensor directory) is written first;
 then tensor data streams in row chunks from the checkpoint's memory maps straight into the
 file, so peak memory is one chunk plus the tokenizer, not the model. Tensor names come
-from the table in `edge_qwen.convert.checkpoint.QWEN2_TENSORS`.
+from the architecture's table in `edge_qwen.convert.archs`; a Qwen2.5-VL checkpoint also
+converts (`mmproj=True`) to the vision-tower GGUF libmtmd loads.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from .checkpoint import Checkpoint, expected_tensors, open_checkpoint
+from .checkpoint import Checkpoint, TensorSource, open_checkpoint, tensor_plan
 from ..errors import CheckpointError
 from ..files import atomic_output
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-ARCH = "qwen2"
 
 
 def resolve_source(src: str | os.PathLike) -> Path:
@@ -93,50 +93,47 @@ def _license(folder: Path, config: dict[str, Any]) -> str | None:
     return None
 
 
-def _add_hparams(w: Any, config: dict[str, Any], path: Path) -> None:
-    import gguf
-
-    h, nh = config["hidden_size"], config["num_attention_heads"]
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(int(config.get("max_position_embeddings") or 32768))
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(nh)
-    w.add_head_count_kv(int(config.get("num_key_value_heads") or nh))
-    # transformers >= 5 writes rope settings under "rope_parameters"; older configs at top level
-    rope = dict(config.get("rope_parameters") or {})
-    w.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if config.get("head_dim") and config["head_dim"] != h // nh:
-        w.add_key_length(config["head_dim"])
-        w.add_value_length(config["head_dim"])
-    if config.get("use_sliding_window"):
-        raise CheckpointError(f"{path / 'config.json'}: use_sliding_window is true; llama.cpp's qwen2 has no sliding "
-                              "window attention, so the model would run differently; set it to false if unused")
-    rs = config.get("rope_scaling") or rope
-    if rs:
-        kind = rs.get("rope_type") or rs.get("type")
-        if kind == "yarn":
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(rs["factor"]))
-            w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings") or 32768))
-        elif kind == "linear":
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(rs["factor"]))
-        elif kind not in (None, "default"):
-            raise CheckpointError(f"{path / 'config.json'}: rope_scaling type {kind!r} is not supported "
-                                  "(edge-qwen writes yarn and linear); remove rope_scaling or use one of those")
+# GGUF tensors llama.cpp keeps in float32 whatever the outtype (it computes them in f32):
+# the MoE routers and position embeddings.
+_F32_TENSORS = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "V_ENC_EMBD_POS")
 
 
-def _tensor_type(outtype: str, shape: tuple[int, ...]):
+def _tensor_type(outtype: str, shape: tuple[int, ...], src: TensorSource | None = None, part: str = "model"):
+    """The GGUF type of one tensor, by llama.cpp's converter's rules (so the files are identical)."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    row = src.row if src is not None else None
+    if row is not None and part == "mmproj" and row.tensor == "V_ENC_EMBD_PATCH":
+        return T.F16 if outtype == "f16" else T.F32  # the patch convolution: f16 or f32 only
+    if len(shape) < 2 or (src is not None and src.gguf_name.endswith("_norm.weight")):
         return T.F32  # norms and biases stay float32, as llama.cpp expects
+    if row is not None and (row.tensor in _F32_TENSORS or not src.gguf_name.endswith(".weight")):
+        return T.F32
     if outtype == "q8_0":
-        return T.Q8_0 if shape[-1] % 32 == 0 else T.F16
+        return T.Q8_0 if shape[-1] % 32 == 0 else T.F16  # llama.cpp falls back to f16 the same way
     return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16}[outtype]
+
+
+def _warn_tied_head(ckpt: Checkpoint, chunk_bytes: int) -> None:
+    """Say so when a tied checkpoint stores an lm_head that is not its embedding.
+
+    transformers ignores that head (it ties it to the embedding); llama.cpp's converter writes
+    it and llama.cpp uses it, so the GGUF follows llama.cpp and the two runtimes then differ.
+    """
+    import warnings
+
+    import numpy as np
+
+    head, embd = ckpt.tensors.get("lm_head.weight"), ckpt.tensors.get("model.embed_tokens.weight")
+    if not ckpt.tied or head is None or embd is None or head.shape != embd.shape:
+        return
+    for a, b in zip(head.chunks(chunk_bytes), embd.chunks(chunk_bytes)):
+        if not np.array_equal(a, b):
+            warnings.warn(f"{ckpt.path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
+                          "model.embed_tokens.weight; the GGUF keeps the stored head as output.weight (as "
+                          "llama.cpp's converter does), while transformers would use the embedding", stacklevel=3)
+            return
 
 
 def _encode(block: Any, qtype: Any) -> Any:
@@ -182,9 +179,11 @@ def _check_values(block: Any, ref: Any, qtype: Any, row0: int) -> None:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtype: str = "f16",
             force: bool = False, quiet: bool = False, name: str | None = None,
-            chunk_bytes: int = 64 << 20) -> Path:
-    """Convert a Hugging Face Qwen2 checkpoint folder (or pulled repo id) to a GGUF file.
+            chunk_bytes: int = 64 << 20, mmproj: bool = False) -> Path:
+    """Convert a Hugging Face Qwen checkpoint folder (or pulled repo id) to a GGUF file.
 
+    Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE and Qwen2.5-VL (the text model). `mmproj=True`
+    writes a Qwen2.5-VL checkpoint's vision tower instead (the `mmproj-*.gguf` libmtmd loads).
     `outtype`: f32, f16, bf16 or q8_0 (norms and biases are always f32). The output is
     written under a temporary name and renamed when complete; an existing `out` is kept
     unless `force`. Returns the output path. Raises CheckpointError / OutputExistsError.
@@ -198,33 +197,34 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
     if outtype not in OUTTYPES:
         raise CheckpointError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     folder = resolve_source(src)
-    ckpt = open_checkpoint(folder)
+    part = "mmproj" if mmproj else "model"
+    ckpt = open_checkpoint(folder, part)
     prov = _provenance(ckpt)
     # a hub snapshot folder is named after its commit: name the model after the repo instead
     base = prov["repo"].split("/")[-1] if "revision" in prov else folder.resolve().name
     if out is None:
         from ..store import models_dir
 
-        out = models_dir() / f"{base.lower()}-{outtype}.gguf"
+        out = models_dir() / f"{'mmproj-' if mmproj else ''}{base.lower()}-{outtype}.gguf"
     from ..files import check_output
 
     check_output(out, force)  # fail before the slow tokenizer work
-    vocab = read_vocab(folder, int(ckpt.config["vocab_size"]))
-    plan = []  # (gguf name, hf tensor, gguf type, nbytes)
-    for hf_name, (gguf_name, shape) in expected_tensors(ckpt.config, folder).items():
-        if hf_name == "lm_head.weight" and ckpt.tied:
-            continue  # deliberate skip, see checkpoint.SKIPPED_TENSORS
-        ref = ckpt.tensors[hf_name]
-        qtype = _tensor_type(outtype, shape)
+    from .archs import text_config
+
+    vocab = None if mmproj else read_vocab(folder, int(text_config(ckpt.config)["vocab_size"]))
+    _warn_tied_head(ckpt, chunk_bytes)
+    plan = []  # (gguf name, tensor source, gguf type, nbytes)
+    for source in tensor_plan(ckpt):
+        qtype = _tensor_type(outtype, source.shape, source, part)
         block, size = gguf.GGML_QUANT_SIZES[qtype]
-        plan.append((gguf_name, ref, qtype, int(np.prod(shape)) // block * size))
+        plan.append((source.gguf_name, source, qtype, int(np.prod(source.shape)) // block * size))
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
 
     with atomic_output(out, force, expected_size=sum(p[3] for p in plan)) as tmp:
-        w = gguf.GGUFWriter(tmp, ARCH)
+        w = gguf.GGUFWriter(tmp, ckpt.arch.arch_name)
         try:
-            w.add_type(gguf.GGUFType.MODEL)
+            w.add_type(gguf.GGUFType.MMPROJ if mmproj else gguf.GGUFType.MODEL)
             w.add_name(name or str(ckpt.config.get("_name_or_path") or "").split("/")[-1] or base)
             if "repo" in prov:
                 w.add_source_repo_url(f"https://huggingface.co/{prov['repo']}")
@@ -237,13 +237,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
             w.add_string("edge_qwen.version", __version__)
             w.add_string("edge_qwen.outtype", outtype)
             try:
-                _add_hparams(w, ckpt.config, folder)
+                ckpt.arch.hparams(w, ckpt.config, folder)
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{folder / 'config.json'} has a missing or malformed value "
                                       f"({type(e).__name__}: {e}); fix config.json") from None
             w.add_file_type(file_type)
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            add_vocab(w, vocab)
+            if vocab is not None:
+                add_vocab(w, vocab)
             for gguf_name, ref, qtype, nbytes in plan:
                 w.add_tensor_info(gguf_name, ref.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             w.write_header_to_file()
