@@ -271,7 +271,7 @@ class EdgeQwen:
                  response_format: dict | None = None, cancel: threading.Event | None = None,
                  blocking: bool = True, reuse_prefix: bool | None = None,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None,
-                 cache_key: str = "") -> Iterator[GenerationChunk]:
+                 cache_key: str = "", enable_thinking: bool | None = None) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
@@ -288,7 +288,10 @@ class EdgeQwen:
         starts is then generated under the call grammar (see engine/tool_calls.py).
         `cache_key` scopes the prefix cache: a prompt reuses KV cells only from requests with the
         same key (the server passes one per API key and cache_salt).
+        `enable_thinking` (Qwen3): None = the model's default (on) unless the last user/system message
+        says `/no_think`; False pre-fills an empty think block; see engine/reasoning.py.
         """
+        from .engine.reasoning import EMPTY_THINK, AfterThinking, plan_thinking, think_close_id
         from .engine.tool_calls import ToolCallConstraint, prepare_history
 
         self._check_open()
@@ -303,12 +306,18 @@ class EdgeQwen:
                 raise RequestError("response_format cannot be combined with tools the model may call; send one "
                                    "of them (or tool_choice \"none\")", param="response_format")
         _, prompt = self.fit_messages(messages, max_tokens, tools.specs if active else None)
+        thinking = plan_thinking(self, messages, enable_thinking)
+        if thinking.split and not thinking.thinking:  # Qwen3's switch: an empty think block, then the answer
+            prompt = prompt + self.tokenize(EMPTY_THINK)
         if max_tokens is None:
             params = dataclasses.replace(params, max_tokens=min(default_max_tokens, self.n_ctx - len(prompt)))
         if active:
             constraint = ToolCallConstraint(self, tools)
         else:
             constraint = self._constraint(response_format)
+            if constraint is not None and thinking.thinking:  # the schema is for the answer, not the reasoning
+                eog = [t for t in (self.llama.token_eos(), *self.tokenize("<|im_end|><|endoftext|>")) if t >= 0]
+                constraint = AfterThinking(constraint, think_close_id(self), eog)
         if constraint is not None and params.stop and not active:
             # A stop string inside the JSON would cut it into invalid output: the grammar decides the end.
             raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
@@ -364,7 +373,7 @@ class EdgeQwen:
              blocking: bool = True, reuse_prefix: bool | None = None,
              default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: list[dict] | None = None,
              tool_choice: Any = None, parallel_tool_calls: bool | None = None,
-             cache_key: str = "") -> dict | Iterator[dict]:
+             cache_key: str = "", enable_thinking: bool | None = None) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
@@ -372,7 +381,10 @@ class EdgeQwen:
         parameters}}]) the reply may carry `tool_calls` (finish_reason "tool_calls"); `tool_choice`
         is "auto" (default), "none", "required" or {"type": "function", "function": {"name": ...}}.
         Every returned call's arguments parse and validate against its function's parameters.
+        A thinking model's (Qwen3) reasoning comes apart as the message's `reasoning_content`
+        (streamed: `reasoning_content` deltas first); `enable_thinking` as in `generate`.
         """
+        from .engine.reasoning import plan_thinking, split_reasoning
         from .engine.tool_calls import ToolCallParser, Tools, parse_tools
 
         checked = tools if isinstance(tools, Tools) else parse_tools(tools, tool_choice, parallel_tool_calls)
@@ -381,21 +393,29 @@ class EdgeQwen:
                             logit_bias=logit_bias,
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
                             cache_key=cache_key,
-                            reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked)
+                            reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked,
+                            enable_thinking=enable_thinking)
+        thinking = plan_thinking(self, messages, enable_thinking)
+        if thinking.split:
+            gen = split_reasoning(gen, thinking.in_reasoning)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         parser = ToolCallParser(checked, self.tokenize("<tool_call>")[0] if checked is not None else None)
         if stream:
             return self._stream(gen, cid, created, parser)
-        last = None
+        last, reasoning = None, ""
         for chunk in gen:
             parser.feed(chunk.text, chunk.token_ids)
+            reasoning += getattr(chunk, "reasoning", "")
             last = chunk
         assert last is not None and last.finish_reason is not None  # decode always ends with one
         content, calls = parser.finish()
         message: dict[str, Any] = {"role": "assistant", "content": content}
+        extra = {"reasoning_content": reasoning} if reasoning else {}
+        message.update(extra)
         finish = last.finish_reason
         if calls:
-            message = {"role": "assistant", "content": content or None, "tool_calls": [c.openai() for c in calls]}
+            message = {"role": "assistant", "content": content or None, **extra,
+                       "tool_calls": [c.openai() for c in calls]}
             finish = "tool_calls" if finish == "stop" else finish
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
@@ -419,6 +439,8 @@ class EdgeQwen:
                 if first:
                     yield chunk({"role": "assistant", "content": ""})
                     first = False
+                if getattr(c, "reasoning", ""):  # a thinking model's reasoning, before its answer
+                    yield chunk({"reasoning_content": c.reasoning})
                 if parser is None:
                     if c.text:
                         yield chunk({"content": c.text})

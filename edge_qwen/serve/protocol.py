@@ -225,6 +225,12 @@ class ChatRequest(_Tooling):
     seed: int | None = Seed
     n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is generated.")
     response_format: ResponseFormat | None = None
+    enable_thinking: bool | None = Field(default=None, description=(
+        "Qwen3 thinking (vLLM's chat_template_kwargs.enable_thinking, the Qwen API's enable_thinking): null = the "
+        "model's default (on) unless the last user message says /no_think; the reasoning comes back apart as "
+        "reasoning_content."))
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description=(
+        "vLLM's template arguments; enable_thinking is honoured."))
 
     @field_validator("stop")
     @classmethod
@@ -246,7 +252,15 @@ class ChatRequest(_Tooling):
                 "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
                 "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
                 "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed,
-                "response_format": self.response_format.runtime_form() if self.response_format else None}
+                "response_format": self.response_format.runtime_form() if self.response_format else None,
+                **self._thinking()}
+
+    def _thinking(self) -> dict[str, Any]:
+        """enable_thinking for EdgeQwen.chat, from the field or chat_template_kwargs (left out when unset)."""
+        on = self.enable_thinking
+        if on is None and self.chat_template_kwargs:
+            on = self.chat_template_kwargs.get("enable_thinking")
+        return {} if on is None else {"enable_thinking": on}
 
 
 class QwenParameters(_Tooling):
@@ -260,6 +274,10 @@ class QwenParameters(_Tooling):
     stop: Stop = None
     seed: int | None = Seed
     response_format: ResponseFormat | None = None
+    enable_thinking: bool | None = Field(default=None, description=(
+        "Qwen3 thinking (vLLM's chat_template_kwargs.enable_thinking, the Qwen API's enable_thinking): null = the "
+        "model's default (on) unless the last user message says /no_think; the reasoning comes back apart as "
+        "reasoning_content."))
 
     @field_validator("stop")
     @classmethod
@@ -308,6 +326,7 @@ class QwenPredictRequest(QwenParameters):
             max_tokens=pick("max_tokens", None), max_completion_tokens=None,
             stream=pick("stream", False), stream_options=None, stop=pick("stop", None),
             seed=pick("seed", None), n=1, response_format=pick("response_format", None),
+            enable_thinking=pick("enable_thinking", None), chat_template_kwargs=None,
             tools=pick("tools", None), tool_choice=pick("tool_choice", None),
             parallel_tool_calls=pick("parallel_tool_calls", None))
 
