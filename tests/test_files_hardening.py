@@ -348,6 +348,9 @@ def test_mistyped_relative_checkpoint_path_says_so_first(tmp_path):
     one_error(run_cli("convert", "chkpt/qwen-small", cwd=tmp_path, env=env),
               f"is not a local folder ({tmp_path / 'chkpt'} does not exist)")
     assert not (tmp_path / "home" / "models").exists()
+    (tmp_path / "ckpt" / "qwen-small" / "config.json").write_text("{}")
+    one_error(run_cli("pull", "ckpt/qwen-small", cwd=tmp_path, env=env),
+              "ckpt/qwen-small is a checkpoint folder on this machine", "edge-qwen convert ckpt/qwen-small")
 
 
 def test_mistyped_model_paths_name_what_is_missing(tmp_path, tiny_f16):
