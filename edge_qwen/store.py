@@ -146,6 +146,6 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
 
     # Say what is missing on disk first (a mistyped path is the likelier mistake), then the store.
     raise ModelNotFoundError(
-        f"model {str(model)!r} is neither a file ({missing_path_note(p)}) nor a model in the store ({store}); "
-        "give a GGUF path or run `edge-qwen models` to list the store"
+        f"model {str(model)!r} is neither a file nor a model in the store: {missing_path_note(p)}, and {store} "
+        "has no model of that name; give a GGUF path or run `edge-qwen models` to list the store"
     )
