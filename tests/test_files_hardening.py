@@ -362,3 +362,22 @@ def test_mistyped_model_paths_name_what_is_missing(tmp_path, tiny_f16):
                  ["serve", typo], ["inspect", typo], ["rebuild", typo, "ckpt"]):
         one_error(run_cli(*args, cwd=tmp_path, env=env), "tiny-f61.gguf", "did you mean 'tiny-f16.gguf'?")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_quantize_of_a_gguf_with_nan_says_what_is_wrong(tmp_path, tiny_f16):
+    """llama.cpp's row validation refuses it; the error says NaN/inf and what to do, not just "invalid data"."""
+    from edge_qwen.gguf_file import read_header
+
+    bad = tmp_path / "nan-f16.gguf"
+    shutil.copy(tiny_f16, bad)
+    _meta, tensors, start = read_header(bad)
+    off = next(o for name, _s, _t, o in tensors if name == "blk.1.ffn_up.weight")
+    with open(bad, "r+b") as f:
+        f.seek(start + off + 2 * 1000)
+        f.write(b"\x00\x7e")  # an f16 NaN
+    r = run_cli("quantize", bad, "-t", "Q8_0", "-o", tmp_path / "q.gguf")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    # ggml prints its own line straight to stderr before ours (ggml_validate_row_data uses fprintf)
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "'blk.1.ffn_up.weight'" in last and "NaN or infinite" in last, r.stderr
+    assert not (tmp_path / "q.gguf").exists() and not list(tmp_path.glob(".*partial*"))

@@ -212,6 +212,9 @@ def _run_one(llama_cpp, src: Path, dest: Path, q: QuantType, params, n_tensors: 
         if "imatrix" in reason or "importance matrix" in reason:
             raise ImatrixError(f"llama.cpp needs an importance matrix for {q.name} on {src}: {reason}; "
                                "pass --imatrix FILE or --calibration default")
+        if "has invalid data" in reason:  # ggml_validate_row_data: NaN or infinite values in the source
+            reason += (" (NaN or infinite values: the source file is damaged; convert it again from its "
+                       "checkpoint, which `edge-qwen convert` checks tensor by tensor)")
         raise QuantizeError(f"llama.cpp could not quantize {src} to {q.name}: {reason}")
     return targets, state["fallbacks"]
 
