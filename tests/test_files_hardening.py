@@ -288,6 +288,24 @@ def test_partial_files_of_killed_runs_are_removed_by_the_next(tmp_path, big_chec
                 p.wait(30)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_terminated_or_hung_up_run_removes_its_own_partial(sig, tmp_path, big_checkpoint):
+    """`kill` and a closed terminal unwind like Ctrl-C: the partial file goes at once, no traceback."""
+    d = tmp_path / "out"
+    d.mkdir()
+    proc = _start_convert(big_checkpoint, d / "m.gguf")
+    try:
+        _partial_being_written(proc, d / "m.gguf")
+        os.kill(proc.pid, sig)
+        assert proc.wait(60) == 130
+        err = proc.stderr.read().decode()
+        assert "Traceback" not in err and err.strip() == "Interrupted.", err
+        assert leftovers(d) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
 # --- broken weights --------------------------------------------------------------------------
 
 def _poisoned(src: Path, dst: Path, index: int, value: bytes) -> Path:

@@ -23,6 +23,16 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 class EdgeQwenGroup(click.Group):
     """A group that turns user mistakes into one-line errors instead of tracebacks."""
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        import signal
+        import threading
+
+        # A closed terminal (SIGHUP) unwinds like SIGTERM, except for `serve` (uvicorn's own shutdown).
+        if hasattr(signal, "SIGHUP") and name != "serve" and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, _raise_interrupt)
+        return name, cmd, rest
+
     def invoke(self, ctx: click.Context):
         # SIGTERM unwinds like Ctrl-C, so `atomic_output` removes its temporary files.
         import signal
