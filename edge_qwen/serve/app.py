@@ -43,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from .api_errors import api_key_problem, error_body, error_body_of
 from ..errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
+from ..web import router as web_router
 from .protocol import (
     DEFAULT_MAX_TOKENS,
     BodyLimit,
@@ -520,6 +521,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         return card(model_id, registry.get(model_id))
 
     _docs_page(app)
+    app.include_router(web_router)  # the chat page at / and /web/ (edge_qwen/web)
 
     @app.head("/health", include_in_schema=False)  # uptime probes often use HEAD
     @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
