@@ -26,7 +26,8 @@ from collections import OrderedDict
 from typing import Any
 
 from ..errors import ConstraintViolation, RequestError, SchemaError
-from .json_schema import check_depth, check_schema, engine_error, engine_limit, validate_output
+from .json_normalize import SchemaPlan, plan_schema
+from .json_schema import check_depth, engine_error, engine_limit, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
 # plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
@@ -39,7 +40,7 @@ ANY_OBJECT: dict = {"type": "object"}
 
 _MATCHER_CACHE_SIZE = 128
 _lock = threading.Lock()
-_checked: OrderedDict[str, dict] = OrderedDict()  # schema text -> schema that passed check_schema
+_checked: OrderedDict[str, SchemaPlan] = OrderedDict()  # schema text -> its plan (plan_schema)
 _tables: "weakref.WeakKeyDictionary[Any, _ModelTables]" = weakref.WeakKeyDictionary()
 
 
@@ -63,30 +64,51 @@ class _ModelTables:
             self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
         self.matchers: OrderedDict[str, Any] = OrderedDict()
 
-    def matcher(self, schema: dict, schema_text: str, param: str) -> Any:
-        """A fresh matcher for `schema` (whose JSON text is `schema_text`): compiled once, then deep-copied."""
-        from llguidance import LLMatcher
-
+    def matcher(self, plan: SchemaPlan, schema_text: str, param: str) -> Any:
+        """A fresh matcher for `plan.grammar` (the schema's JSON text is `schema_text`): compiled once, then
+        deep-copied. A `oneOf` llguidance cannot prove disjoint is compiled as `anyOf` and left to
+        validation (recorded in `plan.validated`)."""
         key = WHITESPACE_PATTERN + "\0" + schema_text  # the whitespace rule is part of the grammar
         with _lock:
-            template = self.matchers.get(key)
-            if template is not None:
+            cached = self.matchers.get(key)
+            if cached is not None:
                 self.matchers.move_to_end(key)
+                template, coerced = cached
+                if coerced:
+                    _note_coerced(plan)
                 return template.deep_copy()
-        try:
-            grammar = LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_pattern": WHITESPACE_PATTERN}
-            )
-        except ValueError as exc:
-            raise engine_error(str(exc), param) from None
-        template = LLMatcher(self.tokenizer, grammar, log_level=0)
-        if template.is_error():
-            raise engine_error(template.get_error(), param)
+        template = self._compile(plan.grammar, param, {})
+        coerced = False
+        if isinstance(template, str) and "coerce_one_of" in template:
+            coerced = True
+            _note_coerced(plan)
+            template = self._compile(plan.grammar, param, {"coerce_one_of": True})
+        if isinstance(template, str):
+            raise engine_error(template, param)
         with _lock:
-            self.matchers[key] = template
+            self.matchers[key] = (template, coerced)
             while len(self.matchers) > _MATCHER_CACHE_SIZE:
                 self.matchers.popitem(last=False)
         return template.deep_copy()
+
+    def _compile(self, grammar_schema: dict, param: str, options: dict) -> Any:
+        """An LLMatcher for `grammar_schema`, or llguidance's error message."""
+        from llguidance import LLMatcher
+
+        try:
+            grammar = LLMatcher.grammar_from_json_schema(
+                grammar_schema, defaults={"whitespace_pattern": WHITESPACE_PATTERN}, overrides=options or None)
+        except ValueError as exc:
+            raise engine_error(str(exc), param) from None
+        template = LLMatcher(self.tokenizer, grammar, log_level=0)
+        return template.get_error() if template.is_error() else template
+
+
+def _note_coerced(plan: SchemaPlan) -> None:
+    paths = ", ".join(plan.one_of_paths) or "(root)"
+    note = f"oneOf whose branches can overlap at {paths} (compiled as anyOf)"
+    if note not in plan.validated:
+        plan.validated.append(note)
 
 
 def _llama_of(llm: Any) -> Any:
@@ -173,13 +195,16 @@ def parse_response_format(response_format: Any, param: str = "response_format") 
 class JsonConstraint:
     """One request's grammar state: masks logits, records tokens, forces what the schema fixes."""
 
-    def __init__(self, tables: _ModelTables, matcher: Any, schema: dict | None, fast_forward: bool = True):
+    def __init__(self, tables: _ModelTables, matcher: Any, plan: SchemaPlan | None, fast_forward: bool = True):
         import numpy as np
 
         self._np = np
         self._matcher = matcher
-        self._schema = schema  # None: any JSON object
+        self.plan = plan  # None: any JSON object
+        self._schema = None if plan is None else plan.validation
         self._fast_forward = fast_forward
+        self._tables = tables
+        self._template = matcher.deep_copy()  # the start state, for fresh()
         self._n_vocab = tables.n_vocab
         self._eos = tables.eos
         self._bitmask = np.full((1, (tables.n_vocab + 31) // 32), -1, dtype=np.int32)
@@ -254,7 +279,33 @@ class JsonConstraint:
                 "generation stopped before the JSON value was complete (a stop string inside the JSON?); "
                 f"the output is not valid: {text[:200]!r}"
             )
-        return validate_output(text, self._schema)
+        try:
+            return validate_output(text, self._schema)
+        except ConstraintViolation as exc:
+            if self.needs_validation:  # an answer the grammar could not rule out: the caller may retry
+                raise AnswerInvalid(str(exc), validated=tuple(self.plan.validated)) from None
+            raise ConstraintViolation(f"{exc}; this is a bug in the JSON engine") from None
+
+    @property
+    def needs_validation(self) -> bool:
+        """True when part of the schema is guaranteed only by validating the finished answer."""
+        return self.plan is not None and not self.plan.exact
+
+    def fresh(self) -> "JsonConstraint":
+        """A new constraint for the same schema, at the start (for another attempt)."""
+        return JsonConstraint(self._tables, self._template.deep_copy(), self.plan, self._fast_forward)
+
+
+class AnswerInvalid(ConstraintViolation):
+    """A finished answer failed the validation that guarantees the keywords the grammar cannot enforce.
+
+    Raised by finalize() only for schemas with such keywords; edge_qwen.engine.json_retry
+    catches it and generates again, within its budget.
+    """
+
+    def __init__(self, message: str, validated: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.validated = validated
 
 
 def make_constraint(llm: Any, response_format: Any, param: str = "response_format", *,
@@ -277,23 +328,25 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     except (TypeError, ValueError) as exc:
         raise SchemaError(f"{param}: the schema is not plain JSON ({exc})", param=param) from None
     with _lock:
-        checked = _checked.get(text)
-    if checked is None:
-        checked = check_schema(schema, param)  # the metaschema check costs milliseconds: once per schema
+        plan = _checked.get(text)
+    if plan is None:
+        # The metaschema check costs milliseconds: once per schema. ANY_OBJECT needs no plan.
+        plan = plan_schema(schema, param)
         with _lock:
-            _checked[text] = checked
+            _checked[text] = plan
             while len(_checked) > _MATCHER_CACHE_SIZE:
                 _checked.popitem(last=False)
     tables = model_tables(llm)
-    matcher = tables.matcher(checked, text, param)
-    schema = checked
-    constraint = JsonConstraint(tables, matcher, None if any_object else schema, fast_forward=fast_forward)
+    grammar_text = json.dumps(plan.grammar, ensure_ascii=False, separators=(",", ":"))
+    matcher = tables.matcher(plan, grammar_text, param)
+    constraint = JsonConstraint(tables, matcher, None if any_object else plan, fast_forward=fast_forward)
     constraint.check_start()  # a schema the engine cannot even start on fails here, before the prompt runs
     return constraint
 
 
 __all__ = [
     "ANY_OBJECT",
+    "AnswerInvalid",
     "JsonConstraint",
     "SchemaError",
     "WHITESPACE_PATTERN",

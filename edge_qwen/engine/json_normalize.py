@@ -1,0 +1,480 @@
+"""From the JSON schema a user sends to the grammar llguidance compiles: one walk, one verdict.
+
+`plan_schema` reads the schema once and sorts every keyword into one of four kinds:
+
+- **grammar**: llguidance turns it into token masks (most of JSON Schema);
+- **no-op**: it constrains nothing here (`format: int32` on an integer, an unknown format,
+  `additionalItems` beside a schema-form `items`, `uniqueItems: false`, a `maxProperties` that a
+  closed object already implies): dropped from the grammar, harmless to validation;
+- **validated**: the grammar cannot express it (`not`, `if`/`then`/`else`, `dependencies`,
+  `uniqueItems`, `propertyNames`, overlapping `oneOf`, formats such as `uri-reference`):
+  it is left out of the grammar (which then accepts a superset), and the finished answer is
+  checked with jsonschema and regenerated within a bounded budget (edge_qwen.engine.json_retry);
+- **blocker**: it cannot be enforced at all (a remote `$ref`, an invalid schema, a size limit):
+  the schema is refused with one SchemaError naming every blocker with its JSON path.
+
+Some rewrites make the grammar exact where llguidance's own rule is looser than the check
+that follows: `format: date`/`date-time`/`time` become patterns that know month lengths and leap
+years (llguidance allows 2023-02-29 and second 60, jsonschema does not), `hostname` gets
+fqdn's rules (labels, length), draft-04 boolean `exclusiveMinimum` and draft-07 tuple `items`
+take their 2020-12 forms. The schema as sent is kept for validation, so these rewrites can only
+make the grammar stricter or equal, never change what counts as valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SchemaError
+
+# ---------------------------------------------------------------- tables
+
+# Keywords the grammar leaves to validation (llguidance 1.9 answers "Unimplemented keys").
+VALIDATED_KEYWORDS = frozenset({
+    "not", "if", "then", "else", "dependencies", "dependentRequired", "dependentSchemas",
+    "propertyNames", "uniqueItems", "contains", "minContains", "maxContains",
+    "unevaluatedProperties", "unevaluatedItems",
+})
+
+# Keywords that cannot be enforced or checked here: the schema is refused.
+BLOCKED_KEYWORDS = {
+    "$dynamicRef": "dynamic references are not supported; use $ref",
+    "$recursiveRef": "recursive references are not supported; use $ref",
+}
+
+# Formats llguidance enforces and jsonschema checks the same way (or more loosely): kept as is.
+GRAMMAR_FORMATS = frozenset({"email", "ipv4", "ipv6", "uuid", "uri", "duration"})
+
+_DAY31 = r"(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+_DAY30 = r"(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+_FEB = r"02-(?:0[1-9]|1[0-9]|2[0-8])"
+_YEAR = r"(?:[0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"  # 0001-9999: no year 0
+_LEAP = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+DATE_RE = rf"(?:{_YEAR}-(?:{_DAY31}|{_DAY30}|{_FEB})|{_LEAP}-02-29)"
+# RFC 3339 full-time as rfc3339-validator checks it: no leap second 60.
+TIME_RE = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+HOSTNAME_RE = rf"(?:{_LABEL}\.)*{_LABEL}"  # fqdn's preferred name syntax; no trailing dot
+
+# Formats the grammar enforces through an exact pattern of ours: (pattern, maxLength or None).
+PATTERN_FORMATS = {
+    "date": (DATE_RE, None),
+    "date-time": (rf"{DATE_RE}[tT]{TIME_RE}", None),
+    "time": (TIME_RE, None),
+    "hostname": (HOSTNAME_RE, 253),
+}
+
+# Formats jsonschema checks (with jsonschema[format-nongpl] installed) that no grammar here
+# enforces: left to validation. Every other format is an annotation and is dropped.
+VALIDATED_FORMATS = frozenset({
+    "uri-reference", "iri", "iri-reference", "idn-email", "idn-hostname", "regex", "json-pointer",
+    "relative-json-pointer", "uri-template",
+})
+
+# Keywords whose value is one subschema / a map of subschemas / a list of subschemas.
+_SUB = ("additionalProperties", "items", "additionalItems", "contains", "not", "if", "then", "else",
+        "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_SUB_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUB_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# Applicators whose subschemas apply to the same instance value (validation work adds up).
+_SAME_PLACE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else")
+
+MAX_SCHEMA_DEPTH = 64
+MAX_FANOUT = 20_000  # subschemas one value can be checked against, $refs followed
+MAX_REF_CHAIN = 100  # $refs followed one inside another at one value
+
+_X_GUIDANCE_KEYS = ("item_separator", "key_separator", "whitespace_pattern", "whitespace_flexible")
+_LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
+
+
+@dataclass
+class SchemaPlan:
+    """What to compile and what to check for one schema.
+
+    `validation` is the schema as sent (the answer is checked against it); `grammar` is what
+    llguidance compiles; `validated` names, with JSON paths, each keyword only validation
+    guarantees (empty: the grammar alone is exact); `dropped` the no-op keywords removed.
+    """
+
+    validation: dict
+    grammar: dict
+    validated: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    one_of_paths: list[str] = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        """True when the grammar alone guarantees a valid answer (no keyword left to validation)."""
+        return not self.validated
+
+
+def pointer(path: list[str] | tuple[str, ...]) -> str:
+    """A JSON pointer for `path` ("(root)" for the root)."""
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in path) if path else "(root)"
+
+
+# ---------------------------------------------------------------- size checks (iterative)
+
+
+def depth_problem(schema: Any, limit: int = MAX_SCHEMA_DEPTH) -> str | None:
+    """A message when the document nests deeper than `limit` (checked without recursion)."""
+    stack = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return (f"the JSON schema is nested more than {limit} levels deep; flatten it "
+                    "(use $defs and $ref for repeated parts)")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return None
+
+
+def resolve_local(root: Any, ref: str) -> Any:
+    """The subschema a local "#/a/b" (or "#") $ref points at, or None."""
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def fanout_problem(schema: Any) -> str | None:
+    """A message when one value would be checked against too many subschemas.
+
+    A validator checks a value against every subschema that applies at that place: allOf /
+    anyOf / oneOf branches, not, if/then/else and $ref targets, transitively. A small schema can
+    make that exponential (each level an allOf of two $refs to the next). Properties and items
+    apply to other values, bounded by the answer's size, so they are not summed. Counted with
+    memoization; a $ref already on the path (recursion) adds nothing.
+    """
+    def same_place(node: dict) -> list[Any]:
+        out = []
+        for key in _SAME_PLACE:
+            v = node.get(key)
+            if isinstance(v, dict):
+                out.append(v)
+            elif isinstance(v, list):
+                out.extend(s for s in v if isinstance(s, dict))
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            target = resolve_local(schema, ref)
+            if isinstance(target, dict):
+                out.append(target)
+        return out
+
+    cost: dict[int, int] = {}
+    chain: dict[int, int] = {}
+    # Every dict in the document is a start; post-order DFS over same-place edges.
+    starts: list[Any] = []
+    stack: list[Any] = [schema]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            starts.append(n)
+            stack.extend(v for v in n.values() if isinstance(v, (dict, list)))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, (dict, list)))
+    for start in starts:
+        if id(start) in cost:
+            continue
+        on_path: set[int] = set()
+        work: list[tuple[dict, bool]] = [(start, False)]
+        while work:
+            node, done = work.pop()
+            key = id(node)
+            if done:
+                on_path.discard(key)
+                kids = [k for k in same_place(node) if id(k) in cost]
+                cost[key] = min(MAX_FANOUT + 1, 1 + sum(cost[id(k)] for k in kids))
+                chain[key] = 1 + max((chain[id(k)] for k in kids if "$ref" in node), default=0) \
+                    if "$ref" in node else max((chain[id(k)] for k in kids), default=0)
+                continue
+            if key in cost or key in on_path:
+                continue
+            on_path.add(key)
+            work.append((node, True))
+            work.extend((k, False) for k in same_place(node) if id(k) not in cost and id(k) not in on_path)
+        if cost[id(start)] > MAX_FANOUT:
+            return (f"one value would be checked against more than {MAX_FANOUT} subschemas (allOf/anyOf/"
+                    "oneOf of $refs, level after level); simplify the schema")
+        if chain[id(start)] > MAX_REF_CHAIN:
+            return f"the schema chains more than {MAX_REF_CHAIN} $refs one inside another; flatten it"
+    return None
+
+
+# ---------------------------------------------------------------- x-guidance
+
+
+def _ws_tokens(pattern: str) -> list[str] | None:
+    """The tokens of a regex built only from JSON whitespace, ',' and ':', bounded quantifiers,
+    groups and alternation; None for anything else (any other character could leave JSON)."""
+    ws_escapes = {r"\x20": " ", r"\x0A": "\n", r"\x0a": "\n", r"\x0D": "\r", r"\x0d": "\r", r"\x09": "\t",
+                  r"\n": "\n", r"\r": "\r", r"\t": "\t", r"\u0020": " "}
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            for esc, lit in ws_escapes.items():
+                if pattern.startswith(esc, i):
+                    out.append(lit)
+                    i += len(esc)
+                    break
+            else:
+                return None
+            continue
+        if ch in " \n\r\t,:|?()":
+            out.append("(" if pattern.startswith("(?:", i) else ch)
+            i += 3 if pattern.startswith("(?:", i) else 1
+        elif ch == "[":
+            j = pattern.find("]", i)
+            inner = pattern[i + 1:j] if j > 0 else None
+            if inner is None or not inner:
+                return None
+            chars = _ws_tokens(inner)
+            if chars is None or any(c not in " \n\r\t" for c in chars):
+                return None  # a class of whitespace only (no ranges, no negation)
+            out.append(" ")
+            i = j + 1
+        elif ch == "{":
+            j = pattern.find("}", i)
+            body = pattern[i + 1:j] if j > 0 else ""
+            lo, _, hi = body.partition(",")
+            if not lo.isdigit() or (body.count(",") and not hi.isdigit()):
+                return None  # {m} or {m,n}; {m,} is unbounded
+            out.append("{}")
+            i = j + 1
+        else:
+            return None  # * + . ^ $ letters ... : unbounded or not whitespace
+    return out
+
+
+def _separator_ok(pattern: Any, sep: str) -> bool:
+    """Whether a separator regex matches only JSON whitespace around exactly one `sep`."""
+    if not isinstance(pattern, str):
+        return False
+    toks = _ws_tokens(pattern)
+    if toks is None or toks.count(sep) != 1 or ("," if sep == ":" else ":") in toks:
+        return False
+    depth, at = 0, -1
+    for k, t in enumerate(toks):
+        depth += t == "("
+        depth -= t == ")"
+        if t == sep:
+            at = k
+            if depth:
+                return False  # inside a group it could repeat or be skipped
+        if t == "|" and depth == 0:
+            return False
+    return not (at + 1 < len(toks) and toks[at + 1] in ("?", "{}"))
+
+
+def _whitespace_ok(pattern: Any) -> bool:
+    toks = _ws_tokens(pattern) if isinstance(pattern, str) else None
+    return toks is not None and "," not in toks and ":" not in toks
+
+
+def x_guidance_problems(xg: Any) -> list[str]:
+    """Blockers in the top-level x-guidance options: only those that keep the output bounded JSON."""
+    if not isinstance(xg, dict):
+        return ["x-guidance at /x-guidance must be an object"]
+    problems = []
+    for key, value in xg.items():
+        where = f"/x-guidance/{key}"
+        if key not in _X_GUIDANCE_KEYS:
+            problems.append(f"x-guidance option {key}={json.dumps(value)} at {where} (it would loosen the "
+                            f"constraint; allowed: {', '.join(_X_GUIDANCE_KEYS)})")
+        elif key == "whitespace_flexible" and value is not False:
+            problems.append(f"x-guidance whitespace_flexible={json.dumps(value)} at {where} (unbounded "
+                            "whitespace; give a bounded whitespace_pattern)")
+        elif key == "whitespace_pattern" and not _whitespace_ok(value):
+            problems.append(f"x-guidance whitespace_pattern {json.dumps(value)} at {where} (only spaces, tabs "
+                            r"and newlines with bounded repeats, e.g. '[ ]?' or '\n[ ]{0,8}')")
+        elif key in ("item_separator", "key_separator") and not _separator_ok(value, "," if key[0] == "i" else ":"):
+            sep = "," if key[0] == "i" else ":"
+            problems.append(f"x-guidance {key} {json.dumps(value)} at {where} (the output would not be JSON: "
+                            f"use {sep!r} with optional bounded whitespace, e.g. {sep + ' '!r})")
+    return problems
+
+
+# ---------------------------------------------------------------- the walk
+
+
+def _draft(schema: dict) -> str:
+    uri = schema.get("$schema")
+    if not isinstance(uri, str):
+        return "2020-12"
+    for d in ("draft-03", "draft-04", "draft-06", "draft-07", "2019-09"):
+        if d in uri:
+            return d
+    return "2020-12"
+
+
+class _Walk:
+    def __init__(self, root: dict):
+        self.root = root
+        self.draft = _draft(root)
+        self.blockers: list[str] = []
+        self.validated: list[str] = []
+        self.dropped: list[str] = []
+        self.one_of: list[str] = []
+
+    def schema(self, node: Any, path: list[str]) -> Any:
+        """The grammar form of subschema `node` at `path` (booleans and non-dicts pass as they are)."""
+        if not isinstance(node, dict):
+            return node
+        out: dict = {}
+        where = lambda key: pointer(path + [key])  # noqa: E731
+        types = node.get("type")
+        types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else None
+        may_be_string = types is None or "string" in types
+        for key, value in node.items():
+            if key in VALIDATED_KEYWORDS:
+                if key == "uniqueItems" and (value is False or _at_most_one_item(node)):
+                    self.dropped.append(f"uniqueItems at {where(key)}")
+                elif key in ("then", "else") and "if" not in node:
+                    self.dropped.append(f"{key} without if at {where(key)}")
+                elif key in ("minContains", "maxContains") and "contains" not in node:
+                    self.dropped.append(f"{key} without contains at {where(key)}")
+                else:
+                    self.validated.append(f"{key} at {where(key)}")
+                continue
+            if key in BLOCKED_KEYWORDS:
+                self.blockers.append(f"{key} at {where(key)}: {BLOCKED_KEYWORDS[key]}")
+                continue
+            if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+                self.blockers.append(f"remote $ref {value!r} at {where(key)}; inline it under $defs")
+                continue
+            if key == "format" and isinstance(value, str):
+                self._format(node, value, may_be_string, where(key), out)
+                continue
+            if key == "additionalItems":
+                if not isinstance(node.get("items"), list) or self.draft == "2020-12":
+                    self.dropped.append(f"additionalItems beside a schema-form items at {where(key)}")
+                continue  # the tuple form is rewritten with items below
+            if key == "items" and isinstance(value, list):
+                out["prefixItems"] = [self.schema(s, path + [key, str(i)]) for i, s in enumerate(value)]
+                if "additionalItems" in node:
+                    out["items"] = self.schema(node["additionalItems"], path + ["additionalItems"])
+                continue
+            if key in ("exclusiveMinimum", "exclusiveMaximum") and isinstance(value, bool):
+                bound = node.get("minimum" if key == "exclusiveMinimum" else "maximum")
+                if value and isinstance(bound, (int, float)):
+                    out[key] = bound  # draft-04: the bound itself becomes exclusive
+                continue
+            if key in ("minimum", "maximum") and node.get("exclusiveM" + key[1:]) is True:
+                continue  # replaced by the exclusive bound above
+            if key in ("minProperties", "maxProperties"):
+                self._count(node, key, value, where(key), out)
+                continue
+            if key == "pattern" and isinstance(value, str) and any(s in value for s in _LOOKAROUND):
+                self.validated.append(f"pattern with look-around at {where(key)}")
+                continue
+            if key == "oneOf" and isinstance(value, list):
+                self.one_of.append(where(key))
+            if key in _SUB:
+                out[key] = self.schema(value, path + [key])
+            elif key in _SUB_MAPS and isinstance(value, dict):
+                out[key] = {k: self.schema(v, path + [key, k]) for k, v in value.items()}
+            elif key in _SUB_LISTS and isinstance(value, list):
+                out[key] = [self.schema(v, path + [key, str(i)]) for i, v in enumerate(value)]
+            else:
+                out[key] = value
+        return out
+
+    def _format(self, node: dict, fmt: str, may_be_string: bool, where: str, out: dict) -> None:
+        if not may_be_string:
+            self.dropped.append(f"format {fmt!r} on a non-string at {where}")
+        elif fmt in GRAMMAR_FORMATS:
+            out["format"] = fmt
+        elif fmt in PATTERN_FORMATS and "pattern" not in node:
+            regex, max_len = PATTERN_FORMATS[fmt]
+            out["pattern"] = f"^{regex}$"
+            if max_len is not None:
+                out["maxLength"] = min(max_len, node.get("maxLength", max_len))
+        elif fmt in PATTERN_FORMATS or fmt in VALIDATED_FORMATS:
+            self.validated.append(f"format {fmt!r} at {where}")
+        else:
+            self.dropped.append(f"format {fmt!r} (an annotation: not checked) at {where}")
+
+    def _count(self, node: dict, key: str, value: Any, where: str, out: dict) -> None:
+        props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        required = set(node.get("required") or []) if isinstance(node.get("required"), list) else set()
+        closed = node.get("additionalProperties") is False and not node.get("patternProperties")
+        if key == "minProperties" and value == 0:
+            self.dropped.append(f"minProperties 0 at {where}")
+        elif key == "maxProperties" and closed and len(props) <= value:
+            self.dropped.append(f"maxProperties implied by the closed object at {where}")
+        elif props and not set(props) <= required:
+            self.validated.append(f"{key} beside optional properties at {where}")
+        else:
+            out[key] = value
+
+
+def _at_most_one_item(node: dict) -> bool:
+    return isinstance(node.get("maxItems"), int) and node["maxItems"] <= 1
+
+
+def metaschema_problems(schema: dict) -> list[str]:
+    """Every place the schema breaks its metaschema (jsonschema's check_schema), one line each."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    meta = cls(cls.META_SCHEMA)
+    out: list[str] = []
+    try:
+        errors = sorted(meta.iter_errors(schema), key=lambda e: [str(p) for p in e.path])
+    except RecursionError:
+        return ["the JSON schema is too deeply nested to check; flatten it"]
+    for err in errors:
+        # The deepest cause says most (anyOf/oneOf failures have their branches as context).
+        leaf = min(err.context, key=lambda e: -len(e.absolute_path)) if err.context else err
+        line = f"invalid JSON schema at {pointer([str(p) for p in leaf.absolute_path])}: {leaf.message[:200]}"
+        if line not in out:
+            out.append(line)
+    return out
+
+
+def plan_schema(schema: Any, param: str = "response_format") -> SchemaPlan:
+    """Check `schema` and plan how it is enforced (see the module docstring).
+
+    Raises one SchemaError that lists every blocker with its JSON path: an invalid schema
+    (each metaschema error), size limits, remote or dynamic references, unsafe x-guidance options.
+    """
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{param}: the JSON schema must be an object such as {{\"type\": \"object\", ...}}, "
+                          f"got {json.dumps(schema)[:60]}", param=param)
+    deep = depth_problem(schema)
+    if deep is not None:  # the other checks recurse: nothing else can safely be said
+        raise SchemaError(f"{param}: {deep}", param=param)
+    blockers = metaschema_problems(schema)
+    size = fanout_problem(schema)
+    if size is not None:
+        blockers.append(size)
+    walk = _Walk(schema)
+    grammar = walk.schema(copy.deepcopy(schema), [])
+    if "x-guidance" in schema:
+        blockers += x_guidance_problems(schema["x-guidance"])
+    blockers += walk.blockers
+    if blockers:
+        listed = "; ".join(blockers[:20]) + (f"; and {len(blockers) - 20} more" if len(blockers) > 20 else "")
+        raise SchemaError(f"{param}: the schema cannot be enforced: {listed}. Fix or remove these "
+                          "(they are refused rather than ignored)", param=param)
+    grammar.pop("$schema", None)  # the grammar copy is in 2020-12 form now (tuple items, exclusive bounds)
+    return SchemaPlan(validation=schema, grammar=grammar, validated=walk.validated, dropped=walk.dropped,
+                      one_of_paths=walk.one_of)
+
+
+__all__ = ["SchemaPlan", "plan_schema", "pointer", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]
