@@ -36,7 +36,7 @@ from .json_schema import check_schema, validate_output
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
 TOOL_CHOICES = ("none", "auto", "required")
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_NAME = re.compile(r'^[^\s"\\<>]{1,64}$')
 _ANY_OBJECT = {"type": "object"}
 
 
@@ -136,8 +136,8 @@ def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = 
                                param=f"{where}.function")
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RequestError(f"{where}.function.name must be 1-64 letters, digits, '_', '-', '.' or ':', got "
-                               f"{json.dumps(name)}", param=f"{where}.function.name")
+            raise RequestError(f"{where}.function.name must be 1-64 characters without spaces, quotes, backslashes "
+                               f"or angle brackets, got {json.dumps(name)}", param=f"{where}.function.name")
         if name in schemas:
             raise RequestError(f"{where}.function.name {name!r} is given twice; give each tool a unique name",
                                param=f"{where}.function.name")
@@ -252,9 +252,11 @@ _FENCE = re.compile(r"```(?:json)?[ \t]*\n")
 _CALL_HEAD = '{"name"'
 
 
-def call_start(text: str) -> tuple[str, int]:
-    """Whether a reply beginning with `text` is a tool call: ("yes", offset of its "{"), ("maybe", -1)
-    while it could still become `{"name"` (after optional whitespace and a ```json fence), or ("no", -1)."""
+def call_start(text: str, names: list[str] | None = None) -> tuple[str, int]:
+    """Whether a reply beginning with `text` is a call: ("yes", offset of its "{"), ("maybe", -1) while it
+    could still become one, or ("no", -1). A call opens `{"name": "NAME"` (after optional whitespace and a
+    ```json fence); with `names`, only once NAME is complete and one of them: a reply that invents a
+    function is text, not a call forced onto another tool."""
     body = text.lstrip()
     at = len(text) - len(body)
     if body.startswith("`"):
@@ -263,10 +265,15 @@ def call_start(text: str) -> tuple[str, int]:
             return ("maybe", -1) if len(body) < 12 and re.fullmatch(r"`{1,3}(j(s(o(n)?)?)?)?[ \t]*", body) else ("no", -1)
         at += m.end()
         body = body[m.end():]
+    if not body:
+        return "maybe", -1
+    if not body.startswith("{"):
+        return "no", -1
     squeezed = re.sub(r"\s+", "", body)
-    if squeezed.startswith(_CALL_HEAD) and body.startswith("{"):
+    heads = [_CALL_HEAD] if names is None else [f'{_CALL_HEAD}:{json.dumps(n, ensure_ascii=False)}' for n in names]
+    if any(squeezed.startswith(h) for h in heads):
         return "yes", at
-    if body.startswith("{") and _CALL_HEAD.startswith(squeezed) or not body:
+    if any(h.startswith(squeezed) for h in heads):
         return "maybe", -1
     return "no", -1
 
@@ -351,7 +358,7 @@ class ToolCallConstraint:
         start = len(self._seen)
         self._seen += self._pieces.piece(tok).decode("utf-8", errors="ignore")
         self._seen_tokens.append((start, tok))
-        state, at = call_start(self._seen)
+        state, at = call_start(self._seen, self.tools.names)
         if state == "maybe":
             return []
         self._watching = False
@@ -560,6 +567,8 @@ class ToolCallParser:
                 name = json.loads('"' + m.group(1) + '"')
             except ValueError:
                 return self._give_up()
+            if self.tools is None or name not in self.tools.schemas:
+                return self._give_up()  # a function that was not offered: the model's text, not a call
             self._current = ToolCall(new_call_id(), name, "", self._n)
             self._n += 1
             self._end = _ValueEnd()

@@ -1,0 +1,175 @@
+"""Tool calls end to end: the official openai package and langchain-openai against a real server on
+the default model, plus EdgeQwen.chat. Every returned call must parse and validate."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tool_cases import CASES, SEARCH, WEATHER
+
+pytestmark = pytest.mark.slow
+
+WEATHER_Q = [{"role": "user", "content": "What's the weather like in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    from edge_qwen.serve.app import ServerThread, create_app
+
+    with ServerThread(create_app({"qwen2.5": llm})) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def valid(call, tools) -> dict:
+    """The call's arguments, after checking they parse and validate against the named tool."""
+    fn = call.function if hasattr(call, "function") else call["function"]
+    name = fn.name if hasattr(fn, "name") else fn["name"]
+    arguments = fn.arguments if hasattr(fn, "arguments") else fn["arguments"]
+    schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == name)
+    args = json.loads(arguments)
+    jsonschema.validate(args, schema)
+    return args
+
+
+def test_auto_calls_the_tool(client):
+    r = client.chat.completions.create(model="qwen2.5", messages=WEATHER_Q, tools=[WEATHER, SEARCH],
+                                       temperature=0, max_tokens=80)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert "paris" in valid(call, [WEATHER, SEARCH])["city"].lower()
+
+
+def test_auto_answers_text_when_no_tool_fits(client):
+    r = client.chat.completions.create(model="qwen2.5", messages=[{"role": "user", "content": "Say hello."}],
+                                       tools=[WEATHER], temperature=0, max_tokens=20)
+    msg = r.choices[0].message
+    assert not msg.tool_calls and msg.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_required_and_named_streamed(client):
+    tools = [WEATHER, SEARCH]
+    r = client.chat.completions.create(model="qwen2.5", messages=WEATHER_Q, tools=tools, tool_choice="required",
+                                       temperature=0, max_tokens=80, parallel_tool_calls=False)
+    assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    valid(r.choices[0].message.tool_calls[0], tools)
+
+    stream = client.chat.completions.create(
+        model="qwen2.5", messages=WEATHER_Q, tools=tools, temperature=0, max_tokens=80, stream=True,
+        tool_choice={"type": "function", "function": {"name": "search_web"}})
+    first, args, finish = None, "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for d in chunk.choices[0].delta.tool_calls or []:
+            if first is None:  # OpenAI's first call delta: id, type, name, empty arguments
+                first = d
+                assert d.index == 0 and d.id and d.type == "function" and d.function.name == "search_web"
+            else:
+                assert d.id is None and d.function.name is None
+            args += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert first is not None and finish == "tool_calls"
+    schema = SEARCH["function"]["parameters"]
+    jsonschema.validate(json.loads(args), schema)
+
+
+def test_tool_result_round_trip(client):
+    r = client.chat.completions.create(model="qwen2.5", messages=WEATHER_Q, tools=[WEATHER], tool_choice="required",
+                                       temperature=0, max_tokens=60)
+    call = r.choices[0].message.tool_calls[0]
+    history = WEATHER_Q + [r.choices[0].message.model_dump(exclude_none=True),
+                           {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21, "sky": "sunny"}'}]
+    r2 = client.chat.completions.create(model="qwen2.5", messages=history, tools=[WEATHER], tool_choice="none",
+                                        temperature=0, max_tokens=40)
+    assert r2.choices[0].message.content and not r2.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("i", [10, 21, 29])  # array of objects, $defs/$ref, no arguments (all 30: bench_tools.py)
+def test_varied_schemas_required(client, i):
+    tools, prompt, target = CASES[i]
+    r = client.chat.completions.create(model="qwen2.5", messages=[{"role": "user", "content": prompt}],
+                                       tools=tools, tool_choice="required", temperature=0, max_tokens=120)
+    calls = r.choices[0].message.tool_calls
+    assert calls and r.choices[0].finish_reason == "tool_calls"
+    for call in calls:
+        valid(call, tools)
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "strin"}}}}}]}, "tools[0].function.parameters", "invalid JSON schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"$ref": "https://example.com/a.json"}}}}}]}, "tools[0].function.parameters", "remote $ref"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "call_x", "content": "1"}]},
+     "messages[1].tool_call_id", "no earlier assistant message"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "1"}]},
+     "messages[1].tool_call_id", "without tool_call_id"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", "given twice"),
+])
+def test_bad_tool_requests_are_400(server, body, param, needle):
+    import httpx
+
+    payload = {"model": "qwen2.5", "messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+               "max_tokens": 5, **body}
+    r = httpx.post(f"{server}/v1/chat/completions", json=payload, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param and needle in err["message"]
+
+
+def test_qwen_api_shape_with_tools(server):
+    import httpx
+
+    r = httpx.post(f"{server}/api/v1/qwen/predict", timeout=300, json={
+        "input": {"messages": WEATHER_Q}, "parameters": {"tools": [WEATHER], "tool_choice": "required",
+                                                         "temperature": 0, "max_tokens": 60}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    valid(choice["message"]["tool_calls"][0], [WEATHER])
+
+
+def test_edgeqwen_chat_tools(llm):
+    r = llm.chat(WEATHER_Q, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                 temperature=0, max_tokens=60)
+    msg = r["choices"][0]["message"]
+    assert r["choices"][0]["finish_reason"] == "tool_calls" and msg["content"] is None
+    valid(msg["tool_calls"][0], [WEATHER])
+
+
+def test_langchain_bind_tools_and_structured_output(server):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """Get the current weather in a city."""
+
+        city: str = Field(description="The city name")
+
+    chat = ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model="qwen2.5", temperature=0, max_tokens=60,
+                      max_retries=0, timeout=300)
+    msg = chat.bind_tools([GetWeather]).invoke("What's the weather in Paris?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "GetWeather"
+    assert "paris" in msg.tool_calls[0]["args"]["city"].lower()
+
+    class Person(BaseModel):
+        """A person mentioned in the text."""
+
+        name: str
+        age: int
+
+    out = chat.with_structured_output(Person, method="function_calling").invoke("Alice is 31 years old.")
+    assert isinstance(out, Person) and out.name.lower().startswith("alice") and out.age == 31
