@@ -6,6 +6,7 @@ desktop apps and tests drive the same code the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -93,6 +94,13 @@ def _response_format(as_json: bool, schema: str | None) -> dict | None:
         if not isinstance(data, dict):
             raise click.BadParameter(f"{path} holds a {type(data).__name__}, not a JSON schema object",
                                      param_hint="--schema")
+        from ..engine.json_normalize import plan_schema
+        from ..errors import SchemaError
+
+        try:  # before the model loads: every blocker named, with the file the user gave
+            plan_schema(data, param=f"--schema {path}")
+        except SchemaError as e:
+            raise click.ClickException(e.message) from None
         return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": data, "strict": True}}
     if as_json:
         return {"type": "json_object"}
@@ -115,6 +123,30 @@ def _split_model_prompt(model: str | None, prompt: str | None) -> tuple[str | No
     return (model, None) if looks_like_model else (None, model)
 
 
+def _image_chat(model: str | None, prompt: str | None, system: str | None, mmproj: str | None,
+                images: tuple[str, ...], allow_http: bool, unsupported: bool, *, temperature: float, top_p: float,
+                max_tokens: int, seed: int | None, n_ctx: int) -> None:
+    """`chat --mmproj P --image F PROMPT`: one streamed reply through edge_qwen.vision."""
+    from ..store import resolve_model
+    from ..vision import VisionChat, image_messages
+
+    if not mmproj:
+        raise click.BadParameter("images need the model's vision tower: add --mmproj mmproj-....gguf",
+                                 param_hint="--mmproj")
+    if not images or prompt is None:
+        raise click.BadParameter("give --image FILE and a PROMPT (image chat is one reply)", param_hint="--image")
+    if unsupported:
+        raise click.BadParameter("--json, --schema and --stop are not supported with images yet", param_hint="--image")
+    with VisionChat(resolve_model(model), mmproj, n_ctx=n_ctx) as vc:
+        for c in vc.chat(image_messages(prompt, list(images), system), stream=True, allow_files=True,
+                         allow_http=allow_http, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                         seed=seed):
+            text = c["choices"][0]["delta"].get("content")
+            if text:
+                click.echo(text, nl=False)
+    click.echo()
+
+
 @main.command()
 @model_argument()
 @click.argument("prompt", required=False)
@@ -123,14 +155,26 @@ def _split_model_prompt(model: str | None, prompt: str | None) -> tuple[str | No
 @click.option("--schema", type=click.Path(dir_okay=False), help="Answer with JSON valid against this schema file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
               help="Where to run the model.")
+@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
+              "(edge-qwen convert --mmproj); needed for --image.")
+@click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable).")
+@click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise).")
 @sampling_options
 def chat(model: str | None, prompt: str | None, system: str | None, as_json: bool, schema: str | None,
-         device: str, temperature: float, top_p: float, max_tokens: int, seed: int | None,
+         device: str, mmproj: str | None, images: tuple[str, ...], allow_http_images: bool,
+         temperature: float, top_p: float, max_tokens: int, seed: int | None,
          stop: tuple[str, ...], n_ctx: int) -> None:
-    """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it."""
+    """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
+
+    With --mmproj and --image: one reply about the images (Qwen2.5-VL).
+    """
     from ..runtime import EdgeQwen
 
     model, prompt = _split_model_prompt(model, prompt)
+    if images or mmproj:
+        _image_chat(model, prompt, system, mmproj, images, allow_http_images, as_json or bool(schema) or bool(stop),
+                    temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n_ctx=n_ctx)
+        return
     fmt = _response_format(as_json, schema)
     kw = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
               "stop": list(stop) or None, "response_format": fmt}
@@ -139,7 +183,8 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
         click.echo(text, nl=False)
 
     # Interactive turns extend the previous prompt: reuse its KV cache there.
-    with EdgeQwen(model, n_ctx=n_ctx, device=device, reuse_prefix=prompt is None) as llm:
+    with _schema_errors(schema, as_json), EdgeQwen(model, n_ctx=n_ctx, device=device,
+                                                   reuse_prefix=prompt is None) as llm:
         if prompt is not None:
             _, finish = one_shot(llm, prompt, write, system=system, **kw)
             if finish == "length":
@@ -151,6 +196,20 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
             click.echo(f"{llm.model_name} on {llm.device}. {REPL_HELP}", err=True)
         repl(llm, stdin, write, system=system,
              prompt=(lambda: click.echo(">>> ", nl=False, err=True)) if interactive else None, **kw)
+
+
+@contextlib.contextmanager
+def _schema_errors(schema: str | None, as_json: bool):
+    """JSON-engine errors worded for the CLI: the option and file the user gave, not `response_format`."""
+    from ..errors import EdgeQwenError
+
+    try:
+        yield
+    except EdgeQwenError as e:
+        if e.param != "response_format" or not (schema or as_json):
+            raise
+        where = f"--schema {schema}" if schema else "--json"
+        raise click.ClickException(e.message.replace("response_format", where, 1)) from None
 
 
 @main.command()
