@@ -29,11 +29,12 @@ from ..errors import ConstraintViolation, RequestError, SchemaError
 from .json_normalize import SchemaPlan, plan_schema
 from .json_schema import check_depth, engine_error, engine_limit, validate_output
 
-# Whitespace the grammar allows at each place JSON allows it: one optional space, or a newline
-# plus a bounded indent. Compact-only JSON changes what the model says (REFERENCE.md: "List 10
-# students" -> {"students":[]}); unbounded whitespace lets the model run away until
-# max_tokens. The pattern is matched at most once per place, so the bound holds.
-WHITESPACE_PATTERN = r"[ ]?|\n[ ]{0,24}"
+# Whitespace the grammar allows at each place JSON allows it: one optional space. Compact-only
+# JSON changes what the model says (REFERENCE.md: "List 10 students" -> {"students":[]}), while
+# one optional space keeps its answers; newlines and indents (pretty-printing) cost a token or
+# two per line and cut long answers at max_tokens, and unbounded whitespace lets the model run
+# away. The pattern is matched at most once per place, so the bound holds.
+WHITESPACE_PATTERN = r"[ ]?"
 
 # Any JSON object: {"type": "json_object"} without a schema.
 ANY_OBJECT: dict = {"type": "object"}
@@ -344,6 +345,27 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
     return constraint
 
 
+def replay(llm: Any, schema: dict, value: Any) -> str:
+    """Feed `value`, written as the model would write it, through the constraint for `schema`.
+
+    Returns "accepted" (every token allowed by the grammar and the answer validates), "grammar"
+    (a token refused, or the value left unfinished) or "validation" (the grammar let it through,
+    the final validation refused it). The grammar-soundness test and benchmark use it: a valid
+    value must be "accepted", an invalid one must not be. SchemaError if the schema is refused.
+    """
+    c = make_constraint(llm, {"type": "json_object", "schema": schema}, fast_forward=False)
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    tokens = _llama_of(llm).tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    m = c._matcher
+    if not m.consume_tokens(tokens) or not m.is_accepting():
+        return "grammar"
+    try:
+        c.finalize(text, "stop")
+    except ConstraintViolation:
+        return "validation"
+    return "accepted"
+
+
 __all__ = [
     "ANY_OBJECT",
     "AnswerInvalid",
@@ -353,4 +375,5 @@ __all__ = [
     "make_constraint",
     "model_tables",
     "parse_response_format",
+    "replay",
 ]
