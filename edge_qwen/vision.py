@@ -193,7 +193,8 @@ class VisionChat:
         if not self.ctx:
             self.llama.close()
             raise ModelFileError(f"libmtmd could not load {mmproj} for {model}; are they from the same checkpoint?")
-        self.model_name = Path(model).name.removesuffix(".gguf")
+        self.model_path = Path(model)
+        self.model_name = self.model_path.name.removesuffix(".gguf")
         self.chat_template = self.llama.metadata.get("tokenizer.chat_template")
         self.marker = mtmd.mtmd_default_marker().decode()
 
@@ -329,3 +330,47 @@ def image_messages(prompt: str, images: list[str], system: str | None = None) ->
     parts: list[dict] = [{"type": "image_url", "image_url": {"url": str(i)}} for i in images]
     parts.append({"type": "text", "text": prompt})
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": parts}]
+
+
+class VisionServed:
+    """A VisionChat as the HTTP server serves a model (`create_app({"qwen2.5-vl": VisionServed(vc)})`).
+
+    Takes the server's chat arguments; image parts come as OpenAI `image_url` parts (data:
+    URLs only: a server never reads its own files, and fetches http(s) only with `allow_http`).
+    JSON formats, tools, stop strings and thinking are refused with images for now (400).
+    """
+
+    parallel = 1
+
+    def __init__(self, vision: VisionChat, allow_http: bool = False):
+        self.vision, self.allow_http = vision, allow_http
+        self.model_name, self.model_path = vision.model_name, vision.model_path
+        self.chat_template = vision.chat_template
+
+    def chat(self, messages: Any, *, stream: bool = False, cancel: Any = None, temperature: float = 0.7,
+             top_p: float = 0.9, max_tokens: int | None = None, default_max_tokens: int = 1024,
+             seed: int | None = None, stop: Any = None, response_format: Any = None, tools: Any = None,
+             enable_thinking: bool | None = None, **_scheduling: Any) -> dict | Iterator[dict]:
+        """OpenAI-shaped reply, as EdgeQwen.chat gives it (cancel is honoured between chunks)."""
+        for name, value in (("stop", stop), ("tools", tools), ("enable_thinking", enable_thinking)):
+            if value:
+                raise RequestError(f"{name} is not supported by the vision model yet; leave it out", param=name)
+        if response_format not in (None, {"type": "text"}):
+            raise RequestError("response_format is not supported by the vision model yet", param="response_format")
+        out = self.vision.chat(messages, max_tokens=max_tokens or default_max_tokens, temperature=temperature,
+                               top_p=top_p, seed=seed, stream=stream, allow_http=self.allow_http)
+        if not stream:
+            return out
+        return self._cancellable(out, cancel)
+
+    @staticmethod
+    def _cancellable(chunks: Iterator[dict], cancel: Any) -> Iterator[dict]:
+        for c in chunks:
+            if cancel is not None and cancel.is_set():
+                yield {**c, "choices": [{"index": 0, "delta": {}, "finish_reason": "cancelled"}],
+                       "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+                return
+            yield c
+
+    def close(self) -> None:
+        self.vision.close()

@@ -156,3 +156,33 @@ def test_model_files_are_checked(vl_files, tiny_checkpoint, tmp_path):
     with pytest.raises(ModelFileError, match="clip"):
         VisionChat(vl_files[0], vl_files[0])
     assert image_messages("hi", ["a.png"])[-1]["content"][0]["image_url"]["url"] == "a.png"
+
+
+def test_server_openai_and_qwen_shapes(vision):
+    import httpx
+    import openai
+
+    from edge_qwen.serve.app import ServerThread, create_app
+    from edge_qwen.vision import VisionServed
+
+    a, b = _png(1), _png(2)
+    want = [vision.chat(_messages(x), **GREEDY)["choices"][0]["message"]["content"] for x in (a, b)]
+    with ServerThread(create_app({"vl": VisionServed(vision)})) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        got = [client.chat.completions.create(model="vl", messages=_messages(x), **GREEDY).choices[0].message.content
+               for x in (a, b)]
+        assert got == want
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="vl", messages=_messages(a), stream=True, **GREEDY) if c.choices)
+        assert streamed == want[0]
+        with httpx.Client(base_url=url, timeout=120) as http:
+            qwen = {"model": "vl", "input": {"messages": [{"role": "system", "content": SYSTEM}, {
+                "role": "user", "content": [{"image": _url(a)}, {"text": "Describe"}]}]}, "parameters": GREEDY}
+            r = http.post("/api/v1/qwen/predict", json=qwen)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want[0]
+            for bad, why in ((_url(b"not an image"), "not an image"), ("https://example.com/x.png", "offline"),
+                             ("/etc/hostname", "data: URLs")):
+                r = http.post("/v1/chat/completions", json={"model": "vl", "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": bad}}]}]})
+                assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
+                assert r.json()["error"]["code"] == "invalid_image"

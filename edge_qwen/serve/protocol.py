@@ -55,13 +55,29 @@ class TextPart(BaseModel):
         return _check_text(v)
 
 
+class ImagePart(BaseModel):
+    """An image part: OpenAI's {"type": "image_url", "image_url": {"url"}} or the Qwen API's {"image": url}.
+
+    Only a model served with its vision tower (edge_qwen.vision) reads them; the URL is checked there.
+    """
+
+    model_config = _LAX
+    type: Literal["image_url", "image"] | None = None
+    image_url: str | dict[str, Any] | None = None
+    image: str | None = None
+
+    def plain(self) -> dict[str, Any]:
+        url = self.image_url.get("url") if isinstance(self.image_url, dict) else self.image_url
+        return {"type": "image_url", "image_url": {"url": url if url is not None else self.image}}
+
+
 class Message(BaseModel):
     """One chat message."""
 
     model_config = _LAX
     role: Literal["system", "user", "assistant", "tool", "developer", "function"] = Field(
         description='"developer" is read as "system" and "function" as "tool".')
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant message's calls.")
     tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
@@ -73,7 +89,9 @@ class Message(BaseModel):
         if isinstance(v, list):
             for i, part in enumerate(v):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind != "text":
+                if isinstance(part, dict) and kind is None and ("text" in part or "image" in part):
+                    v[i] = {"type": "text" if "text" in part else "image", **part}  # the Qwen API's parts
+                elif isinstance(kind, str) and kind not in ("text", "image_url", "image"):
                     raise ValueError(f"content part {i} has type {kind!r}: edge-qwen serves text-only Qwen2.5 "
                                      "models; send the content as a string or as parts like "
                                      "{'type': 'text', 'text': '...'}")
@@ -93,6 +111,8 @@ class Message(BaseModel):
             text = ""
         elif isinstance(c, str):
             text = c
+        elif any(isinstance(p, ImagePart) for p in c):  # parts kept for a vision model (edge_qwen.vision)
+            text = [p.plain() if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in c]
         else:
             text = "".join(p.text for p in c)
         out: dict[str, Any] = {"role": ROLE_ALIASES.get(self.role, self.role), "content": text}
