@@ -1,12 +1,11 @@
-"""Which JSON schemas the constraint engine can enforce, checked before any token is generated.
+"""Schema checks before generation and the validation after it.
 
-A schema reaches the engine only if (1) it is a valid JSON schema (jsonschema's check_schema),
-and (2) every validation keyword in it is one llguidance turns into grammar. Keywords that
-llguidance 1.9 cannot enforce are refused here with their JSON paths, never dropped silently
-(the pain point of llama.cpp's GBNF converter). Annotations (title, description, default,
-examples, ...) carry no constraint and pass. After generation, `validate_output` checks the
-text with jsonschema, so a mismatch between this table and the engine shows up as a
-ConstraintViolation instead of a quietly wrong answer.
+`check_schema` (and `check_depth`) are the entry points json_constraint uses before any token is
+generated; the planning itself (which keywords the grammar enforces, which are no-ops, which
+only validation guarantees, which block the schema) lives in json_normalize.plan_schema.
+`validate_output` checks a finished answer with jsonschema: the schema's own draft, every format
+checked, and `multipleOf` in exact decimal arithmetic on the number as written (jsonschema's own
+float division rejects 19.99 as a multiple of 0.01, which the grammar rightly produces).
 """
 
 from __future__ import annotations
