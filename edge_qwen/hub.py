@@ -37,6 +37,10 @@ def _repo_folder(repo_id: str) -> Path:
     return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
+def _is_in_store(repo_id: str) -> bool:
+    return _repo_folder(repo_id).is_dir()
+
+
 def _check_repo_id(repo_id: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", repo_id or "") or ".." in repo_id:
         raise EdgeQwenError(
@@ -46,10 +50,10 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def is_pulled(repo_id: str) -> bool:
-    """Whether the store's HF cache has a folder for `repo_id` (complete or not); no network."""
+    """Whether the store's HF cache (or the user's own HF cache) has a folder for `repo_id`; no network."""
     if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", repo_id or "") or ".." in repo_id:
         return False
-    return _repo_folder(repo_id).is_dir()
+    return _repo_folder(repo_id).is_dir() or (user_hf_cache() / ("models--" + repo_id.replace("/", "--"))).is_dir()
 
 
 def snapshot_path(repo_id: str, revision: str | None = None) -> Path:
@@ -61,6 +65,10 @@ def snapshot_path(repo_id: str, revision: str | None = None) -> Path:
     _check_repo_id(repo_id)
     rev = revision or "main"
     folder = _repo_folder(repo_id)
+    if not folder.is_dir():  # downloaded before by transformers / huggingface-cli: use it where it is
+        found = find_in_user_cache(repo_id, revision)
+        if found is not None:
+            return found
     hint = f"run `edge-qwen pull {repo_id}" + (f" --revision {revision}`" if revision else "`")
     if _COMMIT_RE.fullmatch(rev):
         commit = rev
@@ -288,6 +296,14 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
                             f"convert it directly: edge-qwen convert {repo_id}", param="repo_id")
     _check_repo_id(repo_id)
     rev = revision or "main"
+    cached = None if _is_in_store(repo_id) else find_in_user_cache(repo_id, revision)
+    if cached is not None:  # already downloaded by transformers or huggingface-cli: not fetched again
+        files = [f.relative_to(cached).as_posix() for f in _snapshot_files(cached)]
+        return PullResult(repo_id=repo_id, revision=rev, commit=cached.name, path=cached, files=files, fetched=[],
+                          bytes_fetched=0, total_bytes=sum((cached / f).stat().st_size for f in files),
+                          architecture=read_architecture(cached), offline=_offline(),
+                          warnings=[f"{repo_id} was found in your Hugging Face cache ({user_hf_cache()}); "
+                                    "used from there, nothing downloaded"])
     offline = _offline()
     import huggingface_hub
     from huggingface_hub import constants
@@ -333,9 +349,11 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
                               "is it a model repo with safetensors weights?")
     arch = read_architecture(snap)
     warnings = []
-    if arch != QWEN2_ARCHITECTURE:
-        warnings.append(f"{repo_id}: config.json's architecture is {arch or 'missing'}, not {QWEN2_ARCHITECTURE}; "
-                        "edge-qwen can convert Qwen2 / Qwen2.5 checkpoints only")
+    from .convert.archs import supported_architectures
+
+    if arch not in supported_architectures():
+        warnings.append(f"{repo_id}: config.json's architecture is {arch or 'missing'}, not one edge-qwen converts "
+                        f"({', '.join(supported_architectures())})")
     return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap, files=files, fetched=fetched,
                       bytes_fetched=nbytes, total_bytes=total, architecture=arch, offline=offline, warnings=warnings)
 
@@ -434,3 +452,135 @@ def store_summary() -> dict:
         "gguf": [{"name": g.name, "path": str(g.path), "size": g.size, "architecture": g.architecture,
                   "file_type": g.file_type, "error": g.error} for g in list_ggufs()],
     }
+
+
+# An official GGUF repo's file for one quantization: NAME-q4_k_m.gguf, or its split parts
+# NAME-q4_k_m-00001-of-00003.gguf (llama.cpp's gguf-split names; llama.cpp loads the first and
+# finds the rest beside it).
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
+
+
+def gguf_files_for_quant(names: list[str], quant: str, repo_id: str) -> list[str]:
+    """The file(s) of `quant` among a GGUF repo's file names: one file, or all its split parts in order.
+
+    EdgeQwenError naming the quantizations the repo has when there is none, or when the choice
+    is ambiguous or a split set is incomplete.
+    """
+    ggufs = [n for n in names if n.lower().endswith(".gguf") and "/" not in n and "mmproj" not in n.lower()]
+    q = quant.lower().replace("-", "_")
+
+    def quant_of(name: str) -> str:
+        stem = _SPLIT_RE.sub("", name) if _SPLIT_RE.search(name) else name[:-5]
+        return stem.rsplit("-", 1)[-1].lower().replace("-", "_") if "-" in stem else stem.lower()
+
+    found = sorted(n for n in ggufs if quant_of(n) == q)
+    if not found:
+        have = sorted({quant_of(n) for n in ggufs})
+        raise ModelNotFoundError(f"{repo_id} has no {quant} GGUF file; it has "
+                                 f"{', '.join(have) if have else 'no GGUF files'}; pick one with --quant",
+                                 param="quant")
+    splits = [n for n in found if _SPLIT_RE.search(n)]
+    if splits:
+        total = int(_SPLIT_RE.search(splits[0]).group(2))
+        parts = sorted(splits, key=lambda n: int(_SPLIT_RE.search(n).group(1)))
+        if [int(_SPLIT_RE.search(n).group(1)) for n in parts] != list(range(1, total + 1)):
+            raise EdgeQwenError(f"{repo_id}: the split {quant} files are incomplete ({', '.join(parts)}); "
+                                f"expected {total} parts", param="quant")
+        return parts
+    if len(found) > 1:
+        raise EdgeQwenError(f"{repo_id} has several {quant} GGUF files ({', '.join(found)}); pull one by its "
+                            "exact name with --quant", param="quant")
+    return found
+
+
+def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str | None = None,
+              quiet: bool = False) -> PullResult:
+    """Download just one quantization of an official GGUF repo (`Qwen/Qwen2.5-7B-Instruct-GGUF`,
+    `q4_k_m`), all of its split parts if it is split; `path` is the file to load (the first part).
+
+    Offline, the files already in the store are used. Like llama.cpp's `-hf repo:quant`.
+    """
+    _check_repo_id(repo_id)
+    rev = revision or "main"
+    offline = _offline()
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    folder = _repo_folder(repo_id)
+    blobs_before, _files_before = _cache_state(folder)
+    was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
+    bar = _tqdm_class(quiet)
+    tok = token or os.environ.get("HF_TOKEN") or None
+    try:
+        if offline:
+            ref = folder / "refs" / rev
+            commit = rev if _COMMIT_RE.fullmatch(rev) else (ref.read_text().strip() if ref.is_file() else "")
+            snap_dir = folder / "snapshots" / commit
+            if not commit or not snap_dir.is_dir():
+                raise ModelNotFoundError(f"{repo_id} (revision {rev}) is not in the model store and the network is "
+                                         "off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download it")
+            names = [f.name for f in snap_dir.iterdir()]
+        else:
+            names = [f.path for f in HfApi(endpoint=_endpoint(), token=tok).list_repo_tree(repo_id, revision=rev)]
+        wanted = gguf_files_for_quant(names, quant, repo_id)
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=wanted, token=tok,
+            local_files_only=offline, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
+    except (OSError, ValueError, *_transport_errors()) as e:
+        raise _translate(e, repo_id, rev, offline) from None
+    finally:
+        constants.HF_HUB_OFFLINE = was_offline
+        for b in bar.opened:
+            b.close()
+    snap = Path(path)
+    fetched, nbytes, total = [], 0, 0
+    for name in wanted:
+        f = snap / name
+        size = f.stat().st_size
+        total += size
+        if f.resolve().name not in blobs_before:
+            fetched.append(name)
+            nbytes += size
+    from .gguf_file import check_gguf
+
+    info = check_gguf(snap / wanted[0])
+    return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap / wanted[0], files=wanted,
+                      fetched=fetched, bytes_fetched=nbytes, total_bytes=total, architecture=info.architecture,
+                      offline=offline)
+
+
+def user_hf_cache() -> Path:
+    """The user's own Hugging Face cache (HF_HUB_CACHE, or HF_HOME/hub, or ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def find_in_user_cache(repo_id: str, revision: str | None = None) -> Path | None:
+    """A complete snapshot of `repo_id` already in the user's HF cache (downloaded by transformers,
+    huggingface-cli, ...), or None. No network."""
+    from huggingface_hub import errors as hf
+    from huggingface_hub import snapshot_download
+
+    cache = user_hf_cache()
+    if cache.resolve() == hf_cache_dir().resolve() or not (cache / ("models--" + repo_id.replace("/", "--"))).is_dir():
+        return None
+    try:
+        snap = Path(snapshot_download(repo_id, revision=revision or "main", cache_dir=str(cache),
+                                      allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS,
+                                      local_files_only=True))
+    except (hf.LocalEntryNotFoundError, hf.IncompleteSnapshotError, OSError, ValueError):
+        return None
+    return snap if (snap / "config.json").is_file() else None
+
+
+def snapshot_path_any(repo_id: str, revision: str | None = None) -> Path:
+    """`snapshot_path` in the store, else a complete snapshot in the user's HF cache."""
+    try:
+        return snapshot_path(repo_id, revision)
+    except ModelNotFoundError:
+        found = find_in_user_cache(repo_id, revision)
+        if found is None:
+            raise
+        return found

@@ -29,9 +29,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 @click.option("--revision", "-r", default=None, help="Branch, tag or commit hash (default: main).")
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True,
               help="Hugging Face token for private or gated repos.")
+@click.option("--quant", default=None, metavar="TYPE",
+              help="For a GGUF repo (e.g. Qwen/Qwen2.5-7B-Instruct-GGUF): fetch only this quantization "
+                   "(q4_k_m...), all its split parts if split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @quiet_option
-def pull(repo_id: str, revision: str | None, token: str | None, as_json: bool, quiet: bool) -> None:
+def pull(repo_id: str, revision: str | None, token: str | None, quant: str | None, as_json: bool,
+         quiet: bool) -> None:
     """Download a Hugging Face checkpoint (config, tokenizer, safetensors) into the model store.
 
     Only the files conversion needs are fetched; an interrupted pull resumes when run again.
@@ -44,7 +48,12 @@ def pull(repo_id: str, revision: str | None, token: str | None, as_json: bool, q
     # huggingface_hub logs each retried request as a warning on stderr; our own error line says
     # what failed and what to do, so its per-attempt noise would only bury it.
     hf_logging.set_verbosity_error()
-    r = pull_repo(repo_id, revision=revision, token=token, quiet=quiet or as_json)
+    if quant:
+        from ..hub import pull_gguf
+
+        r = pull_gguf(repo_id, quant, revision=revision, token=token, quiet=quiet or as_json)
+    else:
+        r = pull_repo(repo_id, revision=revision, token=token, quiet=quiet or as_json)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:
