@@ -522,6 +522,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     _docs_page(app)
     app.include_router(web_router)  # the chat page at / and /web/ (edge_qwen/web)
+    _families(app, deps, max_tokens_limit=max_tokens_limit, prompt_cache=prompt_cache)
 
     @app.head("/health", include_in_schema=False)  # uptime probes often use HEAD
     @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
@@ -530,6 +531,16 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                 "models": {name: slot.describe() for name, slot in registry.slots.items()}}
 
     return app
+
+
+def _families(app: FastAPI, deps: list[Any], **serve_options: Any) -> None:
+    """The other API families, one module each: completions, embeddings, tokenize, Ollama, /metrics."""
+    from . import completions, embeddings, metrics, ollama, tokenize
+
+    app.state.serve_options = serve_options  # what edge_qwen.serve.runner hands the family routers
+    for family in (completions, embeddings, tokenize, ollama):
+        app.include_router(family.router(), dependencies=deps)
+    metrics.install(app)
 
 
 def _docs_page(app: FastAPI) -> None:

@@ -1,0 +1,128 @@
+"""One generation per request, for the API-family routers (Ollama, completions, responses, embeddings).
+
+The routers depend only on this small interface over the app's state: `app.state.models.get(name)`
+gives a served model's slot (`.name`, `.model()` the EdgeQwen, `.acquire()` a place in its
+queue, `.release(tokens, cancelled)`), and `run()` / `stream()` here take a place, run a
+synchronous generation function in a worker thread (the event loop never waits on llama.cpp),
+cancel it when the client disconnects, and give the place back however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from fastapi import Request
+
+from ..errors import EdgeQwenError
+
+
+def options(request: Request) -> dict[str, Any]:
+    """The server's generation settings (max_tokens_limit, prompt_cache) as create_app stored them."""
+    return getattr(request.app.state, "serve_options", {}) or {}
+
+
+def slot_for(request: Request, name: str | None) -> Any:
+    """The served model `name` (None or "": the default); ModelNotFoundError names the choices.
+
+    Ollama-style tags are accepted: "qwen2.5:latest" is "qwen2.5".
+    """
+    registry = request.app.state.models
+    if name and name.endswith(":latest") and name not in registry.slots:
+        name = name[: -len(":latest")]
+    return registry.get(name)
+
+
+async def _watch(request: Request, cancel: threading.Event) -> None:
+    while not cancel.is_set():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+async def run(request: Request, slot: Any, work: Callable[[Any, threading.Event], Any]) -> Any:
+    """Run `work(llm, cancel)` to completion in a worker thread, holding a place in the model's queue."""
+    import anyio
+
+    cancel = threading.Event()
+    await slot.acquire()
+    watcher = asyncio.create_task(_watch(request, cancel))
+    try:
+        return await anyio.to_thread.run_sync(lambda: work(slot.model(), cancel))
+    finally:
+        watcher.cancel()
+        slot.release(0, cancel.is_set())
+
+
+async def stream(request: Request, slot: Any, work: Callable[[Any, threading.Event], Iterator[Any]]) -> Any:
+    """Items of the generator `work(llm, cancel)`, produced in a worker thread, as an async iterator.
+
+    An error before the first item is raised here (so the caller can answer a plain HTTP error);
+    later ones come through as the exception object itself, for the family's own error event.
+    The first item is awaited before this returns.
+    """
+    cancel = threading.Event()
+    await slot.acquire()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(kind: str, item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        except RuntimeError:  # the loop is gone (server shutting down)
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            gen = work(slot.model(), cancel)
+            try:
+                for item in gen:
+                    put("item", item)
+                    if cancel.is_set():
+                        break
+            finally:
+                close = getattr(gen, "close", None)
+                if close:
+                    close()
+        except Exception as e:  # noqa: BLE001 -- every failure reaches the client as an error
+            put("error", e)
+        finally:
+            put("end", None)
+            try:
+                loop.call_soon_threadsafe(slot.release, 0, cancel.is_set())
+            except RuntimeError:
+                pass
+
+    threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
+    kind, first = await queue.get()
+    if kind == "error":
+        await _drain(queue)
+        raise first
+    watcher = asyncio.create_task(_watch(request, cancel))
+
+    async def items() -> AsyncIterator[Any]:
+        try:
+            k, item = kind, first
+            while k != "end":
+                yield item
+                k, item = await queue.get()
+        finally:
+            cancel.set()
+            watcher.cancel()
+
+    return items()
+
+
+async def _drain(queue: asyncio.Queue) -> None:
+    while True:
+        kind, _ = await queue.get()
+        if kind == "end":
+            return
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` is a problem the client can fix (answered 4xx) rather than a server fault."""
+    return isinstance(exc, EdgeQwenError) and exc.status < 500
