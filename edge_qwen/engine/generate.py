@@ -156,22 +156,22 @@ class StopMatcher:
         return out
 
 
-def _sampler(params: SamplingParams):
-    """llama.cpp's sampler chain for `params` (caller frees it)."""
+def _sampler(params: SamplingParams, n_vocab: int = 0):
+    """llama.cpp's sampler chain for `params` (caller frees it). `n_vocab` (0: unknown) only sizes
+    llama.cpp's backend-sampling buffers; the CPU samplers give the same result without it."""
     import llama_cpp
 
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     # Bias and penalties change the logits before any choice, greedy included (llama.cpp's order).
     if params.logit_bias:
         biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(*params.logit_bias)
-        # n_vocab 0: llama.cpp then looks each biased token up by id (the same result as its fast path).
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(
-            0, len(params.logit_bias), biases))
+            n_vocab, len(params.logit_bias), biases))
     if params.frequency_penalty or params.presence_penalty:
         # The window covers the whole completion: OpenAI counts every token generated so far
         # (the prompt is not fed to the chain, so only generated and forced tokens count).
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_penalties(
-            max(int(params.max_tokens), 1), 1.0, float(params.frequency_penalty), float(params.presence_penalty)))
+            n_vocab, max(int(params.max_tokens), 1), 1.0, float(params.frequency_penalty), float(params.presence_penalty)))
     if params.temperature == 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
