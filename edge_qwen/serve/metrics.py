@@ -80,5 +80,7 @@ def _route_of(app: FastAPI, scope: Any) -> str:
     for route in app.router.routes:
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return getattr(route, "path", "unmatched")
+            # Included routers match as a whole: their request's own path is the label then.
+            path = getattr(route, "path", None)
+            return path if isinstance(path, str) else str(scope.get("path", "unmatched"))[:100]
     return "unmatched"
