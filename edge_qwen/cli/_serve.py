@@ -19,23 +19,33 @@ from .options import quiet_option
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(256, 131072),
               help="Context window per model (tokens).")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 10_000),
-              help="Requests that may wait per model behind the one generating; beyond: 503 + Retry-After.")
+              help="Requests that may wait per model behind the --parallel generating; beyond: 503 + Retry-After.")
+@click.option("--parallel", "parallel", default=None, type=click.IntRange(1, 256),
+              help="Generations decoded together per model (continuous batching). Default: 4 on a CPU, 8 on a "
+                   "GPU, fewer when the KV cache for that many --ctx slots would exceed a quarter of the RAM.")
 @click.option("--max-tokens-limit", default=None, type=click.IntRange(1), help="Cap on any request's max_tokens.")
 @click.option("--threads", "n_threads", default=None, type=click.IntRange(1),
               help="CPU threads per model (default: one per physical core).")
 @click.option("--max-body", default=1_000_000, show_default=True, type=click.IntRange(1024),
               help="Largest request body in bytes; larger is 413.")
 @click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
-              help="Reuse the KV cache of a prompt prefix shared with the previous request (faster first token). "
+              help="Reuse the KV cache of the longest cached prompt prefix (faster first token), only between requests "
+                   "with the same API key and cache_salt. "
                    "Requests with a seed are always evaluated afresh and reproduce exactly; --no-prompt-cache "
                    "does that for every request.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:5173; * for any) call the API from a browser. "
                    "Repeatable; none by default.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (e.g. mylaptop.local; * for any). By default only "
+                   "the loopback names and the --host address are answered (DNS-rebinding protection).")
+@click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a request (head and body) may take to arrive; an idle or trickling connection gets 408.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
-                  n_ctx: int, max_queue: int, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
-                  prompt_cache: bool, cors_origins: tuple[str, ...], quiet: bool) -> None:
+                  n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
+                  prompt_cache: bool, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
+                  read_timeout: float, quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -45,5 +55,6 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
 
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
-          prompt_cache=prompt_cache, cors_origins=cors_origins,
+          prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
+          read_timeout=read_timeout,
           **({"n_threads": n_threads} if n_threads else {}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -178,7 +178,57 @@ def _check_stop(v: Stop) -> Stop:
         raise ValueError("stop strings must not be empty")
     if len(items) > 16:
         raise ValueError("at most 16 stop strings are supported")
+    for s in items:
+        _check_text(s)  # a lone surrogate is refused here as it is in content
     return v
+
+
+def _check_count(v: Any) -> Any:
+    # Before item validation, so a body of 20,000 messages is refused without looking at each one.
+    from ..chat_template import MAX_MESSAGES
+
+    if isinstance(v, list) and len(v) > MAX_MESSAGES:
+        raise ValueError(f"{len(v)} messages is over this server's limit of {MAX_MESSAGES} per request; send "
+                         "fewer (drop or summarize old turns)")
+    return v
+
+
+class _Sampling(BaseModel):
+    """Sampling fields beyond temperature/top_p, each applied by a llama.cpp sampler (never ignored)."""
+
+    model_config = _LAX
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description=(
+        "OpenAI's: -2 to 2 (default 0), subtracted from a token's logit once per time it was generated so far."))
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description=(
+        "OpenAI's: -2 to 2 (default 0), subtracted from the logit of every token generated so far."))
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=1024, description="OpenAI's: token id (as a string) -> bias from -100 to 100 added "
+        "to its logit (-100 bans it, 100 all but forces it); at most 1024 entries.")
+    top_k: int | None = Field(default=None, ge=0, description="Sample among the k most likely tokens (0 or null: "
+                              "no cut; the Qwen API's and vLLM's field).")
+    repetition_penalty: float | None = Field(default=None, description=(
+        "Not supported: only null or 1.0; use presence_penalty / frequency_penalty."))
+    top_logprobs: int | None = Field(default=None, description="Not supported (needs logprobs): null or 0.")
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def _repetition(cls, v: Any) -> Any:
+        if v is not None and v != 1.0:
+            raise ValueError("repetition_penalty is not supported by edge-qwen; leave it out (or 1.0) and use "
+                             "presence_penalty or frequency_penalty (-2 to 2)")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("top_logprobs is not supported by edge-qwen (no logprobs); leave it out or 0")
+        return v
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The EdgeQwen.chat keywords for these fields (defaults where left out)."""
+        return {"frequency_penalty": self.frequency_penalty or 0.0, "presence_penalty": self.presence_penalty or 0.0,
+                "top_k": self.top_k or 0, "logit_bias": self.logit_bias or None}
 
 
 class _Unsupported(BaseModel):
@@ -227,7 +277,7 @@ class _Tooling(_Unsupported):
         return {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
 
 
-class ChatRequest(_Tooling):
+class ChatRequest(_Tooling, _Sampling):
     """POST /v1/chat/completions (OpenAI chat completions)."""
 
     model_config = _LAX
@@ -251,11 +301,19 @@ class ChatRequest(_Tooling):
         "reasoning_content."))
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description=(
         "vLLM's template arguments; enable_thinking is honoured."))
+    cache_salt: str | None = Field(default=None, max_length=256, description=(
+        "Prefix-cache scope (vLLM's name): a prompt reuses cached KV only from requests with the same API key "
+        "and the same cache_salt."))
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Stop) -> Stop:
         return _check_stop(v)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return _check_count(v)
 
     def limit(self) -> int | None:
         """max_tokens as given; None when left out (the runtime then takes the default, 1024, or the
@@ -271,7 +329,7 @@ class ChatRequest(_Tooling):
         return {"messages": messages, **self.tool_kwargs(),
                 "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
                 "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
-                "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed,
+                "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed, **self.sampling_kwargs(),
                 "response_format": self.response_format.runtime_form() if self.response_format else None,
                 **self._thinking()}
 
@@ -283,7 +341,7 @@ class ChatRequest(_Tooling):
         return {} if on is None else {"enable_thinking": on}
 
 
-class QwenParameters(_Tooling):
+class QwenParameters(_Tooling, _Sampling):
     """The `parameters` object of the Qwen (DashScope) request shape."""
 
     model_config = _LAX
@@ -304,10 +362,20 @@ class QwenParameters(_Tooling):
     def _stop(cls, v: Stop) -> Stop:
         return _check_stop(v)
 
+    @field_validator("messages", mode="before", check_fields=False)  # QwenPredictRequest's messages
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return _check_count(v)
+
 
 class QwenInput(BaseModel):
     model_config = _LAX
     messages: list[Message] = Field(min_length=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count(cls, v: Any) -> Any:
+        return _check_count(v)
 
 
 class QwenPredictRequest(QwenParameters):
@@ -348,7 +416,8 @@ class QwenPredictRequest(QwenParameters):
             seed=pick("seed", None), n=1, response_format=pick("response_format", None),
             enable_thinking=pick("enable_thinking", None), chat_template_kwargs=None,
             tools=pick("tools", None), tool_choice=pick("tool_choice", None),
-            parallel_tool_calls=pick("parallel_tool_calls", None))
+            parallel_tool_calls=pick("parallel_tool_calls", None),
+            **{name: pick(name, None) for name in _Sampling.model_fields})
 
 
 class ErrorDetail(BaseModel):
@@ -364,11 +433,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-async def send_error(send: Any, status: int, body: dict[str, Any]) -> None:
-    """Answer an error body as JSON straight through ASGI `send` (for middleware, below the app's handlers)."""
+async def send_error(send: Any, status: int, body: dict[str, Any], close: bool = False) -> None:
+    """Answer an error body as JSON straight through ASGI `send` (for middleware, below the app's handlers).
+    With `close` the answer says `Connection: close` and the server closes the connection after it."""
     data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": data})
 
 
