@@ -133,7 +133,8 @@ class EdgeQwen:
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
                  n_threads: int | None = None, n_gpu_layers: int | None = None,
                  context_overflow: str = "error", verbose: bool = False, n_batch: int = 512,
-                 reuse_prefix: bool = False, parallel: int = 1):
+                 reuse_prefix: bool = False, parallel: int = 1, kv_type: str = "f16",
+                 flash_attn: bool | None = None, rope_scaling: str | None = None):
         from .device import select_device
         from .gguf_file import check_gguf
         from .store import resolve_model
@@ -145,16 +146,17 @@ class EdgeQwen:
         info = check_gguf(path)  # before llama.cpp: it may abort the process on a damaged file
         train = info.metadata.get(f"{info.architecture}.context_length")
         self.n_ctx_train = int(train) if isinstance(train, int) else 32768
-        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or not 16 <= n_ctx <= self.n_ctx_train:
-            raise RequestError(f"n_ctx={n_ctx!r} must be an integer between 16 and the model's trained "
-                               f"context length {self.n_ctx_train}", param="n_ctx")
+        from .long_context import context_options  # n_ctx past the trained length (YaRN), KV cache types
+
+        long_ctx = context_options(n_ctx, self.n_ctx_train, kv_type, flash_attn, rope_scaling)
         plan = select_device(device, n_threads, n_gpu_layers)
         from llama_cpp import Llama
 
         try:
             self.llama = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
                                n_threads=plan.n_threads, n_threads_batch=plan.n_threads,
-                               n_gpu_layers=plan.n_gpu_layers, logits_all=False, verbose=verbose)
+                               n_gpu_layers=plan.n_gpu_layers, logits_all=False, verbose=verbose,
+                               **long_ctx.llama_kwargs())
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelFileError(f"llama.cpp could not load {path} ({e}); check the file with "
                                  "`edge-qwen doctor` or convert it again") from None
@@ -179,6 +181,7 @@ class EdgeQwen:
             self.llama.close()
             raise
         self.parallel = parallel
+        self.kv_type, self.flash_attn, self.rope_scaling = long_ctx.kv_type, long_ctx.flash_attn, long_ctx.rope_scaling
         self.kv_cache_bytes = kv_cache_bytes(info.metadata, self.engine.kv_cells,
                                              self.llama.context_params.type_k, self.llama.context_params.type_v)
         self._owners: dict[int, int] = {}  # thread id -> streams it has open (to refuse a self-deadlock)
@@ -330,6 +333,40 @@ class EdgeQwen:
                                     params, constraint)
         return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key)
 
+    def generate_tokens(self, prompt: Sequence[int], *, temperature: float = 0.7, top_p: float = 0.9,
+                        max_tokens: int | None = None, stop: str | list[str] | None = None,
+                        seed: int | None = None, response_format: dict | None = None,
+                        cancel: threading.Event | None = None, blocking: bool = True,
+                        reuse_prefix: bool | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                        cache_key: str = "", **penalties: Any) -> Iterator[GenerationChunk]:
+        """Stream a continuation of raw prompt token ids, no chat template (completions, fill-in-the-middle).
+
+        The same checks and engine as `generate`; ContextOverflowError when prompt + max_tokens
+        does not fit n_ctx. `penalties`: frequency_penalty, presence_penalty, top_k, logit_bias.
+        """
+        self._check_open()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestError("the prompt is empty; give at least one token of text", param="prompt")
+        params = _check_params(temperature, top_p, max_tokens, stop, seed, n_vocab=self.llama.n_vocab(), **penalties)
+        room = self.n_ctx - len(prompt)
+        wanted = params.max_tokens if max_tokens is not None else 1
+        if wanted > room:
+            err = ContextOverflowError(
+                f"the prompt is {len(prompt)} tokens and max_tokens is {wanted}: {len(prompt) + wanted} > the "
+                f"context window n_ctx={self.n_ctx}; shorten the prompt or lower max_tokens",
+                param="max_tokens" if max_tokens is not None else "prompt")
+            err.sizes = (len(prompt), max_tokens, self.n_ctx, self.n_ctx_train)
+            raise err
+        if max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=min(default_max_tokens, room))
+        constraint = self._constraint(response_format)
+        if constraint is not None and params.stop:
+            raise RequestError("stop cannot be combined with a JSON format (the JSON value's end ends the reply); "
+                               "remove stop", param="stop")
+        reuse = self.reuse_prefix if reuse_prefix is None else bool(reuse_prefix)
+        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key)
+
     def _constraint(self, response_format: dict | None):
         if response_format is None:
             return None
@@ -373,7 +410,8 @@ class EdgeQwen:
              blocking: bool = True, reuse_prefix: bool | None = None,
              default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: list[dict] | None = None,
              tool_choice: Any = None, parallel_tool_calls: bool | None = None,
-             cache_key: str = "", enable_thinking: bool | None = None) -> dict | Iterator[dict]:
+             cache_key: str = "", enable_thinking: bool | None = None,
+             reasoning: str | None = None) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
@@ -383,7 +421,18 @@ class EdgeQwen:
         Every returned call's arguments parse and validate against its function's parameters.
         A thinking model's (Qwen3) reasoning comes apart as the message's `reasoning_content`
         (streamed: `reasoning_content` deltas first); `enable_thinking` as in `generate`.
+        `reasoning="step_by_step"` asks any model to reason first (edge_qwen.step_by_step), returned
+        the same way; a response_format then constrains the answer only.
         """
+        from .step_by_step import check_reasoning
+
+        if check_reasoning(reasoning) is not None:
+            return self._step_by_step(messages, stream, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                      stop=stop, seed=seed, frequency_penalty=frequency_penalty,
+                                      presence_penalty=presence_penalty, top_k=top_k, logit_bias=logit_bias,
+                                      response_format=response_format, cancel=cancel, blocking=blocking,
+                                      reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens,
+                                      tools=tools, cache_key=cache_key)
         from .engine.reasoning import plan_thinking, split_reasoning
         from .engine.tool_calls import ToolCallParser, Tools, parse_tools
 
@@ -422,6 +471,28 @@ class EdgeQwen:
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": _usage(last),
         }
+
+    def _step_by_step(self, messages: Any, stream: bool, *, tools: Any = None, **kw: Any) -> dict | Iterator[dict]:
+        """chat() for reasoning="step_by_step": the two generations of edge_qwen.step_by_step as one reply."""
+        from .step_by_step import step_by_step
+
+        if tools:
+            raise RequestError('reasoning="step_by_step" cannot be combined with tools; send one or the other',
+                               param="reasoning")
+        gen = step_by_step(self, messages, **kw)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if stream:
+            return self._stream(gen, cid, created)
+        text, reasoning, last = "", "", None
+        for chunk in gen:
+            text += chunk.text
+            reasoning += chunk.reasoning
+            last = chunk
+        assert last is not None and last.finish_reason is not None
+        return {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
+                "choices": [{"index": 0, "finish_reason": last.finish_reason,
+                             "message": {"role": "assistant", "content": text, "reasoning_content": reasoning}}],
+                "usage": _usage(last)}
 
     def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int, parser: Any = None) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
