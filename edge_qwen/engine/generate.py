@@ -12,10 +12,8 @@ place before sampling and may force tokens, which are decoded in the same batch.
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol

@@ -23,7 +23,6 @@ shapes llama.cpp computes with), see docs/runtime.md for what a seed still repro
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
