@@ -80,3 +80,22 @@ def test_family_errors_are_openai_shaped(server):
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(f"{server}/v1/embeddings", json={"model": "nope", "input": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_responses(client):
+    tools = [{"type": "function", "name": "get_weather", "description": "Get the weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    r = client.responses.create(model="qwen2.5", input="Say hi.", max_output_tokens=8, temperature=0)
+    assert r.output_text and r.usage.output_tokens <= 8
+    r = client.responses.create(model="qwen2.5", input="Weather in Paris?", tools=tools, tool_choice="required",
+                                temperature=0, max_output_tokens=40)
+    call = r.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and "city" in call.arguments
+    kinds = [e.type for e in client.responses.create(model="qwen2.5", input="Say hi.", max_output_tokens=4,
+                                                     temperature=0, stream=True)]
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="qwen2.5", input="x", previous_response_id="resp_1")
