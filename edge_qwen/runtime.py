@@ -472,6 +472,13 @@ class EdgeQwen:
             "usage": _usage(last),
         }
 
+    def summarize(self, text: str, **kw: Any) -> Any:
+        """A summary of `text` of any length within this model's window (edge_qwen.rag.summarize.summarize:
+        max_tokens, map_tokens, chunk_tokens, language, quiet). Returns a Summary (`.text`, `.chunks`...)."""
+        from .rag.summarize import summarize
+
+        return summarize(self, text, **kw)
+
     def _step_by_step(self, messages: Any, stream: bool, *, tools: Any = None, **kw: Any) -> dict | Iterator[dict]:
         """chat() for reasoning="step_by_step": the two generations of edge_qwen.step_by_step as one reply."""
         from .step_by_step import step_by_step

@@ -64,3 +64,4 @@ def main() -> None:
 # Command modules attach their commands to `main` on import.
 from . import _convert, _demo, _quant, _run, _serve, _bench  # noqa: E402,F401
 from . import _store  # noqa: E402,F401
+from . import _docs  # noqa: E402,F401

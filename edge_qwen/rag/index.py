@@ -216,6 +216,8 @@ class DocIndex:
     def _new(cls, name: str, path: Path | None, chunk_tokens: int, overlap_tokens: int) -> DocIndex:
         from .. import __version__
 
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         con = _connect(":memory:" if path is None else path)
         con.executescript(SCHEMA)
         con.executemany("INSERT INTO meta VALUES (?, ?)", [
