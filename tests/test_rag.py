@@ -210,3 +210,23 @@ def test_summarize_60k_tokens_and_ask_middle_fact(llm, count, tmp_path):
     s = llm.summarize(text, max_tokens=120, map_tokens=48)
     assert s.chunks >= 15 and s.input_tokens >= 60_000 and s.text.strip()
     assert len(llm.tokenize(s.text)) <= 130
+
+
+def test_server_rag_endpoints(corpus, count, llm):
+    import httpx
+
+    from edge_qwen.serve.app import ServerThread, create_app
+
+    build("notes", [corpus], count)
+    with ServerThread(create_app({"qwen2.5": llm})) as url:
+        r = httpx.get(f"{url}/v1/rag/indexes")
+        assert r.status_code == 200 and [i["name"] for i in r.json()["data"]] == ["notes"]
+        r = httpx.post(f"{url}/v1/rag/ask", json={"index": "nope", "question": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "index_not_found"
+        r = httpx.post(f"{url}/v1/rag/ask", json={"index": "notes", "question": UNANSWERABLE[1]}, timeout=300)
+        assert r.status_code == 200 and r.json()["found"] is False
+        r = httpx.post(f"{url}/v1/rag/ask", json={"index": "notes", "question": QUESTIONS[8][0], "max_tokens": 96},
+                       timeout=600)
+        body = r.json()
+        assert r.status_code == 200 and body["found"] and "QX7-2291" in body["answer"], body
+        assert body["citations"][0]["path"].endswith("lisbon_trip.md")

@@ -3,19 +3,22 @@
 Endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models,
 GET /health, and the OpenAPI schema (/openapi.json, /docs).
 
-How a request runs: each served model has one slot (one generation at a time, as EdgeQwen
-holds one llama.cpp context) and a bounded FIFO queue in front of it; a request that finds
-the queue full is answered 503 with Retry-After. Generation runs in a worker thread (the
-event loop never waits on llama.cpp); streamed chunks cross to the loop through an asyncio
-queue and go out as server-sent events. A client that disconnects sets the request's cancel
-event, which stops the decode loop at the next token.
+How a request runs: each served model's EdgeQwen has one batched engine
+(edge_qwen.engine.scheduler) that decodes up to `parallel` generations together (`serve
+--parallel N`, default 4 on a CPU / 8 on a GPU, fewer if their KV cache would not fit), with a
+bounded FIFO queue in front of it; a request that finds every slot busy and the queue full is
+answered 503 with Retry-After. Each generation is consumed in a worker thread (the event loop
+never waits on llama.cpp); streamed chunks cross to the loop through an asyncio queue and go
+out as server-sent events. A client that disconnects sets the request's cancel event, and the
+engine frees its slot at the next step.
 
-The prompt cache (on unless `prompt_cache=False` / `serve --no-prompt-cache`): each model keeps
-the KV cache of the last request and evaluates only what a new prompt does not share with it
-(the system prompt, earlier turns), as llama.cpp's server, llama_cpp.server and Ollama do.
-llama.cpp's logits are not bit-identical across batch shapes, so a reused prefix can tip a
-greedy near-tie; a request that sets `seed` is therefore evaluated afresh and reproduces
-exactly, and `--no-prompt-cache` does that for every request.
+The prompt cache (on unless `prompt_cache=False` / `serve --no-prompt-cache`): each engine slot
+keeps the KV cache of its last request, and a new prompt evaluates only what it does not share
+with the longest cached prefix (the system prompt, earlier turns), as llama.cpp's server and
+vLLM do -- but only within one scope: the same bearer token and the same `cache_salt`, so no
+client can learn another's prompt from `cached_tokens` or timing. llama.cpp's logits are not
+bit-identical across batch shapes, so a reused prefix can tip a greedy near-tie; a request that
+sets `seed` is therefore evaluated afresh, and reproduces exactly when it runs alone.
 
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Request
 validation failures (malformed JSON, wrong types, missing fields) are 400, never FastAPI's
@@ -115,16 +118,25 @@ def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tupl
 
 
 class _Slot:
-    """One served model: its EdgeQwen, its one-at-a-time lock and the queue in front of it."""
+    """One served model: its EdgeQwen (whose engine runs up to `parallel` generations at once) and the
+    bounded FIFO queue in front of it."""
 
     def __init__(self, name: str, path: Path, max_queue: int, llm_options: dict[str, Any]):
         self.name, self.path, self.max_queue = name, path, max_queue
         self.llm_options = llm_options
         self.llm: Any = None
         self._load_lock = threading.Lock()
-        self.lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
+        self._places: asyncio.Semaphore | None = None  # one per engine slot; FIFO for waiters
         self.pending = 0  # generating + waiting
+        self.running = 0
         self.stats = {"requests": 0, "cancelled": 0, "last_completion_tokens": 0}
+
+    @property
+    def parallel(self) -> int:
+        """Generations that run at once: the loaded engine's slots (or what it will be loaded with)."""
+        if self.llm is not None:
+            return int(getattr(self.llm, "parallel", 1))
+        return int(self.llm_options.get("parallel") or 1)
 
     def model(self) -> Any:
         """The EdgeQwen, loaded on first call (at startup when the app preloads)."""
@@ -132,31 +144,55 @@ class _Slot:
             if self.llm is None:
                 from ..runtime import EdgeQwen
 
-                self.llm = EdgeQwen(self.path, **self.llm_options)
+                options = dict(self.llm_options)
+                if options.get("parallel") is None:  # the default for this machine and context
+                    from ..device import default_parallel, select_device
+                    from ..gguf_file import check_gguf
+
+                    device = select_device(options.get("device", "auto"), options.get("n_threads"),
+                                           options.get("n_gpu_layers")).device
+                    options["parallel"] = default_parallel(device, options.get("n_ctx", 4096),
+                                                           check_gguf(self.path).metadata)
+                self.llm = EdgeQwen(self.path, **options)
             return self.llm
 
     async def acquire(self) -> None:
-        if self.pending > self.max_queue:
+        if self._places is None:
+            self._places = asyncio.Semaphore(self.parallel)
+        if self.pending >= self.parallel + self.max_queue:
             raise QueueFullError(
-                f"model {self.name!r} is busy: 1 request generating and {self.pending - 1} waiting, the most "
-                f"this server queues (--max-queue {self.max_queue}); retry in a few seconds")
+                f"model {self.name!r} is busy: {self.running} request{'s' if self.running != 1 else ''} generating "
+                f"(--parallel {self.parallel}) and {self.pending - self.running} waiting, the most this server "
+                f"queues (--max-queue {self.max_queue}); retry in a few seconds")
         self.pending += 1
         try:
-            await self.lock.acquire()
+            await self._places.acquire()
         except BaseException:
             self.pending -= 1
             raise
+        self.running += 1
 
     def release(self, tokens: int = 0, cancelled: bool = False) -> None:
         self.stats["requests"] += 1
         self.stats["cancelled"] += int(cancelled)
         self.stats["last_completion_tokens"] = tokens
         self.pending -= 1
-        self.lock.release()
+        self.running -= 1
+        assert self._places is not None
+        self._places.release()
 
     def describe(self) -> dict[str, Any]:
-        return {"path": str(self.path), "loaded": self.llm is not None, "generating": self.lock.locked(),
-                "waiting": max(self.pending - 1, 0), **self.stats}
+        """/health's entry: slots busy/free, requests waiting, and the engine's KV cache."""
+        out = {"path": str(self.path), "loaded": self.llm is not None, "generating": self.running > 0,
+               "slots": self.parallel, "busy": self.running, "free": self.parallel - self.running,
+               "waiting": max(self.pending - self.running, 0), **self.stats}
+        engine = getattr(self.llm, "engine", None)
+        if engine is not None:
+            st = engine.status()
+            out["kv_cache"] = {"cells": st["kv_cells"], "reserved": st["kv_reserved"], "cached": st["kv_cached"],
+                               "mib": round(getattr(self.llm, "kv_cache_bytes", 0) / 2**20, 1)}
+            out["engine_steps"] = st["steps"]
+        return out
 
 
 class _Models:
@@ -184,9 +220,27 @@ class _Models:
         slot = self.slots.get(name) or self.aliases.get(name)
         if slot is None:
             raise ModelNotFoundError(
-                f"model {name!r} is not served here; available models: {', '.join(self.slots)} "
+                f"model {_cut(name)!r} is not served here; available models: {', '.join(self.slots)} "
                 f"(the first also answers to {', '.join(repr(a) for a in self.aliases)})", param="model")
         return slot
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    """A client's value as an error message may echo it: at most `limit` characters (a 500 KB name
+    must not come back as a 500 KB error)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _cache_scope(request: Request, salt: str | None) -> str:
+    """The prefix-cache scope of a request: its bearer token and its cache_salt, hashed.
+
+    Prompts share cached KV cells only within one scope, so a client cannot probe another's
+    prompt through `cached_tokens` or timing. Requests without a key or salt share one scope.
+    """
+    import hashlib
+
+    auth = request.headers.get("authorization", "")
+    return hashlib.sha256(f"{auth}\0{salt or ''}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -253,17 +307,21 @@ class _InternalErrors:
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
                max_tokens_limit: int | None = None, preload: bool = True, prompt_cache: bool = True,
-               cors_origins: list[str] | tuple[str, ...] = (), **llm_options: Any) -> FastAPI:
+               cors_origins: list[str] | tuple[str, ...] = (), allowed_hosts: list[str] | tuple[str, ...] = (),
+               bind_host: str = "127.0.0.1", **llm_options: Any) -> FastAPI:
     """The FastAPI app serving `models` ({name: GGUF path or loaded EdgeQwen}; None: the default model
     as "qwen2.5"). A loaded EdgeQwen is used as it is (and not closed by the server).
 
     Every path is checked (check_gguf) here. With `preload` the models are loaded now, so the
-    first request is fast; otherwise on first use. `max_queue` requests may wait per model
-    behind the one generating; `max_tokens_limit` caps what any request may ask for;
+    first request is fast; otherwise on first use. `parallel` (an EdgeQwen option; None: the
+    machine's default, device.default_parallel) generations run at once per model and
+    `max_queue` more may wait behind them; `max_tokens_limit` caps what any request may ask for;
     `api_key` makes every endpoint but /health and the docs demand `Authorization: Bearer KEY`.
     `prompt_cache` reuses the KV cache of a prefix shared with the previous request, except for
     requests with a `seed` (see the module docstring). `cors_origins` lets web pages from those
-    origins ("*" for any) call the API from a browser. Extra keyword arguments go to EdgeQwen.
+    origins ("*" for any) call the API from a browser; a page of any other origin is refused (403), and so
+    is a Host header that names neither the loopback interface, `bind_host` nor one of `allowed_hosts`
+    ("*": any), see serve/security.py. Extra keyword arguments go to EdgeQwen.
     """
     if api_key is not None and api_key_problem(api_key):
         from ..errors import RequestError
@@ -297,7 +355,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     app = FastAPI(title="edge-qwen", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible and Qwen-shaped chat API over a local quantized Qwen2.5 (llama.cpp). "
                               "Errors are {\"error\": {message, type, param, code}}; invalid requests are 400.",
-                  responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 404: {"model": ErrorBody},
+                  responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 403: {"model": ErrorBody},
+                             404: {"model": ErrorBody},
                              413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     app.state.models = registry
     app.state.begin_shutdown = begin_shutdown
@@ -308,6 +367,11 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST", "HEAD"],
                            allow_headers=["Authorization", "Content-Type"], max_age=600)
+    from .security import HostOriginGuard
+
+    # Outermost: a foreign Host or Origin, or ambiguous framing, is refused before anything else runs.
+    app.add_middleware(HostOriginGuard, bind_host=bind_host, allowed_hosts=tuple(allowed_hosts),
+                       cors_origins=tuple(cors_origins))
     bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
 
     async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -341,7 +405,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        message = f"{request.method} {request.url.path}: {exc.detail}"
+        message = f"{request.method} {_cut(request.url.path, 200)}: {exc.detail}"
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):
             # FastAPI's JSON parser gave up: nesting too deep or a number too long.
             kind = "invalid_json"
@@ -363,7 +427,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         kwargs = body.runtime_kwargs()
         messages = kwargs.pop("messages")
         kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
-                      reuse_prefix=prompt_cache and body.seed is None)
+                      reuse_prefix=prompt_cache and body.seed is None,
+                      cache_key=_cache_scope(request, getattr(body, "cache_salt", None)))
         if closing:
             raise ShuttingDownError
         cancel = threading.Event()
@@ -518,6 +583,9 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     @app.get("/v1/models/{model_id:path}", dependencies=deps, summary="One served model (aliases included)")
     async def get_model(model_id: str) -> dict[str, Any]:
+        if not model_id:  # "/v1/models/" names no model (the default answers only where a name is optional)
+            raise ModelNotFoundError("no model id given: GET /v1/models lists the served models, "
+                                     "GET /v1/models/{id} shows one", param="model")
         return card(model_id, registry.get(model_id))
 
     _docs_page(app)
@@ -525,8 +593,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     _families(app, deps, max_tokens_limit=max_tokens_limit, prompt_cache=prompt_cache)
 
     @app.head("/health", include_in_schema=False)  # uptime probes often use HEAD
-    @app.get("/health", summary="Liveness and per-model queue state (no API key needed)")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", summary="Liveness (no API key needed); with the key, per-model paths and queue state")
+    async def health(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict[str, Any]:
+        # Without the key only liveness: model paths and activity counters are for the key's holder.
+        if api_key is not None and (creds is None or not hmac.compare_digest(creds.credentials.encode(),
+                                                                             api_key.encode())):
+            return {"status": "ok", "version": __version__}
         return {"status": "ok", "version": __version__, "time": time.time(),
                 "models": {name: slot.describe() for name, slot in registry.slots.items()}}
 
@@ -535,10 +607,10 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
 def _families(app: FastAPI, deps: list[Any], **serve_options: Any) -> None:
     """The other API families, one module each: completions, embeddings, responses, tokenize, Ollama, /metrics."""
-    from . import completions, embeddings, metrics, ollama, responses, tokenize
+    from . import completions, embeddings, metrics, ollama, rag, responses, tokenize
 
     app.state.serve_options = serve_options  # what edge_qwen.serve.runner hands the family routers
-    for family in (completions, embeddings, responses, tokenize, ollama):
+    for family in (completions, embeddings, responses, tokenize, ollama, rag):
         app.include_router(family.router(), dependencies=deps)
     metrics.install(app)
 
@@ -600,8 +672,12 @@ def _check_port(host: str, port: int) -> None:
 def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY,
           n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, prompt_cache: bool = True,
-          cors_origins: list[str] | tuple[str, ...] = (), **llm_options: Any) -> None:
+          cors_origins: list[str] | tuple[str, ...] = (), allowed_hosts: list[str] | tuple[str, ...] = (),
+          read_timeout: float | None = None, max_connections: int | None = None, **llm_options: Any) -> None:
     """Check every model, load them, then serve on host:port until Ctrl-C (which returns normally).
+
+    `read_timeout` (default security.READ_TIMEOUT_S) bounds how long a request may take to arrive;
+    `max_connections` (default: what the open-file limit leaves room for) caps open connections.
 
     Binds 127.0.0.1 unless told otherwise. Bad model paths and a busy port fail here with a
     clear message before anything listens.
@@ -613,16 +689,32 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
     _check_port(host, port)
     app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
                      max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache,
-                     cors_origins=cors_origins, **llm_options)
+                     cors_origins=cors_origins, allowed_hosts=allowed_hosts, bind_host=host, **llm_options)
     names = ", ".join(f"{name} ({slot.path})" for name, slot in app.state.models.slots.items())
     shown = f"[{host}]" if ":" in host else host
+    for name, slot in app.state.models.slots.items():
+        llm = slot.llm
+        print(f"edge-qwen: {name}: {slot.parallel} parallel slot{'s' if slot.parallel != 1 else ''} x {llm.n_ctx} "
+              f"tokens, KV cache {getattr(llm, 'kv_cache_bytes', 0) / 2**20:.0f} MiB ({llm.engine.kv_cells} cells)",
+              file=sys.stderr, flush=True)
     print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "
           f"POST /api/v1/qwen/predict, GET /v1/models, /health, /docs){'  API key required' if api_key else ''}\n"
           "  Ctrl-C to stop", file=sys.stderr, flush=True)
     # lifespan off: _uvicorn_server's shutdown already stops generations, and a lifespan task
     # would print a traceback on a forced second Ctrl-C.
+    from .security import KEEP_ALIVE_S, MAX_HEADER_BYTES, READ_TIMEOUT_S, guarded_h11
+
+    if max_connections is None:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # Keep file descriptors free for the models, logs and the answer uvicorn sends past the limit.
+        max_connections = max(16, min(1000, (soft if soft > 0 else 1024) - 128))
     config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
-                            timeout_graceful_shutdown=3, access_log=not quiet, lifespan="off")
+                            timeout_graceful_shutdown=3, access_log=not quiet, lifespan="off",
+                            http=guarded_h11(READ_TIMEOUT_S if read_timeout is None else read_timeout),
+                            timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            limit_concurrency=max_connections)
     try:
         _uvicorn_server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown

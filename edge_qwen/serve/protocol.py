@@ -301,6 +301,9 @@ class ChatRequest(_Tooling, _Sampling):
         "reasoning_content."))
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description=(
         "vLLM's template arguments; enable_thinking is honoured."))
+    reasoning: Literal["step_by_step"] | None = Field(default=None, description=(
+        "edge-qwen extension: \"step_by_step\" makes any model reason first; the reasoning comes back apart as "
+        "reasoning_content and a response_format constrains the answer only."))
     cache_salt: str | None = Field(default=None, max_length=256, description=(
         "Prefix-cache scope (vLLM's name): a prompt reuses cached KV only from requests with the same API key "
         "and the same cache_salt."))
@@ -331,7 +334,7 @@ class ChatRequest(_Tooling, _Sampling):
                 "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
                 "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed, **self.sampling_kwargs(),
                 "response_format": self.response_format.runtime_form() if self.response_format else None,
-                **self._thinking()}
+                **self._thinking(), **({"reasoning": self.reasoning} if self.reasoning else {})}
 
     def _thinking(self) -> dict[str, Any]:
         """enable_thinking for EdgeQwen.chat, from the field or chat_template_kwargs (left out when unset)."""
