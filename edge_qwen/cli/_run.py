@@ -159,9 +159,12 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
               "(edge-qwen convert --mmproj); needed for --image.")
 @click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable).")
 @click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise).")
+@click.option("--steps", is_flag=True, help="Reason step by step first (reasoning on stderr, the answer on stdout).")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
 @sampling_options
 def chat(model: str | None, prompt: str | None, system: str | None, as_json: bool, schema: str | None,
-         device: str, mmproj: str | None, images: tuple[str, ...], allow_http_images: bool,
+         device: str, mmproj: str | None, images: tuple[str, ...], allow_http_images: bool, steps: bool, kv_type: str,
          temperature: float, top_p: float, max_tokens: int, seed: int | None,
          stop: tuple[str, ...], n_ctx: int) -> None:
     """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
@@ -183,8 +186,20 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
         click.echo(text, nl=False)
 
     # Interactive turns extend the previous prompt: reuse its KV cache there.
-    with _schema_errors(schema, as_json), EdgeQwen(model, n_ctx=n_ctx, device=device,
+    with _schema_errors(schema, as_json), EdgeQwen(model, n_ctx=n_ctx, device=device, kv_type=kv_type,
                                                    reuse_prefix=prompt is None) as llm:
+        if steps:
+            if prompt is None:
+                raise click.UsageError("--steps answers one PROMPT; give it on the command line")
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            for c in llm.chat(messages, stream=True, reasoning="step_by_step", **kw):
+                delta = c["choices"][0]["delta"]
+                if delta.get("reasoning_content"):
+                    click.echo(delta["reasoning_content"], nl=False, err=True)
+                if delta.get("content"):
+                    write(delta["content"])
+            click.echo()
+            return
         if prompt is not None:
             _, finish = one_shot(llm, prompt, write, system=system, **kw)
             if finish == "length":
@@ -227,3 +242,18 @@ def doctor(no_offload_check: bool, as_json: bool) -> None:
     else:
         for line in report.lines():
             click.echo(line)
+        _kv_lines(report.default_model if report.default_model_present else None)
+
+
+def _kv_lines(model: str | None) -> None:
+    """KV cache memory of `model` per context length and kv_type (edge-qwen chat/serve --ctx, --kv-type)."""
+    if model is None:
+        return
+    from ..gguf_file import check_gguf
+    from ..long_context import kv_bytes_table
+
+    meta = check_gguf(model).metadata
+    for n_ctx in (4096, 16384, 32768, 131072):
+        t = kv_bytes_table(meta, n_ctx)
+        click.echo(f"KV cache {n_ctx:>6}  " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in t.items())
+                   + ("  (YaRN)" if n_ctx > 32768 else ""))

@@ -41,11 +41,13 @@ from .options import quiet_option
                    "the loopback names and the --host address are answered (DNS-rebinding protection).")
 @click.option("--read-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
               help="Seconds a request (head and body) may take to arrive; an idle or trickling connection gets 408.")
+@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+              help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
                   prompt_cache: bool, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
-                  read_timeout: float, quiet: bool) -> None:
+                  read_timeout: float, kv_type: str, quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -57,4 +59,4 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
-          **({"n_threads": n_threads} if n_threads else {}))
+          **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}))

@@ -24,8 +24,8 @@ def sampling_options(f):
                      help="Most tokens to generate per reply."),
         click.option("--seed", type=int, default=None, help="Random seed for reproducible sampling."),
         click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
-        click.option("--ctx", "n_ctx", type=click.IntRange(16, 32768), default=4096, show_default=True,
-                     help="Context window in tokens (up to the model's trained length, 32768 for Qwen2.5)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(16, 131072), default=4096, show_default=True,
+                     help="Context window in tokens (past the trained 32768 of Qwen2.5: YaRN, up to 131072)."),
     ]
     for option in reversed(options):
         f = option(f)
