@@ -200,7 +200,7 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
                   n_ctx: int = 2048, n_threads: int | None = None, parallel: int | None = None,
                   requests_per_client: int = 2, rounds: int = 1, llama_server: str | None = None,
                   batched_bench_bin: str | None = None, baseline_src: str | None = None, mixed_clients: int = 8,
-                  log_dir: str | Path | None = None) -> dict[str, Any]:
+                  log_dir: str | Path | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run every server over `levels`; return {"config", "servers": {name: [per level]}, ...}."""
     import tempfile
 
@@ -231,6 +231,8 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
                                  # Their default interrupts a running stream when a new request arrives; the
                                  # comparison needs every request answered in full, as ours does.
                                  "--interrupt_requests", "False"], p, None)
+    for name in skip:  # e.g. the one-at-a-time llama_cpp.server on a machine too busy to wait for it
+        cmds.pop(name, None)
     out: dict[str, Any] = {"config": {"model": path, "max_tokens": max_tokens, "n_ctx_per_slot": n_ctx,
                                       "parallel": np_, "n_threads": threads, "levels": list(levels),
                                       "rounds": rounds, "requests_per_client": requests_per_client,
@@ -317,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batched-bench", default=None, help="path of a llama-batched-bench binary (the limit)")
     ap.add_argument("--baseline-src", default=None, help="an older edge-qwen source tree to compare with (PYTHONPATH)")
     ap.add_argument("--mixed-clients", type=int, default=8, help="clients of the mixed JSON/free batch (0: skip)")
+    ap.add_argument("--skip", default="", help="comma-separated servers to leave out (e.g. llama_cpp.server)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     args = ap.parse_args(argv)
     result = run_benchmark(args.model, tuple(int(x) for x in args.levels.split(",")), args.max_tokens, args.ctx,
                            args.threads, args.parallel, args.requests_per_client, args.rounds, args.llama_server,
-                           args.batched_bench, args.baseline_src, args.mixed_clients)
+                           args.batched_bench, args.baseline_src, args.mixed_clients,
+                           skip=tuple(x for x in args.skip.split(",") if x))
     print(format_table(result))
     if args.out:
         from edge_qwen.files import atomic_output
