@@ -10,9 +10,10 @@ documents hold the answer is decided twice:
 2. The model: told to reply "not in the documents" when the sources do not answer; a reply
    that says so (in English or Chinese) is reported as not found.
 
-Then the answer is "not in the documents" and `found` is False. Citations are the [n]
-markers the model wrote, mapped to the sources' files and locations (numbers outside the
-sources are dropped and listed in `bad_citations`).
+Then the answer is "not in the documents" and `found` is False. The model answers as JSON
+{"answer", "source"} through the JSON constraint (free text, the 0.5B model dropped the [n]
+markers or copied the instruction's example); the answer is shown as "text [n]" and its
+citation mapped to the source's file and location.
 """
 
 from __future__ import annotations
