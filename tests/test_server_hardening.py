@@ -146,8 +146,8 @@ def test_sampling_fields_change_the_output(served):
     base = chat(url, prose, max_tokens=40).json()["choices"][0]["message"]["content"]
     shy = chat(url, prose, max_tokens=40, presence_penalty=2.0).json()["choices"][0]["message"]["content"]
     assert shy != base and len(set(shy.split())) >= len(set(base.split())) - 2, (base, shy)
-    ids = httpx.post(f"{url}/tokenize", json={"content": " dog"}, headers=AUTH).json()
-    dog = (ids.get("tokens") or ids.get("token_ids"))[0] if isinstance(ids, dict) else ids[0]
+    ids = httpx.post(f"{url}/tokenize", json={"content": " dog"}, headers=AUTH, timeout=60).json()
+    dog = ids["tokens"][0]
     biased = chat(url, prompt, max_tokens=3, logit_bias={str(dog): 100}).json()["choices"][0]["message"]["content"]
     assert biased.count("dog") == 3, biased
     error_of(chat(url, prompt, logit_bias={"1": 101}), 400, "invalid_request")
@@ -168,7 +168,7 @@ def test_json_schemas_never_500(served, schema):
 
 def test_smaller_ones(served):
     url, _, _ = served
-    error_of(httpx.get(f"{url}/v1/models/", headers=AUTH), 404, "model_not_found")
+    error_of(httpx.get(f"{url}/v1/models/", headers=AUTH, timeout=60), 404, "model_not_found")
     long_name = "m" * 500_000
     r = httpx.post(f"{url}/v1/chat/completions", headers=AUTH, timeout=60,
                    json={"model": long_name, "messages": [{"role": "user", "content": "hi"}]})
@@ -177,8 +177,8 @@ def test_smaller_ones(served):
                    json={"model": "m" * 5000, "messages": [{"role": "user", "content": "hi"}]})
     assert len(error_of(r, 404, "model_not_found")["message"]) < 500
     body = b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a\\ud800"]}'
-    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    r = httpx.post(f"{url}/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
     assert error_of(r, 400, "invalid_request")["param"].startswith("stop")
-    assert httpx.get(f"{url}/health").json() == {"status": "ok", "version": httpx.get(f"{url}/health").json()["version"]}
-    assert set(httpx.get(f"{url}/health").json()) == {"status", "version"}
-    assert "models" in httpx.get(f"{url}/health", headers=AUTH).json()
+    assert httpx.get(f"{url}/health", timeout=60).json() == {"status": "ok", "version": httpx.get(f"{url}/health", timeout=60).json()["version"]}
+    assert set(httpx.get(f"{url}/health", timeout=60).json()) == {"status", "version"}
+    assert "models" in httpx.get(f"{url}/health", headers=AUTH, timeout=60).json()
