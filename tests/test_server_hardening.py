@@ -182,3 +182,36 @@ def test_smaller_ones(served):
     assert httpx.get(f"{url}/health", timeout=60).json() == {"status": "ok", "version": httpx.get(f"{url}/health", timeout=60).json()["version"]}
     assert set(httpx.get(f"{url}/health", timeout=60).json()) == {"status", "version"}
     assert "models" in httpx.get(f"{url}/health", headers=AUTH, timeout=60).json()
+
+
+def test_accept_errors_are_logged_once(caplog):
+    import asyncio
+
+    from edge_qwen.serve.security import log_accept_errors_once
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        log_accept_errors_once(loop)
+        for _ in range(50):  # what a second of EMFILE retries used to log, each with a traceback
+            loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                         "exception": OSError(24, "Too many open files")})
+
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert len([r for r in caplog.records if "cannot accept" in r.getMessage()]) == 1
+
+
+def test_host_and_origin_rules():
+    from edge_qwen.serve.security import HostOriginGuard
+
+    local = HostOriginGuard(None)
+    assert all(local.host_allowed(h) for h in ("localhost", "127.0.0.1", "::1", "app.localhost"))
+    assert not any(local.host_allowed(h) for h in ("rebind.attacker.example", "192.168.1.5", "localhost.evil.com"))
+    everywhere = HostOriginGuard(None, bind_host="0.0.0.0", allowed_hosts=["mylaptop.local"])
+    assert everywhere.host_allowed("192.168.1.5") and everywhere.host_allowed("mylaptop.local")
+    assert not everywhere.host_allowed("rebind.attacker.example")
+    assert local.origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000", "http")
+    assert local.origin_allowed("http://localhost", "localhost:80", "http")
+    assert not local.origin_allowed("http://127.0.0.1:9999", "127.0.0.1:8000", "http")
+    assert not local.origin_allowed("null", "127.0.0.1:8000", "http")
+    assert HostOriginGuard(None, cors_origins=["http://app.local/"]).origin_allowed("http://app.local", "x", "http")

@@ -641,6 +641,12 @@ def _uvicorn_server(config: Any) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            from .security import log_accept_errors_once
+
+            log_accept_errors_once(asyncio.get_running_loop())
+            await super().startup(sockets=sockets)
+
         async def shutdown(self, sockets: Any = None) -> None:
             hook = getattr(getattr(self.config.app, "state", None), "begin_shutdown", None)
             if hook is not None:

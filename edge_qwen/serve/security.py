@@ -175,3 +175,29 @@ def guarded_h11(read_timeout: float = READ_TIMEOUT_S) -> type:
             self.transport.close()
 
     return GuardedH11Protocol
+
+
+def log_accept_errors_once(loop: Any) -> None:
+    """Make asyncio's "socket.accept() out of system resource" (EMFILE: out of file descriptors) one
+    warning per minute instead of a traceback per retry (it retries every second, for every listener)."""
+    import logging
+    import time
+
+    previous = loop.get_exception_handler()
+    last = [0.0]
+
+    def handler(lp: Any, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            now = time.monotonic()
+            if now - last[0] >= 60:
+                last[0] = now
+                logging.getLogger("edge_qwen.serve").warning(
+                    "cannot accept connections: %s (open-file limit reached; idle connections are closed after "
+                    "--read-timeout; raise `ulimit -n` for more). Logged once a minute.", context.get("exception"))
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
