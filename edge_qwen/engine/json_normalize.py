@@ -340,6 +340,13 @@ class _Walk:
         types = node.get("type")
         types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else None
         may_be_string = types is None or "string" in types
+        if "$ref" in node and self.draft in ("draft-03", "draft-04", "draft-06", "draft-07"):
+            # Before 2019-09 a $ref's sibling keywords are ignored: the grammar ignores them too
+            # (llguidance would intersect them, and cannot when the $ref is recursive).
+            ignored = [k for k in node if k not in ("$ref", "definitions", "$defs")]
+            if ignored:
+                self.dropped.append(f"{', '.join(ignored)} beside $ref (ignored before 2019-09) at {pointer(path)}")
+            node = {k: v for k, v in node.items() if k not in ignored}
         for key, value in node.items():
             if key in VALIDATED_KEYWORDS:
                 if key == "uniqueItems" and (value is False or _at_most_one_item(node)):

@@ -58,6 +58,9 @@ def engine_error(message: str, param: str = "response_format") -> SchemaError:
     text = " ".join(message.split())
     if "oneOf" in text and "coerce_one_of" in text:
         text = "oneOf with branches that can overlap cannot be enforced; use anyOf if either branch may match"
+    if len(text) > 400:  # llguidance can quote large parts of the schema; the first part says what failed
+        log.info("JSON engine error: %s", text)
+        text = text[:400] + " ..."
     return SchemaError(f"{param}: the schema cannot be enforced: {text}", param=param)
 
 
