@@ -360,9 +360,10 @@
     }
     let node = null;
     let drawn = false;
+    let streaming = true; // a frame queued by the last chunk must not overwrite finish()'s rendering
     const draw = () => {
       drawn = false;
-      if (currentId !== conv.id) return;
+      if (!streaming || currentId !== conv.id) return;
       if (!node || !node.isConnected) {
         const art = el.messages.querySelector(`article[data-index="${conv.messages.length - 1}"] .content`);
         node = art;
@@ -410,6 +411,7 @@
       if (e.name === "AbortError") msg.meta.finish = "stopped";
       else { msg.meta.finish = "error"; msg.meta.error = e.message; }
     }
+    streaming = false;
     return finish(conv, msg, started);
   }
 
@@ -432,7 +434,7 @@
   }
 
   function send() {
-    const text = el.prompt.value;
+    const text = el.prompt.value.replace(/\s+$/, ""); // a trailing line break is never meant
     if (busy || !text.trim()) return;
     const conv = current();
     conv.messages.push({ role: "user", content: text });
