@@ -46,10 +46,14 @@ def embed_texts(llm: Any, texts: list[Any], truncate: bool = True) -> tuple[list
 
     A text longer than EMBED_CTX tokens is cut to fit when `truncate`, else refused.
     """
-    ctx, lock = _context(llm)
+    n_vocab = llm.llama.n_vocab()
     token_lists = []
     for i, t in enumerate(texts):
         ids = list(t) if isinstance(t, list) else llm.tokenize(t, special=False)
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:  # llama.cpp aborts the process on an id outside its vocabulary
+            raise RequestError(f"input[{i}] has token id {bad}, not in this model's vocabulary "
+                               f"(0 to {n_vocab - 1})", param="input")
         if not ids:
             raise RequestError(f"input[{i}] is empty; give non-empty text", param="input")
         if len(ids) > EMBED_CTX:
@@ -60,6 +64,7 @@ def embed_texts(llm: Any, texts: list[Any], truncate: bool = True) -> tuple[list
         token_lists.append(ids)
     import numpy as np
 
+    ctx, lock = _context(llm)
     out = []
     with lock:
         for ids in token_lists:
