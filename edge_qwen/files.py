@@ -9,6 +9,11 @@ be: the folder is probed for writing and the free space compared with the expect
 Temporary names are `.NAME.partial-PID`. A run killed with SIGKILL (or a power cut) cannot
 remove its own; the next output written into the same folder removes those of processes
 that are gone (`remove_stale_partials`), never those of a live process.
+
+A folder output that replaces an existing folder (`--force`) moves the old one aside as
+`.NAME.replaced-PID`, renames the new one in, and only then deletes the old one
+(`replace_into_place`); a failure in between puts the old one back, and a run killed in between
+leaves the old one aside, where the next run in that folder restores it if nothing took its place.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskSpaceError, OutputExistsError, OutputWriteError
+from .errors import DiskSpaceError, EdgeQwenError, OutputExistsError, OutputWriteError
 
 log = logging.getLogger("edge_qwen.files")
 
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
+# SQLite keeps `-journal`/`-wal`/`-shm` files beside a database written under a partial name.
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)(?:-journal|-wal|-shm)?$")
+_REPLACED = re.compile(r"^\.(?P<name>.+)\.replaced-(?P<pid>\d+)$")
 # Room left beyond an estimated output size: metadata, padding, the file system's own blocks.
 SPACE_MARGIN = 64 << 10
 
@@ -38,8 +45,8 @@ _OS_PROBLEMS: dict[int, tuple[str, str]] = {
     errno.EFBIG: ("the file is larger than the file-size limit (`ulimit -f`) or the file system allows",
                   "raise the limit or write to another file system"),
     errno.EROFS: ("the file system is read-only", "write to another folder"),
-    errno.EACCES: ("permission denied", "write to a folder you may write to, or fix its permissions"),
-    errno.EPERM: ("operation not permitted", "write to a folder you may write to, or fix its permissions"),
+    errno.EACCES: ("permission denied", "fix its permissions, or use a path you may read and write"),
+    errno.EPERM: ("operation not permitted", "fix its permissions, or use a path you may read and write"),
     errno.ENOENT: ("no such file or folder", "check the path"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
     errno.EISDIR: ("it is a folder", "give a file name"),
@@ -183,8 +190,10 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     """Remove `.NAME.partial-PID` files and folders in `folder` whose process is gone.
 
     A run killed with SIGKILL cannot clean up after itself; this is how its (possibly
-    hundreds of MB) leftovers go. Partial files of live processes are never touched. Returns
-    what was removed. Best effort: a folder that cannot be listed or cleaned is left alone.
+    hundreds of MB) leftovers go. Partial files of live processes are never touched. An old
+    output a dead run had moved aside (`.NAME.replaced-PID`, see `replace_into_place`) is put
+    back under NAME when nothing took its place, else removed. Returns what was removed.
+    Best effort: a folder that cannot be listed or cleaned is left alone.
     """
     removed: list[Path] = []
     try:
@@ -192,13 +201,19 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        m = _PARTIAL.match(entry.name)
+        m = _PARTIAL.match(entry.name) or _REPLACED.match(entry.name)
         if not m:
             continue
         try:
             since = entry.stat(follow_symlinks=False).st_mtime
             if _writer_alive(int(m.group("pid")), since):
                 continue
+            if m.re is _REPLACED:
+                final = Path(folder) / m.group("name")
+                if not os.path.lexists(final):
+                    os.rename(entry.path, final)
+                    log.warning("restored %s, which a run that no longer exists had moved aside", final)
+                    continue
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)
             else:
@@ -210,6 +225,33 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def replace_into_place(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move the finished `tmp` (a file or a folder) to `out`, replacing what is there.
+
+    A file replaces a file atomically (`os.replace`). A folder cannot replace a non-empty
+    folder that way, so the old one is renamed aside (`.NAME.replaced-PID`), the new one renamed
+    in, and the old one deleted last: at no moment is neither on disk. If the rename in fails
+    (or the run is interrupted there), the old one is put back; a run killed with SIGKILL
+    between the two renames leaves the old one aside, and the next `remove_stale_partials` in
+    that folder restores it. OSError propagates (callers turn it into OutputWriteError).
+    """
+    tmp, out = Path(tmp), Path(out)
+    aside = None
+    if out.is_dir() and not out.is_symlink() and tmp.is_dir():
+        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        remove_quietly(aside)  # ours from an earlier call in this process
+        os.rename(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None and not os.path.lexists(out):
+            with contextlib.suppress(OSError):
+                os.rename(aside, out)
+        raise
+    if aside is not None:
+        remove_quietly(aside)
+
+
 def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     """Refuse an existing output unless `force`; make its parent folder and check it is writable.
 
@@ -217,12 +259,12 @@ def check_output(path: str | os.PathLike, force: bool = False) -> Path:
     or OutputWriteError naming the folder and the problem (read-only, permission, full).
     """
     out = Path(path)
+    if out.is_dir():  # --force would not help: a file never replaces a folder
+        raise OutputExistsError(f"{out} is a folder; give a file name for the output")
     if out.exists() and not force:
         raise OutputExistsError(
             f"{out} already exists; pass --force (force=True) to overwrite it or choose another output name"
         )
-    if out.exists() and out.is_dir():
-        raise OutputExistsError(f"{out} is a folder; give a file name for the output")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -272,7 +314,7 @@ def atomic_output(path: str | os.PathLike, force: bool = False, expected_size: i
             if out.exists() and not force:  # appeared while we worked
                 raise OutputExistsError(f"{out} appeared while writing; pass --force to overwrite it")
             _fsync(tmp)
-            os.replace(tmp, out)
+            replace_into_place(tmp, out)
         except OSError as e:
             raise write_error(e, out, tmp) from None
     finally:
@@ -312,6 +354,34 @@ def missing_path_note(path: str | os.PathLike) -> str:
     return f"{parent} has no {p.name!r}{hint}"
 
 
+class InputFileError(EdgeQwenError):
+    """An input file the user named is missing, a folder, or unreadable."""
+
+    code = "invalid_input_file"
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file", todo: str = "check the path") -> Path:
+    """`path` as an existing, readable file, or one InputFileError naming it and what is wrong.
+
+    `what` names the file in the message ("calibration file", "imatrix file"); `todo` says
+    what to give instead. Called before slow work, so a mistyped option fails at once.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputFileError(f"{what} {p} is a folder, not a file; {todo}")
+    if not p.exists():
+        raise InputFileError(f"{what} {p} does not exist ({missing_path_note(p)}); {todo}")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        problem, _ = os_problem(e)
+        hint = ("fix its permissions or run as a user who may read it" if e.errno in (errno.EACCES, errno.EPERM)
+                else todo)
+        raise InputFileError(f"cannot read {what} {p}: {problem}; {hint}") from None
+    return p
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """The hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -321,5 +391,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-__all__ = ["atomic_output", "check_output", "check_free_space", "describe_os_error", "missing_path_note",
-           "partial_path", "remove_quietly", "remove_stale_partials", "sha256_file", "write_error"]
+__all__ = ["InputFileError", "atomic_output", "check_input_file", "check_output", "check_free_space",
+           "describe_os_error", "missing_path_note", "partial_path", "remove_quietly", "remove_stale_partials",
+           "replace_into_place", "sha256_file", "write_error"]

@@ -405,3 +405,61 @@ def test_quantize_of_a_gguf_with_nan_says_what_is_wrong(tmp_path, tiny_f16):
 def test_any_os_error_reaching_the_cli_is_one_line():
     """The CLI's boundary: an OSError no library call translated (here a real EIO) is one line too."""
     one_error(run_cli("inspect", "/proc/self/mem"), "input/output error", "(EIO)")
+
+
+# --- replacing an existing folder (--force) ------------------------------------------------------
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_rebuild_force_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, tiny_f16, monkeypatch):
+    """`rebuild --force` over an existing checkpoint: if the new folder cannot be renamed in, the old
+    one is still there (it used to be deleted first); a successful run replaces it, leaving nothing else."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("the old checkpoint")
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if Path(dst) == out:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    r = CliRunner().invoke(main, ["rebuild", str(tiny_f16), str(out), "--force", "-q"])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"cannot write {out}" in r.output and "input/output error" in r.output
+    assert leftovers(tmp_path) == ["ckpt", "old.txt"] and (out / "old.txt").read_text() == "the old checkpoint"
+    monkeypatch.setattr(os, "replace", real_replace)
+    r = CliRunner().invoke(main, ["rebuild", str(tiny_f16), str(out), "--force", "-q"])
+    assert r.exit_code == 0, r.output
+    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_old_folder_moved_aside_by_a_killed_run_is_restored(tmp_path, tiny_f16):
+    """A run killed between moving the old folder aside and renaming the new one in: the next run in
+    that folder puts the old one back (nothing took its place) and removes the unfinished new one."""
+    pid = _dead_pid()
+    aside = tmp_path / f".ckpt.replaced-{pid}"
+    aside.mkdir()
+    (aside / "config.json").write_text('{"old": true}')
+    unfinished = tmp_path / f".ckpt.partial-{pid}"
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"\0" * 100)
+    taken = tmp_path / f".taken.replaced-{pid}"  # moved aside, but a newer one is in its place: removed
+    taken.mkdir()
+    (tmp_path / "taken").mkdir()
+    r = run_cli("rebuild", tiny_f16, tmp_path / "other", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other", "taken"]
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text()) == {"old": True}

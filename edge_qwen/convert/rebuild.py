@@ -131,9 +131,8 @@ def _encode(rows: Any, dtype: str) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # inside the folder's temporary name: the whole folder appears at once, or not at all
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
 def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f16",
@@ -143,10 +142,9 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     Writes model.safetensors (or model-0000i-of-0000n.safetensors + index when the weights
     exceed `max_shard_bytes`), config.json, generation_config.json, tokenizer.json and
     tokenizer_config.json into `out_dir`. The folder is built under a temporary name and
-    renamed when complete; an existing non-empty `out_dir` is refused unless `force`.
+    renamed when complete; an existing non-empty `out_dir` is refused unless `force`, and with
+    `force` it is deleted only after the new folder has taken its place.
     """
-    import shutil
-
     import gguf
     import numpy as np
 
@@ -186,7 +184,8 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         shards[-1].append(item)
         size += nbytes
 
-    from ..files import check_free_space, partial_path, remove_quietly, remove_stale_partials, write_error
+    from ..files import (check_free_space, partial_path, remove_quietly, remove_stale_partials, replace_into_place,
+                         write_error)
 
     total = sum(int(np.prod(p[2])) * width for p in plan)
     tmp = partial_path(out)
@@ -233,9 +232,8 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         _write_json(tmp / "config.json", config)
         for name, obj in files.items():
             _write_json(tmp / name, obj)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        # the old folder (--force) goes only once the new one is in its place
+        replace_into_place(tmp, out)
     except OSError as e:  # a full disk or a folder gone read-only: one clear error, no partial folder
         raise write_error(e, out, tmp) from None
     finally:
