@@ -283,12 +283,21 @@ def _check_pull_space(repo_id: str, revision: str, token: str | None, blobs_pres
                          "folder on a disk with room")
 
 
-def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False) -> PullResult:
+def _check_force(force: bool, offline: bool, repo_id: str) -> None:
+    if force and offline:
+        raise EdgeQwenError(f"--force downloads {repo_id} again, which needs the network; unset HF_HUB_OFFLINE "
+                            "(HF_HUB_OFFLINE=1 is set)", code="offline")
+
+
+def pull(repo_id: str, revision: str | None = None, token: str | None = None, quiet: bool = False,
+         force: bool = False) -> PullResult:
     """Download a Hugging Face checkpoint repo into the model store (resuming what is already there).
 
     Only the files conversion needs are fetched (`ALLOW_PATTERNS`). Honours HF_ENDPOINT,
     HF_TOKEN (or `token`) and HF_HUB_OFFLINE (offline: the cached snapshot is used if complete).
-    Warns (in `PullResult.warnings`) when config.json's architecture is not Qwen2ForCausalLM.
+    Files already in the store are kept as they are unless `force`, which downloads every file
+    again (how a damaged or truncated file is replaced). Warns (in `PullResult.warnings`) when
+    config.json's architecture is not one edge-qwen converts.
     """
     local = Path(repo_id).expanduser()
     if local.is_dir() and (local / "config.json").is_file():
@@ -296,7 +305,8 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
                             f"convert it directly: edge-qwen convert {repo_id}", param="repo_id")
     _check_repo_id(repo_id)
     rev = revision or "main"
-    cached = None if _is_in_store(repo_id) else find_in_user_cache(repo_id, revision)
+    _check_force(force, _offline(), repo_id)
+    cached = None if force or _is_in_store(repo_id) else find_in_user_cache(repo_id, revision)
     if cached is not None:  # already downloaded by transformers or huggingface-cli: not fetched again
         files = [f.relative_to(cached).as_posix() for f in _snapshot_files(cached)]
         return PullResult(repo_id=repo_id, revision=rev, commit=cached.name, path=cached, files=files, fetched=[],
@@ -309,7 +319,7 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
     from huggingface_hub import constants
 
     folder = _repo_folder(repo_id)
-    blobs_before, files_before = _cache_state(folder)
+    blobs_before, files_before = _cache_state(folder) if not force else (set(), set())
     try:
         hf_cache_dir().mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -325,7 +335,7 @@ def pull(repo_id: str, revision: str | None = None, token: str | None = None, qu
             repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=ALLOW_PATTERNS,
             ignore_patterns=IGNORE_PATTERNS,
             token=token or os.environ.get("HF_TOKEN") or None, local_files_only=offline,
-            endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
+            force_download=force, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
     except (OSError, ValueError, *_transport_errors()) as e:  # huggingface_hub's errors are OSError/ValueError
         raise _translate(e, repo_id, rev, offline) from None
     finally:
@@ -494,20 +504,22 @@ def gguf_files_for_quant(names: list[str], quant: str, repo_id: str) -> list[str
 
 
 def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str | None = None,
-              quiet: bool = False) -> PullResult:
+              quiet: bool = False, force: bool = False) -> PullResult:
     """Download just one quantization of an official GGUF repo (`Qwen/Qwen2.5-7B-Instruct-GGUF`,
     `q4_k_m`), all of its split parts if it is split; `path` is the file to load (the first part).
 
     Offline, the files already in the store are used. Like llama.cpp's `-hf repo:quant`.
+    `force` downloads the files again even if the store has them.
     """
     _check_repo_id(repo_id)
     rev = revision or "main"
     offline = _offline()
+    _check_force(force, offline, repo_id)
     import huggingface_hub
     from huggingface_hub import HfApi, constants
 
     folder = _repo_folder(repo_id)
-    blobs_before, _files_before = _cache_state(folder)
+    blobs_before, _files_before = _cache_state(folder) if not force else (set(), set())
     was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
     bar = _tqdm_class(quiet)
     tok = token or os.environ.get("HF_TOKEN") or None
@@ -525,7 +537,7 @@ def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str 
         wanted = gguf_files_for_quant(names, quant, repo_id)
         path = huggingface_hub.snapshot_download(
             repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=wanted, token=tok,
-            local_files_only=offline, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
+            local_files_only=offline, force_download=force, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
     except (OSError, ValueError, *_transport_errors()) as e:
         raise _translate(e, repo_id, rev, offline) from None
     finally:

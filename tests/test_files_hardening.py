@@ -463,3 +463,109 @@ def test_old_folder_moved_aside_by_a_killed_run_is_restored(tmp_path, tiny_f16):
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other", "taken"]
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text()) == {"old": True}
+
+
+# --- broken checkpoints, through the real CLI ----------------------------------------------------
+
+def _set_json(path: Path, **changes) -> None:
+    obj = json.loads(path.read_text())
+    obj.update(changes)
+    path.write_text(json.dumps(obj))
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+SHARD1 = "model-00001-of-00004.safetensors"
+BROKEN = {  # what is done to a copy of a checkpoint -> what the one error line must say
+    "truncated in the data": (lambda d: _cut(d / "model.safetensors", -4096),
+                              ["model.safetensors is truncated: its tensors need", "download it again"]),
+    "truncated in the header": (lambda d: _cut(d / "model.safetensors", 100),
+                                ["model.safetensors is truncated or not a safetensors file"]),
+    "cut to 5 bytes": (lambda d: _cut(d / "model.safetensors", 5), ["model.safetensors is truncated (5 bytes)"]),
+    "a zip renamed": (lambda d: (d / "model.safetensors").write_bytes(b"PK\x03\x04" + bytes(4096)),
+                      ["model.safetensors is truncated or not a safetensors file"]),
+    "a git-lfs pointer": (lambda d: (d / "model.safetensors").write_bytes(
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"), ["not a safetensors file"]),
+    "a damaged header": (lambda d: (d / "model.safetensors").write_bytes(
+        (lambda b: b[:8] + b"\xff" * 32 + b[40:])((d / "model.safetensors").read_bytes())),
+        ["model.safetensors has a damaged header"]),
+    "negative offsets": (lambda d: (d / "model.safetensors").write_bytes(
+        (lambda h: len(h).to_bytes(8, "little") + h)(b'{"x":{"dtype":"F32","shape":[-1],"data_offsets":[0,-4]}}')),
+        ["damaged entry for tensor 'x'"]),
+    "a shard missing": (lambda d: (d / "model-00002-of-00004.safetensors").unlink(),
+                        ["model-00002-of-00004.safetensors listed in model.safetensors.index.json is missing"]),
+    "a shard truncated": (lambda d: _cut(d / SHARD1, -10), [f"{SHARD1} is truncated"]),
+    "an index that is a list": (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": [1]}'),
+                                ["model.safetensors.index.json is damaged"]),
+    "an index pointing outside": (lambda d: (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"x": "../elsewhere.safetensors"}}'), ["which is not a file beside it"]),
+    "config.json not JSON": (lambda d: (d / "config.json").write_text("{oops"), ["config.json is not valid JSON"]),
+    "config.json a folder": (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()),
+                             ["has no config.json"]),
+    "another architecture": (lambda d: _set_json(d / "config.json", architectures=["LlamaForCausalLM"],
+                                                 model_type="llama"),
+                             ["architecture LlamaForCausalLM is not supported", "Qwen2ForCausalLM",
+                              "Qwen3ForCausalLM"]),
+    "architectures not names": (lambda d: _set_json(d / "config.json", architectures=[{"x": 1}]),
+                                ['"architectures" must be a list of class names']),
+    "model_type of another family": (lambda d: _set_json(d / "config.json", model_type=["qwen2"]),
+                                     ['model_type ["qwen2"] does not match architecture Qwen2ForCausalLM']),
+    "tokenizer_config.json not JSON": (lambda d: (d / "tokenizer_config.json").write_text("{oops"),
+                                       ["tokenizer_config.json is not valid JSON"]),
+    "tokenizer.json of another shape": (lambda d: _set_json(d / "tokenizer.json", model=[1]),
+                                        ["tokenizer.json is damaged"]),
+    "a shard that cannot be read": (lambda d: ((d / "model.safetensors").unlink(),
+                                               (d / "model.safetensors").symlink_to("/proc/self/mem")),
+                                    ["cannot read", "model.safetensors: input/output error"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory) -> Path:
+    from conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("sharded") / "tiny", max_shard_size="1MB")
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_checkpoint_is_one_error_line(kind, tmp_path, tiny_checkpoint, sharded_checkpoint):
+    """Each way a checkpoint folder can be broken: exit 1, one `Error:` line naming the file and what to
+    do, no traceback, nothing under the output name (and no partial file) left."""
+    if kind == "a shard that cannot be read" and not Path("/proc/self/mem").exists():
+        pytest.skip("needs Linux's /proc (a file whose read fails: EIO)")
+    base = sharded_checkpoint if "shard" in kind and "cannot" not in kind or "index" in kind else tiny_checkpoint
+    src = tmp_path / "ckpt"
+    shutil.copytree(base, src)
+    breaks, needles = BROKEN[kind]
+    breaks(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    line = one_error(run_cli("convert", src, "-o", out / "m.gguf"), *needles)
+    assert str(src) in line, line
+    assert leftovers(out) == []
+
+
+def test_pulled_checkpoint_errors_name_the_repo_to_pull_again(tmp_path, tiny_checkpoint):
+    """A damaged file inside a Hugging Face cache snapshot: the error says which pull replaces it."""
+    snap = tmp_path / "hf" / "models--acme--tiny-qwen2" / "snapshots" / ("ab" * 20)
+    shutil.copytree(tiny_checkpoint, snap)
+    _cut(snap / "model.safetensors", -100)
+    one_error(run_cli("convert", snap, "-o", tmp_path / "m.gguf"),
+              "model.safetensors is truncated", "`edge-qwen pull acme/tiny-qwen2 --force`")
+
+
+def test_shard_cut_short_while_converting(tmp_path, tiny_checkpoint):
+    """A file that shrinks after it was checked (another process, a failing disk): the read that runs
+    past its end is a CheckpointError naming the file, not numpy's ValueError."""
+    from edge_qwen.convert.checkpoint import open_checkpoint
+    from edge_qwen.errors import CheckpointError
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, src)
+    ckpt = open_checkpoint(src)
+    _cut(src / "model.safetensors", -4096)
+    last = max(ckpt.tensors.values(), key=lambda t: t.offset)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is shorter than its header says"):
+        list(last.chunks())

@@ -312,3 +312,39 @@ def test_pull_then_convert_by_repo_id(hub, online, tiny_checkpoint, tmp_path):
     # The converter records where the weights came from: the pulled repo and its commit.
     assert info.metadata["edge_qwen.source.repo"] == "Qwen/Qwen2.5-Tiny-Random"
     assert info.metadata["edge_qwen.source.revision"] == commit
+
+
+def test_truncated_pulled_shard_names_the_pull_that_repairs_it(hub, online, tiny_checkpoint, tmp_path):
+    """A pulled weights file cut short (a crash, a full disk, a bad copy): convert names the file and
+    `edge-qwen pull REPO --force`; a plain pull keeps what the store has, --force downloads it again."""
+    repo = "Qwen/Qwen2.5-Tiny-Cut"
+    files = {p.name: p.read_bytes() for p in tiny_checkpoint.iterdir() if p.is_file()}
+    hub.add_commit(repo, files)
+    assert _cli("pull", repo, "-q", HF_ENDPOINT=hub.endpoint).returncode == 0
+    shard = snapshot_path(repo) / "model.safetensors"
+    blob = shard.resolve()
+    blob.write_bytes(blob.read_bytes()[:-4096])
+    out = tmp_path / "cut.gguf"
+
+    def convert_error() -> str:
+        p = _cli("convert", repo, "-o", str(out), "-q", HF_HUB_OFFLINE="1")
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        err = p.stderr.strip()
+        assert err.startswith("Error: ") and "\n" not in err, err
+        assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+        return err
+
+    err = convert_error()
+    assert f"{shard} is truncated" in err and f"`edge-qwen pull {repo} --force`" in err, err
+    p = _cli("pull", repo, "-q", HF_ENDPOINT=hub.endpoint)
+    assert p.returncode == 0, p.stderr
+    assert "truncated" in convert_error()  # a plain pull keeps the files the store has
+    p = _cli("pull", repo, "--force", HF_ENDPOINT=hub.endpoint)
+    assert p.returncode == 0, p.stderr
+    assert "model.safetensors" in p.stdout  # listed among the files fetched again
+    assert blob.read_bytes() == files["model.safetensors"]
+    p = _cli("convert", repo, "-o", str(out), "-q", HF_HUB_OFFLINE="1")
+    assert p.returncode == 0, p.stderr
+    _no_partials(online)
+    p = _cli("pull", repo, "--force", HF_HUB_OFFLINE="1")
+    assert p.returncode == 1 and p.stderr.startswith("Error: ") and "needs the network" in p.stderr, p.stderr

@@ -33,12 +33,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
               help="For a GGUF repo (e.g. Qwen/Qwen2.5-7B-Instruct-GGUF): fetch only this quantization "
                    "(q4_k_m...), all its split parts if split.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--force", is_flag=True, help="Download every file again, even those the store has "
+                                            "(replaces a damaged or truncated file).")
 @quiet_option
 def pull(repo_id: str, revision: str | None, token: str | None, quant: str | None, as_json: bool,
-         quiet: bool) -> None:
+         force: bool, quiet: bool) -> None:
     """Download a Hugging Face checkpoint (config, tokenizer, safetensors) into the model store.
 
-    Only the files conversion needs are fetched; an interrupted pull resumes when run again.
+    Only the files conversion needs are fetched; an interrupted pull resumes when run again,
+    and files already in the store are kept (--force downloads them again).
     Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE.
     """
     from huggingface_hub.utils import logging as hf_logging
@@ -51,9 +54,9 @@ def pull(repo_id: str, revision: str | None, token: str | None, quant: str | Non
     if quant:
         from ..hub import pull_gguf
 
-        r = pull_gguf(repo_id, quant, revision=revision, token=token, quiet=quiet or as_json)
+        r = pull_gguf(repo_id, quant, revision=revision, token=token, quiet=quiet or as_json, force=force)
     else:
-        r = pull_repo(repo_id, revision=revision, token=token, quiet=quiet or as_json)
+        r = pull_repo(repo_id, revision=revision, token=token, quiet=quiet or as_json, force=force)
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
     if as_json:

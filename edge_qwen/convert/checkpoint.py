@@ -71,8 +71,13 @@ class TensorRef:
         step = max(1, max_bytes // max(row * 4, 1))
         for start in range(begin, end, step):
             n = min(step, end - start)
-            mm = np.memmap(self.file, dtype=np_dtype, mode="r", offset=self.offset + start * row * size,
-                           shape=(n * row,))
+            try:
+                mm = np.memmap(self.file, dtype=np_dtype, mode="r", offset=self.offset + start * row * size,
+                               shape=(n * row,))
+            except ValueError:  # numpy: "mmap length is greater than file size"
+                raise CheckpointError(
+                    f"{self.file} is shorter than its header says (tensor {self.name!r} runs past its end; the "
+                    f"file was cut short or changed while being read); {fetch_again(self.file.parent)}") from None
             if self.dtype == "BF16":
                 block = (mm.astype(np.uint32) << 16).view(np.float32)
             else:
@@ -216,12 +221,41 @@ def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
     return [src for *_k, src in plan]
 
 
+def hub_repo_of(folder: Path) -> str | None:
+    """The repo id of a folder inside a Hugging Face cache snapshot (models--ORG--NAME/snapshots/C)."""
+    parts = Path(folder).absolute().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1)
+    return None
+
+
+def fetch_again(folder: Path) -> str:
+    """What to do about a damaged or missing file of checkpoint `folder`: the pull that replaces it.
+
+    A pulled repo is named (a plain pull keeps the files it has; --force downloads them again).
+    """
+    repo = hub_repo_of(folder)
+    if repo is not None:
+        return f"download it again with `edge-qwen pull {repo} --force`"
+    return "download it again (for a Hub repo: `edge-qwen pull ORG/NAME --force`)"
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def read_json_file(file: Path) -> Any:
     """Parse a checkpoint's JSON file, or a CheckpointError naming it and saying to fetch it again."""
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        from ..files import describe_os_error
+
+        raise CheckpointError(describe_os_error(e, "cannot read", file)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); download it again") from None
+        raise CheckpointError(f"{file} is not valid JSON ({_short(e)}); {fetch_again(file.parent)}") from None
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -245,38 +279,52 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     """(header dict, data start offset) of a safetensors file, checking it is complete."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{file} is truncated ({size} bytes); download it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000 or 8 + n > size:
-            raise CheckpointError(f"{file} is truncated or not a safetensors file (header of {n} bytes, "
-                                  f"file of {size}); download it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file} has a damaged header; download it again") from None
+    again = fetch_again(file.parent)
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is truncated ({size} bytes); {again}")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000 or 8 + n > size:
+                raise CheckpointError(f"{file} is truncated or not a safetensors file (header of {n} bytes, "
+                                      f"file of {size}); {again}")
+            raw = f.read(n)
+    except OSError as e:  # a failing disk, a file that cannot be read: named, with what to do
+        from ..files import describe_os_error
+
+        raise CheckpointError(describe_os_error(e, "cannot read", file)) from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file} has a damaged header; {again}") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{file} has a damaged header; download it again")
+        raise CheckpointError(f"{file} has a damaged header; {again}")
     start = 8 + n
+    clean: dict[str, Any] = {}  # entries with their numbers as ints, checked
     for name, v in header.items():
         if name == "__metadata__":
+            clean[name] = v
             continue
         try:
             begin, stop = (int(x) for x in v["data_offsets"])
             shape = [int(d) for d in v["shape"]]
             dtype = str(v["dtype"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file} has a damaged entry for tensor {name!r}; download it again") from None
+            raise CheckpointError(f"{file} has a damaged entry for tensor {name!r}; {again}") from None
+        if begin < 0 or stop < begin or any(d < 0 for d in shape):
+            raise CheckpointError(f"{file} has a damaged entry for tensor {name!r} (offsets {[begin, stop]}, "
+                                  f"shape {shape}); {again}")
         if dtype in _DTYPES and stop - begin != _DTYPES[dtype][1] * _numel(shape):
             raise CheckpointError(f"{file}: tensor {name!r} has {stop - begin} bytes for shape {shape} {dtype}; "
-                                  "the file is damaged, download it again")
+                                  f"the file is damaged, {again}")
+        clean[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, stop]}
+    header = clean
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if start + end > size:
         raise CheckpointError(f"{file} is truncated: its tensors need {start + end} bytes but the file has "
-                              f"{size}; download it again")
+                              f"{size}; {again}")
     return header, start
 
 
@@ -299,10 +347,17 @@ def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
     index_file = folder / INDEX_FILE
     if index_file.is_file():
         try:
-            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads(index_file.read_bytes().decode("utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise CheckpointError(f"{index_file} is damaged (no weight_map); download it again") from None
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file} is damaged (not JSON with a weight_map of tensor names to shard "
+                                  f"files); {fetch_again(folder)}")
         names = list(dict.fromkeys(weight_map.values()))
+        for name in names:  # shards lie beside the index, as Hugging Face saves them
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{index_file} places tensors in {name!r}, which is not a file beside it; "
+                                      f"the index is damaged, {fetch_again(folder)}")
     elif (folder / SINGLE_FILE).is_file():
         weight_map, names = None, [SINGLE_FILE]
     else:
@@ -314,7 +369,7 @@ def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
     for name in names:
         file = folder / name
         if not file.is_file():
-            raise CheckpointError(f"shard {file} listed in {INDEX_FILE} is missing; download it again")
+            raise CheckpointError(f"shard {file} listed in {INDEX_FILE} is missing; {fetch_again(folder)}")
         header, start = read_safetensors_header(file)
         ckpt.files.append(file)
         for tname, info in header.items():
@@ -322,14 +377,14 @@ def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
                 continue
             if weight_map is not None and weight_map.get(tname) != name:
                 raise CheckpointError(f"{file} holds tensor {tname!r} but {INDEX_FILE} places it in "
-                                      f"{weight_map.get(tname)!r}; the index and shards do not match, download again")
+                                      f"{weight_map.get(tname)!r}; the index and shards do not match, {fetch_again(folder)}")
             ckpt.tensors[canonical_name(tname)] = TensorRef(tname, file, start + info["data_offsets"][0],
                                                             info["dtype"], tuple(info["shape"]))
     if weight_map is not None:
         for tname, shard in weight_map.items():
             if canonical_name(tname) not in ckpt.tensors:
                 raise CheckpointError(f"tensor {tname!r} is listed in {INDEX_FILE} but missing from {shard}; "
-                                      "download the shard again")
+                                      f"{fetch_again(folder)}")
     _validate(ckpt)
     return ckpt
 

@@ -145,20 +145,35 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
     file = folder / "tokenizer.json"
     from .checkpoint import read_json_file
 
-    if file.is_file():
-        tok = read_json_file(file)
-        check_tokenizer_json(tok, file)
-        vocab_map, raw_merges, added_tokens = tok["model"]["vocab"], tok["model"]["merges"], tok.get("added_tokens", [])
-    elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        vocab_map, raw_merges, added_tokens = _read_vocab_merges(folder)
-        file = folder / "vocab.json"
-    else:
-        raise CheckpointError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); copy the tokenizer "
-                              "files of the model into the folder (Qwen ships tokenizer.json and tokenizer_config.json)")
-    by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in vocab_map.items()}
-    for added in added_tokens:
-        text = added["content"]
-        by_id[added["id"]] = (text, CONTROL if added.get("special") or looks_like_control(text) else USER_DEFINED)
+    from .checkpoint import fetch_again
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        # gguf-py's SpecialVocab below reads them with a bare json.load: check them first
+        if (folder / name).is_file() and not isinstance(read_json_file(folder / name), dict):
+            raise CheckpointError(f"{folder / name} must hold a JSON object; {fetch_again(folder)}")
+    try:  # the file's structure, as far as a damaged or foreign file can break it
+        if file.is_file():
+            tok = read_json_file(file)
+            if not isinstance(tok, dict):
+                raise CheckpointError(f"{file} must hold a JSON object; {fetch_again(folder)}")
+            check_tokenizer_json(tok, file)
+            vocab_map, raw_merges = tok["model"]["vocab"], tok["model"]["merges"]
+            added_tokens = tok.get("added_tokens") or []
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab_map, raw_merges, added_tokens = _read_vocab_merges(folder)
+            file = folder / "vocab.json"
+        else:
+            raise CheckpointError(f"{folder} has no tokenizer.json (nor vocab.json + merges.txt); copy the tokenizer "
+                                  "files of the model into the folder (Qwen ships tokenizer.json and "
+                                  "tokenizer_config.json)")
+        by_id: dict[int, tuple[str, int]] = {int(i): (str(t), NORMAL) for t, i in vocab_map.items()}
+        for added in added_tokens:
+            text = str(added["content"])
+            by_id[int(added["id"])] = (text, CONTROL if added.get("special") or looks_like_control(text)
+                                       else USER_DEFINED)
+        merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{file} is damaged ({type(e).__name__}: {str(e)[:80]}); {fetch_again(folder)}") from None
     if by_id and max(by_id) >= vocab_size:
         raise CheckpointError(f"{file}: token id {max(by_id)} does not fit vocab_size {vocab_size} of config.json; "
                               "the tokenizer and the model do not belong together")
@@ -167,11 +182,14 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
         text, kind = by_id.get(i, (f"[PAD{i}]", UNUSED))
         tokens.append(text)
         types.append(kind)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in raw_merges]
     # gguf-py's SpecialVocab reads bos/eos/pad, add_bos_token and the chat template the way
     # llama.cpp's converter does (tokenizer_config first, config.json ids as fallback).
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    try:
+        special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a value of the wrong type in those files
+        raise CheckpointError(f"{folder}: tokenizer_config.json or special_tokens_map.json is damaged "
+                              f"({type(e).__name__}: {str(e)[:80]}); {fetch_again(folder)}") from None
     template = special.chat_template
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{folder}: several named chat templates are not supported; keep one "

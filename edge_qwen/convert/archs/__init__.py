@@ -13,6 +13,8 @@ compare both on tiny random checkpoints of each architecture.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,13 +279,21 @@ def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
+    supported = f"edge-qwen converts {', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL and fine-tunes)"
+    if not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"{path / 'config.json'}: \"architectures\" must be a list of class names, got "
+                              f"{json.dumps(config.get('architectures'))[:80]}; {supported}")
+    model_type = config.get("model_type")
     found = next((reg[a] for a in archs if a in reg), None)
     if found is None and not archs:  # some fine-tunes leave "architectures" out
-        found = next((a for a in reg.values() if config.get("model_type") in a.model_types), None)
-    if found is None or (config.get("model_type") is not None and config["model_type"] not in found.model_types):
-        what = ", ".join(map(str, archs)) or config.get("model_type") or "unknown"
-        raise CheckpointError(f"{path / 'config.json'}: architecture {what} is not supported; edge-qwen converts "
-                              f"{', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL and fine-tunes)")
+        found = next((a for a in reg.values() if isinstance(model_type, str) and model_type in a.model_types), None)
+    if found is None:
+        what = ", ".join(archs) or (model_type if isinstance(model_type, str) else None) or "unknown"
+        raise CheckpointError(f"{path / 'config.json'}: architecture {what} is not supported; {supported}")
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in found.model_types):
+        raise CheckpointError(f"{path / 'config.json'}: model_type {json.dumps(model_type)[:80]} does not match "
+                              f"architecture {found.name} (expected {' or '.join(found.model_types)}); fix "
+                              "config.json or convert a checkpoint of a supported architecture")
     if part == "mmproj":
         from .qwen2vl import VISION
 
