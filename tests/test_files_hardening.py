@@ -569,3 +569,62 @@ def test_shard_cut_short_while_converting(tmp_path, tiny_checkpoint):
     last = max(ckpt.tensors.values(), key=lambda t: t.offset)
     with pytest.raises(CheckpointError, match=r"model\.safetensors is shorter than its header says"):
         list(last.chunks())
+
+
+# --- side files of a run killed with SIGKILL ---------------------------------------------------
+
+_KILLED_WHILE_WRITING = """
+import os, pathlib, signal, sys
+real = pathlib.Path.write_text
+def write_then_die(self, *a, **kw):
+    real(self, *a, **kw)  # the bytes are on disk, under whatever name the writer chose
+    os.kill(os.getpid(), signal.SIGKILL)
+pathlib.Path.write_text = write_then_die
+exec(sys.argv[1])
+"""
+
+SIDE_WRITERS = {  # (code killed while writing, code of the next run writing into the same folder, folder)
+    "source hash store": (
+        "from edge_qwen.quant.provenance import source_sha256; source_sha256(sys.argv[2])",
+        "from edge_qwen.quant.provenance import source_sha256; source_sha256(sys.argv[2])",
+        "home/cache", ["sha256.json"]),
+    "bench measurement files": (
+        "from pathlib import Path; from edge_qwen.bench.sweep import QUICK, _measure_in_subprocess; "
+        "_measure_in_subprocess(Path(sys.argv[2]), QUICK, Path(sys.argv[3]))",
+        "from pathlib import Path; from edge_qwen.bench.sweep import _save_row; "
+        "_save_row(Path(sys.argv[3]) / 'row-q8_0.json', {'type': 'Q8_0'})",
+        "bench", ["row-q8_0.json"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SIDE_WRITERS))
+def test_side_files_of_a_killed_run_are_removed_by_the_next(name, tmp_path, tiny_f16):
+    """Files written beside the outputs (the remembered source hashes, the bench's per-model
+    measurement files) go through partial names: a run killed while writing one leaves a file the
+    next run in that folder removes, never a stray file forever."""
+    killed, following, folder, expected = SIDE_WRITERS[name]
+    (tmp_path / "bench").mkdir()
+    env = {**os.environ, "EDGE_QWEN_HOME": str(tmp_path / "home")}
+    args = [str(tiny_f16), str(tmp_path / "bench")]
+    r = subprocess.run([sys.executable, "-c", _KILLED_WHILE_WRITING, killed, *args], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert leftovers(tmp_path / folder) != []  # what the killed run left
+    r = subprocess.run([sys.executable, "-c", "import sys; exec(sys.argv[1])", following, *args], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert leftovers(tmp_path / folder) == expected
+
+
+def test_sqlite_journals_of_a_dead_run_go_with_its_partial_database(tmp_path):
+    """An index built under a partial name has SQLite side files (-journal, -wal, -shm): they are the
+    dead run's too, and go with it; a live process's stay."""
+    from edge_qwen.files import remove_stale_partials
+
+    dead, live = _dead_pid(), os.getpid()
+    names = [f".docs.sqlite.partial-{dead}{s}" for s in ("", "-journal", "-wal", "-shm")]
+    names += [f".docs.sqlite.partial-{live}-journal", "docs.sqlite", "docs.sqlite-journal"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    remove_stale_partials(tmp_path)
+    assert leftovers(tmp_path) == sorted([f".docs.sqlite.partial-{live}-journal", "docs.sqlite", "docs.sqlite-journal"])

@@ -126,8 +126,11 @@ def measure_model(path: str | os.PathLike, settings: SweepSettings, n_threads: i
 
 
 def _measure_in_subprocess(path: Path, settings: SweepSettings, workdir: Path) -> dict[str, Any]:
-    spec = workdir / f".measure-{path.stem}.json"
-    out = workdir / f".measured-{path.stem}.json"
+    from ..files import partial_path
+
+    # partial names: a sweep killed while measuring leaves files the next write here removes
+    spec = partial_path(workdir / f"measure-{path.stem}.json")
+    out = partial_path(workdir / f"measured-{path.stem}.json")
     spec.write_text(json.dumps({"path": str(path), "settings": asdict(settings)}), encoding="utf-8")
     try:
         proc = subprocess.run([sys.executable, "-m", "edge_qwen.bench.sweep", str(spec), str(out)],

@@ -43,22 +43,31 @@ def _load_hash_store() -> dict[str, Any]:
         return {}
 
 
-def _save_hash(key: tuple[str, int, int, int], digest: str) -> None:
-    # Remembered across processes, so a second `edge-qwen quantize` of the same file does not
-    # read 1+ GB again; entries of files that are gone are dropped. Best effort: a read-only
-    # store only costs the hash again next time.
+_store_lock = threading.Lock()  # the background hasher and the caller may save at once
+
+
+def _write_hash_store(data: dict[str, Any]) -> None:
+    # Through atomic_output like every output: a run killed while writing leaves a
+    # `.sha256.json.partial-PID` that the next write here removes, never a half file.
+    # Best effort: a read-only or full store only costs the hash again next time.
     import json
 
+    from ..files import atomic_output
+
+    with _store_lock:
+        try:
+            with atomic_output(_hash_store(), force=True) as tmp:
+                tmp.write_text(json.dumps(data, indent=0), encoding="utf-8")
+        except (OSError, EdgeQwenError):
+            pass
+
+
+def _save_hash(key: tuple[str, int, int, int], digest: str) -> None:
+    # Remembered across processes, so a second `edge-qwen quantize` of the same file does not
+    # read 1+ GB again; entries of files that are gone are dropped.
     data = {p: v for p, v in _load_hash_store().items() if os.path.exists(p)}
     data[key[0]] = {"size": key[1], "mtime_ns": key[2], "inode": key[3], "sha256": digest}
-    path = _hash_store()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_native_id()}")
-        tmp.write_text(json.dumps(data, indent=0))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    _write_hash_store(data)
 
 
 def cached_sha256(path: str | os.PathLike) -> str | None:
@@ -144,14 +153,9 @@ def kv_bytes(kv: dict[str, str | int], existing: dict[str, Any]) -> int:
 
 def forget_sha256(path: str | os.PathLike) -> None:
     """Drop a file's remembered hash (benchmarks use it to measure a first run)."""
-    import json
-
     real = os.path.realpath(path)
     for key in [k for k in _hash_cache if k[0] == real]:
         del _hash_cache[key]
     data = _load_hash_store()
     if data.pop(real, None) is not None:
-        try:
-            _hash_store().write_text(json.dumps(data, indent=0))
-        except OSError:
-            pass
+        _write_hash_store(data)

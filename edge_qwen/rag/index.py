@@ -481,6 +481,9 @@ def build(name: str, paths: list[str | os.PathLike], count: TokenCounter, *, chu
     failed first add leaves no half-made index behind.
     """
     final = indexes_dir() / f"{check_name(name)}.sqlite"
+    from ..files import remove_stale_partials
+
+    remove_stale_partials(final.parent)  # what runs killed with SIGKILL left (and their journals)
     if final.exists():
         with DocIndex.open(name) as ix:
             return ix.add(paths, count, embedder=embedder, skip_errors=skip_errors, progress=progress)
