@@ -440,7 +440,7 @@ def test_queued_client_that_leaves_frees_its_place(http, server):
             before = http.get("/health").json()["models"]["qwen2.5"]
             with socket.create_connection(server.removeprefix("http://").split(":")) as raw:  # queue, then hang up
                 body = json.dumps({"messages": ask("Hi"), **SHORT}).encode()
-                raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
                 deadline = time.monotonic() + 30
                 while http.get("/health").json()["models"]["qwen2.5"]["waiting"] < 1:

@@ -1,7 +1,8 @@
-"""The HTTP server: OpenAI-compatible chat completions and the Qwen API shape over EdgeQwen.
+"""The HTTP server: app construction, middleware, errors, models and health over EdgeQwen.
 
-Endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models,
-GET /health, and the OpenAPI schema (/openapi.json, /docs).
+Here: GET /v1/models, GET /health, and the OpenAPI schema (/openapi.json, /docs). Each API
+family is a module with its own router (see `_families`): openai_chat (POST /v1/chat/completions),
+qwen (POST /api/v1/qwen/predict), completions, embeddings, responses, tokenize, ollama, rag, metrics.
 
 How a request runs: each served model's EdgeQwen has one batched engine
 (edge_qwen.engine.scheduler) that decodes up to `parallel` generations together (`serve
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -39,7 +39,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -47,15 +47,8 @@ from .. import __version__
 from .api_errors import api_key_problem, error_body, error_body_of
 from ..errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
 from ..web import router as web_router
-from .protocol import (
-    DEFAULT_MAX_TOKENS,
-    BodyLimit,
-    ChatRequest,
-    ErrorBody,
-    QwenPredictRequest,
-    send_error,
-    validation_error,
-)
+from .openai_chat import ShuttingDownError  # noqa: F401 -- re-exported: the server's error classes live here
+from .protocol import BodyLimit, ErrorBody, send_error, validation_error
 
 log = logging.getLogger("edge_qwen.serve.app")
 
@@ -76,15 +69,6 @@ class QueueFullError(BusyError):
     """Every place in a model's queue is taken."""
 
     code = "queue_full"
-
-
-class ShuttingDownError(BusyError):
-    """The server is stopping: requests still waiting are turned away."""
-
-    code = "shutting_down"
-
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down; retry on another server or once it is back")
 
 
 def model_table(paths: list[str] | tuple[str, ...] = (), named: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
@@ -231,49 +215,6 @@ def _cut(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _cache_scope(request: Request, salt: str | None) -> str:
-    """The prefix-cache scope of a request: its bearer token and its cache_salt, hashed.
-
-    Prompts share cached KV cells only within one scope, so a client cannot probe another's
-    prompt through `cached_tokens` or timing. Requests without a key or salt share one scope.
-    """
-    import hashlib
-
-    auth = request.headers.get("authorization", "")
-    return hashlib.sha256(f"{auth}\0{salt or ''}".encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
-
-    def __init__(self, content: Any, on_close: Any):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._on_close = on_close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
-
-
-async def _watch_disconnect(request: Request, cancel: threading.Event, waiter: asyncio.Future) -> None:
-    # The body is already read, so the next ASGI message can only be the disconnect. A request
-    # still waiting in the queue leaves it at once; a running one stops at the next token.
-    while not cancel.is_set():
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            cancel.set()
-            if not waiter.done():
-                waiter.cancel()
-            return
-
-
 class _InternalErrors:
     """ASGI middleware: an unexpected exception becomes an OpenAI-shaped 500 answered here.
 
@@ -332,21 +273,10 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     if preload:
         for slot in registry.slots.values():
             slot.model()
-    live: dict[threading.Event, asyncio.Future] = {}  # each request's cancel event -> its wait for the model
-    closing = False
+    from .openai_chat import ChatRequests
 
-    def begin_shutdown() -> None:
-        """Stop every running generation at its next token and turn away every waiting request.
-
-        Called on the event loop when the server starts stopping (Ctrl-C, SIGTERM), so streams
-        end with a final chunk and [DONE] instead of being cut when the grace period runs out.
-        """
-        nonlocal closing
-        closing = True
-        for ev, waiter in list(live.items()):
-            ev.set()
-            if not waiter.done():
-                waiter.cancel()
+    chats = ChatRequests()  # chat requests in flight: stopped and turned away when the server shuts down
+    begin_shutdown = chats.begin_shutdown
 
     async def lifespan(app: FastAPI):
         yield
@@ -359,6 +289,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                              404: {"model": ErrorBody},
                              413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     app.state.models = registry
+    app.state.chat_requests = chats
     app.state.begin_shutdown = begin_shutdown
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(_InternalErrors)  # outside BodyLimit: covers it too
@@ -416,141 +347,6 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         return JSONResponse(error_body(message, code=kind), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    async def complete(request: Request, body: ChatRequest) -> Any:
-        slot = registry.get(body.model)
-        max_tokens = body.limit()  # None: the default, within the room the prompt leaves
-        default = DEFAULT_MAX_TOKENS
-        if max_tokens_limit is not None:
-            default = min(default, max_tokens_limit)
-            if max_tokens is not None:
-                max_tokens = min(max_tokens, max_tokens_limit)
-        kwargs = body.runtime_kwargs()
-        messages = kwargs.pop("messages")
-        kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
-                      reuse_prefix=prompt_cache and body.seed is None,
-                      cache_key=_cache_scope(request, getattr(body, "cache_salt", None)))
-        if closing:
-            raise ShuttingDownError
-        cancel = threading.Event()
-        waiter = asyncio.ensure_future(slot.acquire())
-        live[cancel] = waiter
-        watcher = asyncio.create_task(_watch_disconnect(request, cancel, waiter))
-
-        def done() -> None:
-            cancel.set()
-            watcher.cancel()
-            live.pop(cancel, None)
-
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            left = cancel.is_set()  # set by the disconnect watcher or by begin_shutdown, before they cancel
-            done()
-            if closing:
-                raise ShuttingDownError from None
-            if left:
-                return Response(status_code=499)  # the client left while queued: no one reads this answer
-            raise
-        except BaseException:
-            done()
-            raise
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(slot, messages, kwargs, cancel, done, include_usage)
-        import anyio
-
-        released = False
-        try:
-            def run() -> dict[str, Any]:
-                return slot.model().chat(messages, stream=False, cancel=cancel, **kwargs)
-
-            result = await anyio.to_thread.run_sync(run)
-            slot.release(int(result["usage"]["completion_tokens"]),
-                         result["choices"][0]["finish_reason"] == "cancelled")
-            released = True
-        finally:
-            if not released:
-                slot.release(0, cancel.is_set())
-            done()
-        result["model"] = slot.name
-        return JSONResponse(result)
-
-    async def _stream(slot: _Slot, messages: list[dict[str, str]], kwargs: dict[str, Any],
-                      cancel: threading.Event, done: Any, include_usage: bool = False) -> Any:
-        # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
-        # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def put(kind: str, item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
-            except RuntimeError:  # the loop is gone (server shutting down)
-                cancel.set()
-
-        def produce() -> None:
-            # The whole generator lives in this one thread: it may hold locks that must be
-            # released by the thread that took them.
-            n, cancelled, late = 0, False, 0
-            try:
-                chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
-                try:
-                    for chunk in chunks:
-                        usage = chunk.get("usage")
-                        if usage:  # the final chunk: the true token count and how it ended
-                            n = usage.get("completion_tokens", n)
-                            cancelled = chunk["choices"][0].get("finish_reason") == "cancelled"
-                        chunk["model"] = slot.name
-                        put("chunk", chunk)
-                        if usage and include_usage:
-                            put("chunk", {**chunk, "choices": [], "usage": usage})
-                        # The runtime ends with a "cancelled" chunk at the next token once `cancel`
-                        # is set; this only guards against a loop that would not listen.
-                        late += cancel.is_set()
-                        if late > 4:
-                            cancelled = True
-                            break
-                finally:
-                    close = getattr(chunks, "close", None)
-                    if close:
-                        close()
-            except EdgeQwenError as e:
-                put("error", e)
-            except Exception as e:  # never kill the thread silently: the client gets a 500-shaped event
-                log.exception("generation failed")
-                put("error", e)
-            finally:
-                put("end", None)
-                try:
-                    loop.call_soon_threadsafe(slot.release, n, cancelled)
-                except RuntimeError:
-                    pass
-
-        threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
-        kind, first = await queue.get()
-        if kind == "error":  # failed before the first token: a plain HTTP error, not a broken stream
-            done()
-            raise first
-
-        async def events():
-            try:
-                k, item = kind, first
-                while k != "end":
-                    if k == "chunk":
-                        yield _sse(item)
-                    else:
-                        status = item.status if isinstance(item, EdgeQwenError) else 500
-                        body = error_body_of(item) if isinstance(item, EdgeQwenError) else error_body(
-                            f"internal server error ({type(item).__name__})", type="server_error", code="internal_error")
-                        yield _sse({**body, "status": status})
-                    k, item = await queue.get()
-                yield b"data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        return _EventStream(events(), done)
-
     def openapi() -> dict[str, Any]:
         # Validation failures are answered 400 (above), so FastAPI's generated 422 entries would lie.
         if app.openapi_schema is None:
@@ -565,14 +361,6 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
     app.openapi = openapi  # type: ignore[method-assign]
     deps = [Depends(check_key)]
-
-    @app.post("/v1/chat/completions", dependencies=deps, summary="OpenAI chat completions (SSE when stream=true)")
-    async def chat_completions(request: Request, body: ChatRequest) -> Any:
-        return await complete(request, body)
-
-    @app.post("/api/v1/qwen/predict", dependencies=deps, summary="Qwen API chat (flat or DashScope-nested parameters)")
-    async def qwen_predict(request: Request, body: QwenPredictRequest) -> Any:
-        return await complete(request, body.to_chat())
 
     def card(name: str, slot: _Slot) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
@@ -606,11 +394,12 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 
 
 def _families(app: FastAPI, deps: list[Any], **serve_options: Any) -> None:
-    """The other API families, one module each: completions, embeddings, responses, tokenize, Ollama, /metrics."""
-    from . import completions, embeddings, metrics, ollama, rag, responses, tokenize
+    """The API families, one module each: OpenAI chat, the Qwen shape, completions, embeddings, responses,
+    tokenize, Ollama, RAG, /metrics."""
+    from . import completions, embeddings, metrics, ollama, openai_chat, qwen, rag, responses, tokenize
 
     app.state.serve_options = serve_options  # what edge_qwen.serve.runner hands the family routers
-    for family in (completions, embeddings, responses, tokenize, ollama, rag):
+    for family in (openai_chat, qwen, completions, embeddings, responses, tokenize, ollama, rag):
         app.include_router(family.router(), dependencies=deps)
     metrics.install(app)
 

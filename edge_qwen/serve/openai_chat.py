@@ -1,0 +1,249 @@
+"""POST /v1/chat/completions: OpenAI chat completions over EdgeQwen.chat (SSE when stream=true).
+
+`complete()` answers one ChatRequest; the Qwen API shape (serve/qwen.py) converts its body and
+calls it too. A request takes a place in its model's queue (the app's _Slot), runs in a worker
+thread (the event loop never waits on llama.cpp), and is cancelled when its client disconnects
+or the server starts shutting down (`ChatRequests.begin_shutdown`). Streamed chunks cross from
+the worker thread to the loop through an asyncio queue and go out as server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..errors import BusyError, EdgeQwenError
+from . import runner
+from .api_errors import error_body, error_body_of
+from .protocol import DEFAULT_MAX_TOKENS, ChatRequest
+
+log = logging.getLogger("edge_qwen.serve.app")
+
+
+class ShuttingDownError(BusyError):
+    """The server is stopping: requests still waiting are turned away."""
+
+    code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another server or once it is back")
+
+
+class ChatRequests:
+    """The chat requests in flight (each one's cancel event and its wait for a place), for shutdown."""
+
+    def __init__(self) -> None:
+        self.live: dict[threading.Event, asyncio.Future] = {}
+        self.closing = False
+
+    def begin_shutdown(self) -> None:
+        """Stop every running generation at its next token and turn away every waiting request.
+
+        Called on the event loop when the server starts stopping (Ctrl-C, SIGTERM), so streams
+        end with a final chunk and [DONE] instead of being cut when the grace period runs out.
+        """
+        self.closing = True
+        for ev, waiter in list(self.live.items()):
+            ev.set()
+            if not waiter.done():
+                waiter.cancel()
+
+
+def _cache_scope(request: Request, salt: str | None) -> str:
+    """The prefix-cache scope of a request: its bearer token and its cache_salt, hashed.
+
+    Prompts share cached KV cells only within one scope, so a client cannot probe another's
+    prompt through `cached_tokens` or timing. Requests without a key or salt share one scope.
+    """
+    auth = request.headers.get("authorization", "")
+    return hashlib.sha256(f"{auth}\0{salt or ''}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
+
+    def __init__(self, content: Any, on_close: Any):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event, waiter: asyncio.Future) -> None:
+    # The body is already read, so the next ASGI message can only be the disconnect. A request
+    # still waiting in the queue leaves it at once; a running one stops at the next token.
+    while not cancel.is_set():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            if not waiter.done():
+                waiter.cancel()
+            return
+
+
+async def complete(request: Request, body: ChatRequest) -> Any:
+    """Answer one chat request (either shape, as a ChatRequest): JSON, or SSE when `body.stream`."""
+    state: ChatRequests = request.app.state.chat_requests
+    slot = request.app.state.models.get(body.model)
+    opts = runner.options(request)
+    max_tokens_limit, prompt_cache = opts.get("max_tokens_limit"), opts.get("prompt_cache", True)
+    max_tokens = body.limit()  # None: the default, within the room the prompt leaves
+    default = DEFAULT_MAX_TOKENS
+    if max_tokens_limit is not None:
+        default = min(default, max_tokens_limit)
+        if max_tokens is not None:
+            max_tokens = min(max_tokens, max_tokens_limit)
+    kwargs = body.runtime_kwargs()
+    messages = kwargs.pop("messages")
+    kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
+                  reuse_prefix=prompt_cache and body.seed is None,
+                  cache_key=_cache_scope(request, getattr(body, "cache_salt", None)))
+    if state.closing:
+        raise ShuttingDownError
+    cancel = threading.Event()
+    waiter = asyncio.ensure_future(slot.acquire())
+    state.live[cancel] = waiter
+    watcher = asyncio.create_task(_watch_disconnect(request, cancel, waiter))
+
+    def done() -> None:
+        cancel.set()
+        watcher.cancel()
+        state.live.pop(cancel, None)
+
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        left = cancel.is_set()  # set by the disconnect watcher or by begin_shutdown, before they cancel
+        done()
+        if state.closing:
+            raise ShuttingDownError from None
+        if left:
+            return Response(status_code=499)  # the client left while queued: no one reads this answer
+        raise
+    except BaseException:
+        done()
+        raise
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _stream(slot, messages, kwargs, cancel, done, include_usage)
+    import anyio
+
+    released = False
+    try:
+        def run() -> dict[str, Any]:
+            return slot.model().chat(messages, stream=False, cancel=cancel, **kwargs)
+
+        result = await anyio.to_thread.run_sync(run)
+        slot.release(int(result["usage"]["completion_tokens"]),
+                     result["choices"][0]["finish_reason"] == "cancelled")
+        released = True
+    finally:
+        if not released:
+            slot.release(0, cancel.is_set())
+        done()
+    result["model"] = slot.name
+    return JSONResponse(result)
+
+
+async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, Any],
+                  cancel: threading.Event, done: Any, include_usage: bool = False) -> Any:
+    # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
+    # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(kind: str, item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        except RuntimeError:  # the loop is gone (server shutting down)
+            cancel.set()
+
+    def produce() -> None:
+        # The whole generator lives in this one thread: it may hold locks that must be
+        # released by the thread that took them.
+        n, cancelled, late = 0, False, 0
+        try:
+            chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
+            try:
+                for chunk in chunks:
+                    usage = chunk.get("usage")
+                    if usage:  # the final chunk: the true token count and how it ended
+                        n = usage.get("completion_tokens", n)
+                        cancelled = chunk["choices"][0].get("finish_reason") == "cancelled"
+                    chunk["model"] = slot.name
+                    put("chunk", chunk)
+                    if usage and include_usage:
+                        put("chunk", {**chunk, "choices": [], "usage": usage})
+                    # The runtime ends with a "cancelled" chunk at the next token once `cancel`
+                    # is set; this only guards against a loop that would not listen.
+                    late += cancel.is_set()
+                    if late > 4:
+                        cancelled = True
+                        break
+            finally:
+                close = getattr(chunks, "close", None)
+                if close:
+                    close()
+        except EdgeQwenError as e:
+            put("error", e)
+        except Exception as e:  # never kill the thread silently: the client gets a 500-shaped event
+            log.exception("generation failed")
+            put("error", e)
+        finally:
+            put("end", None)
+            try:
+                loop.call_soon_threadsafe(slot.release, n, cancelled)
+            except RuntimeError:
+                pass
+
+    threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
+    kind, first = await queue.get()
+    if kind == "error":  # failed before the first token: a plain HTTP error, not a broken stream
+        done()
+        raise first
+
+    async def events():
+        try:
+            k, item = kind, first
+            while k != "end":
+                if k == "chunk":
+                    yield _sse(item)
+                else:
+                    status = item.status if isinstance(item, EdgeQwenError) else 500
+                    body = error_body_of(item) if isinstance(item, EdgeQwenError) else error_body(
+                        f"internal server error ({type(item).__name__})", type="server_error", code="internal_error")
+                    yield _sse({**body, "status": status})
+                k, item = await queue.get()
+            yield b"data: [DONE]\n\n"
+        finally:
+            cancel.set()
+
+    return _EventStream(events(), done)
+
+
+def router() -> APIRouter:
+    """The /v1/chat/completions route (added to the app by create_app)."""
+    r = APIRouter(tags=["openai"])
+
+    @r.post("/v1/chat/completions", summary="OpenAI chat completions (SSE when stream=true)")
+    async def chat_completions(request: Request, body: ChatRequest) -> Any:
+        return await complete(request, body)
+
+    return r
