@@ -321,15 +321,17 @@ def test_chat_refuses_unsupported_schema_before_generating(llm, response_format)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schema, fragment", [
-    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable"),
-    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "^ab": {"type": "string"}}}, "disjoint"),
+@pytest.mark.parametrize("schema, fragment, advice", [
+    ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable", "fix the keywords that contradict"),
+    ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "^ab": {"type": "string"}}}, "disjoint",
+     "make the patternProperties patterns disjoint"),
 ])
-def test_engine_errors_become_schema_errors(llm, schema, fragment):
-    # These pass jsonschema's metaschema; llguidance itself refuses them.
+def test_engine_errors_become_schema_errors(llm, schema, fragment, advice):
+    # These pass jsonschema's metaschema; llguidance itself refuses them: the message says what failed
+    # and what to change.
     with pytest.raises(SchemaError) as e:
         make_constraint(llm, {"type": "json_object", "schema": schema})
-    assert fragment in str(e.value)
+    assert fragment in str(e.value) and advice in str(e.value)
 
 
 @pytest.mark.slow

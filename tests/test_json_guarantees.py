@@ -76,3 +76,43 @@ def test_overlapping_one_of_is_accepted_and_checked(llm):
     r = ask(llm, "Give v = 42 as JSON.", s)
     jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), s)
     assert "json_retries" in r["usage"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ('{"type": "object", "properties": {', ["not valid JSON", "line 1 column", "fix the file"]),
+    ("[1, 2]", ["holds a JSON array", "must hold one object"]),
+    (b"\xff\xfe{}", ["not UTF-8", "save the schema as UTF-8"]),
+    ('{"type": "objekt", "properties": {"a": {"minimum": "z"}}}',
+     ["invalid JSON schema at /type", "invalid JSON schema at /properties/a/minimum", "Fix or remove"]),
+    ('{"properties": {"a": {"$ref": "https://example.com/a.json"}}}',
+     ["remote $ref 'https://example.com/a.json' at /properties/a/$ref", "inline it under $defs"]),
+    ('{"x-guidance": {"lenient": true}}', ["lenient=true at /x-guidance/lenient", "allowed:"]),
+])
+def test_cli_schema_file_errors_name_the_file_and_the_fix(tmp_path, text, says):
+    """`edge-qwen chat --schema FILE`: the file is checked before the model loads; one line, no traceback,
+    naming the file (never `response_format`, which a CLI user never typed) and what to change."""
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    path = tmp_path / "my-schema.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    r = CliRunner().invoke(main, ["chat", "--schema", str(path), "hi"])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert "my-schema.json" in r.output and "response_format" not in r.output, r.output
+    for fragment in says:
+        assert fragment in r.output, (fragment, r.output)
+
+
+def test_cli_schema_the_engine_refuses_names_the_file(tmp_path, default_model):
+    """A schema only llguidance can refuse (after the model loads) still names the file and the fix."""
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    path = tmp_path / "contradiction.json"
+    path.write_text('{"allOf": [{"type": "string"}, {"type": "integer"}]}')
+    r = CliRunner().invoke(main, ["chat", str(default_model), "--schema", str(path), "-n", "5", "hi"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"--schema {path}" in r.output and "response_format" not in r.output
+    assert "Unsatisfiable" in r.output and "fix the keywords that contradict each other" in r.output

@@ -88,11 +88,16 @@ def _response_format(as_json: bool, schema: str | None) -> dict | None:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
             raise click.BadParameter(f"cannot read {path}: {e.strerror}", param_hint="--schema") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise click.BadParameter(f"{path} is not valid JSON ({e}); give a JSON schema file",
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
+                                     "fix the file so it holds one JSON schema object", param_hint="--schema") from None
+        except UnicodeDecodeError:
+            raise click.BadParameter(f"{path} is not UTF-8 text; save the schema as UTF-8 JSON",
                                      param_hint="--schema") from None
         if not isinstance(data, dict):
-            raise click.BadParameter(f"{path} holds a {type(data).__name__}, not a JSON schema object",
+            kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data), "null")
+            raise click.BadParameter(f"{path} holds a JSON {kind}, not a schema object; the file must "
+                                     'hold one object such as {"type": "object", "properties": {...}}',
                                      param_hint="--schema")
         from ..engine.json_normalize import plan_schema
         from ..errors import SchemaError

@@ -57,11 +57,29 @@ def engine_error(message: str, param: str = "response_format") -> SchemaError:
     """Turn an llguidance grammar error into a SchemaError with advice the user can act on."""
     text = " ".join(message.split())
     if "oneOf" in text and "coerce_one_of" in text:
-        text = "oneOf with branches that can overlap cannot be enforced; use anyOf if either branch may match"
+        text = "oneOf with branches that can overlap cannot be enforced"
     if len(text) > 400:  # llguidance can quote large parts of the schema; the first part says what failed
         log.info("JSON engine error: %s", text)
         text = text[:400] + " ..."
-    return SchemaError(f"{param}: the schema cannot be enforced: {text}", param=param)
+    return SchemaError(f"{param}: the schema cannot be enforced: {text}; {_advice(text)}", param=param)
+
+
+def _advice(text: str) -> str:
+    """What to change for an llguidance compile error (its messages say what failed, not what to do)."""
+    lower = text.lower()
+    if "unsatisfiable" in lower:
+        return "no JSON value can match it: fix the keywords that contradict each other"
+    if "patternpropert" in lower and "disjoint" in lower:
+        return "make the patternProperties patterns disjoint (no key may match two of them)"
+    if "oneof" in lower:
+        return "use anyOf if either branch may match"
+    if "$ref" in lower or "pointer" in lower or "reference" in lower:
+        return "point every $ref at a subschema inside this document (#/$defs/...)"
+    if "regex" in lower or "pattern" in lower or "lookaround" in lower:
+        return "simplify the pattern (no look-around, back-references or unbounded nested repeats)"
+    if "limit" in lower or "too large" in lower or "too many" in lower:
+        return "make the schema smaller (fewer alternatives, shorter enums and patterns)"
+    return "change or remove that part of the schema (docs/json.md lists what is enforced)"
 
 
 class _Number(float):
