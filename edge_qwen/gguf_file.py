@@ -100,11 +100,19 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], list[tuple[str
     """Parse a GGUF header: (metadata, [(tensor name, shape, ggml type, offset)], data start).
 
     Arrays longer than 64 items are summarised as "[N values]" rather than decoded.
-    Raises ModelFileError naming the problem for a missing, foreign or truncated file.
+    Raises ModelFileError naming the problem for a missing, foreign, truncated or unreadable file.
     """
+    try:
+        return _read_header(Path(path))
+    except OSError as e:  # a failing disk, a file that cannot be read or mapped: one line naming it
+        from .files import describe_os_error
+
+        raise ModelFileError(describe_os_error(e, "cannot read", path)) from None
+
+
+def _read_header(p: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
     import mmap
 
-    p = Path(path)
     if not p.exists():
         from .files import missing_path_note
 

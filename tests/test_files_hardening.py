@@ -628,3 +628,84 @@ def test_sqlite_journals_of_a_dead_run_go_with_its_partial_database(tmp_path):
         (tmp_path / n).write_bytes(b"x")
     remove_stale_partials(tmp_path)
     assert leftovers(tmp_path) == sorted([f".docs.sqlite.partial-{live}-journal", "docs.sqlite", "docs.sqlite-journal"])
+
+
+# --- every path option of every command: a folder for a file, a missing or unreadable file, an
+# --- existing output --------------------------------------------------------------------------------
+
+EIO_FILE = "/proc/self/mem"  # a file whose read fails (EIO); chmod cannot make one for root
+PATH_CASES = [
+    # (arguments, what the one line must say); {dir} a folder, {missing} a missing file, {eio} an
+    # unreadable file, {f16} a good GGUF, {ckpt} a good checkpoint, {exists} an existing file
+    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{dir}"],
+     "calibration file {dir} is a folder, not a file"),
+    (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{dir}"], "calibration file {dir} is a folder"),
+    (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--calibration", "{dir}"],
+     "calibration file {dir} is a folder"),
+    (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{missing}"],
+     "calibration file {missing} does not exist"),
+    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{eio}"],
+     "cannot read calibration file {eio}: input/output error"),
+    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
+    (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--imatrix", "{dir}"],
+     "imatrix file {dir} is a folder"),
+    (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--imatrix", "{missing}"],
+     "imatrix file {missing} does not exist"),
+    (["bench", "{f16}", "--quick", "--out", "{out}/b", "--imatrix", "{missing}"], "imatrix file {missing} does not exist"),
+    (["bench", "{f16}", "--quick", "--out", "{out}/b", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
+    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{eio}"], "cannot read imatrix file {eio}"),
+    (["inspect", "{dir}"], "{dir} is a folder, not a GGUF file"),
+    (["inspect", "{eio}"], "cannot read {eio}: input/output error"),
+    (["quantize", "{eio}", "-o", "{out}/q.gguf"], "cannot read {eio}: input/output error"),
+    (["rebuild", "{dir}", "{out}/rb"], "{dir} is a folder, not a GGUF file"),
+    (["bench", "{dir}", "--quick", "--out", "{out}/b"], "{dir} is a folder, not a GGUF file"),
+    (["recommend", "{missing}", "--max-ram", "1GB"], "{missing} does not exist"),
+    (["summarize", "{dir}"], "{dir} is a folder"),
+    (["chat", "--schema", "{dir}", "hi"], "schema file (--schema) {dir} is a folder"),
+    (["chat", "--schema", "{missing}", "hi"], "schema file (--schema) {missing} does not exist"),
+    (["chat", "--mmproj", "{dir}", "--image", "x.png", "hi"], "vision tower (--mmproj) {dir} is a folder"),
+    (["index", "add", "docs", "{missing}"], "{missing} does not exist"),
+    (["index", "add", "docs", "{f16}", "--embed-model", "{dir}"], "embedding model (--embed-model) {dir} is a folder"),
+    # outputs
+    (["convert", "{ckpt}", "-o", "{dir}"], "{dir} is a folder; give a file name"),
+    (["convert", "{ckpt}", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["imatrix", "{f16}", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["imatrix", "{f16}", "-o", "{dir}"], "{dir} is a folder; give a file name"),
+    (["rebuild", "{f16}", "{exists}"], "{exists} is a file; give a folder"),
+    (["rebuild", "{f16}", "{full}"], "{full} already exists and is not empty; pass --force"),
+    (["bench", "{f16}", "--quick", "--out", "{exists}"], "--out {exists} is a file; give a folder"),
+]
+
+
+@pytest.mark.parametrize("args,says", PATH_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in PATH_CASES])
+def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_f16):
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    if "{eio}" in " ".join(args) and not Path(EIO_FILE).exists():
+        pytest.skip("needs Linux's /proc (a file whose read fails: EIO)")
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("keep")
+    (tmp_path / "exists.gguf").write_bytes(b"keep me")
+    names = {"dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
+             "ckpt": tiny_checkpoint, "exists": tmp_path / "exists.gguf", "out": tmp_path / "out",
+             "full": tmp_path / "full"}
+
+    def files() -> list[str]:  # what is on disk, but the store (a lookup may make its folders)
+        return sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                      if p.relative_to(tmp_path).parts[0] != "home")
+
+    before = files()
+    r = CliRunner().invoke(main, [a.format(**names) for a in args], env={"EDGE_QWEN_HOME": str(tmp_path / "home")})
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # no traceback
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert says.format(**names) in lines[0], lines[0]
+    assert files() == before  # nothing written, nothing removed
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep me"

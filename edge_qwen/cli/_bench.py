@@ -38,22 +38,32 @@ class SizeType(click.ParamType):
 
 
 @main.command("bench")
-@click.argument("f16_gguf", type=click.Path(dir_okay=False))
+@click.argument("f16_gguf", type=click.Path())
 @click.option("--types", "types", default=None, metavar="T1,T2,...",
               help="Quantization types to measure [default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K,IQ4_XS; "
                    "with --quick: Q8_0,Q4_K_M].")
-@click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(),
               help="Folder for results.md/.csv/.json, the plots and per-type results.")
 @click.option("--quick", is_flag=True, help="A small run for CI and smoke tests (2 chunks of 256 tokens, 3 tasks).")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--imatrix", type=click.Path(), default=None,
               help="Importance matrix for the quantizer (needed by the low-bit IQ types).")
 @click.option("--no-resume", is_flag=True, help="Measure every type again even if --out holds its result.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized files in OUT/models.")
 @quiet_option
 def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, quiet):
     """Quantize F16_GGUF to each type and measure size, speed, memory and quality against it."""
+    from pathlib import Path
+
     from ..bench.sweep import DEFAULT_TYPES, QUICK_TYPES, run_sweep
     from ..bench.report import markdown_table
+    from ..errors import OutputExistsError
+    from ..files import check_input_file
+
+    # path mistakes are one line each, before any quantizing (paths are checked here, not by click)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise OutputExistsError(f"--out {out_dir} is a file; give a folder for the results")
+    if imatrix is not None:
+        check_input_file(imatrix, "imatrix file", "make one with `edge-qwen imatrix MODEL`")
 
     chosen = types or ",".join(QUICK_TYPES if quick else DEFAULT_TYPES)
     rows = run_sweep(f16_gguf, chosen, out_dir, quick=quick, imatrix=imatrix, resume=not no_resume,
@@ -63,15 +73,22 @@ def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, 
 
 
 @main.command("recommend")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=click.Path())
 @click.option("--max-ram", required=True, type=SizeType(), help="RAM budget for model + KV cache, e.g. 1.5GB.")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
               help="Context length the model will be loaded with.")
 @quiet_option
 def recommend_cmd(source, max_ram, n_ctx, quiet):
     """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF."""
-    from ..bench.sweep import recommend
+    from pathlib import Path
 
+    from ..bench.sweep import recommend
+    from ..errors import EdgeQwenError
+    from ..files import missing_path_note
+
+    if not Path(source).exists():
+        raise EdgeQwenError(f"{source} does not exist ({missing_path_note(source)}); give a bench --out folder or "
+                            "an f16 GGUF")
     rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet)
     mb = lambda v: "-" if v is None else f"{v / 1e6:.0f}"  # noqa: E731
     click.echo("| Type | Size (MB) | KV cache (MB) | Compute (MB) | Need (MB) | Measured RSS (MB) | KL mean | PPL | Fits |")

@@ -1,4 +1,8 @@
-"""`edge-qwen convert`, `inspect` and `rebuild`: thin shells over edge_qwen.convert.writer / rebuild."""
+"""`edge-qwen convert`, `inspect` and `rebuild`: thin shells over edge_qwen.convert.writer / rebuild.
+
+Paths are plain `click.Path()`: a folder given for a file, a missing or unreadable file is
+reported by the library in one line naming the path, not as a click usage error.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,14 @@ from .options import force_option, quiet_option
 
 @main.command()
 @click.argument("src")
-@click.option("-o", "--out", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output GGUF file (default: <store>/models/<folder>-<outtype>.gguf).")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Type of the weight matrices (norms and biases stay f32).")
 @click.option("--type", "qtype", default=None, metavar="T[,T...]",
               help="Also quantize to these llama.cpp types (e.g. Q4_K_M) in the same step; "
                    "the f16 intermediate is removed afterwards.")
-@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+@click.option("--imatrix", type=click.Path(), default=None,
               help="With --type: importance matrix file to quantize with.")
 @click.option("--calibration", default=None, metavar="FILE|default",
               help="With --type: compute an importance matrix from this text first.")
@@ -54,7 +58,7 @@ def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(file: str, as_json: bool) -> None:
     """Show a GGUF file's metadata, tensor types, size, bits per weight and provenance."""
@@ -78,8 +82,8 @@ def inspect(file: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("gguf_file", metavar="GGUF", type=click.Path(dir_okay=False))
-@click.argument("outdir", type=click.Path(file_okay=False))
+@click.argument("gguf_file", metavar="GGUF", type=click.Path())
+@click.argument("outdir", type=click.Path())
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True)
 @click.option("--shard-size", type=int, default=None, metavar="BYTES", help="Split weights into shards of at most BYTES.")
 @force_option

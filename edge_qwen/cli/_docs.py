@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -24,6 +25,12 @@ def _model_options(f):
     return f
 
 
+def _check_embed_model(path: str) -> None:
+    from ..files import check_input_file
+
+    check_input_file(path, "embedding model (--embed-model)", "give an embedding GGUF file")
+
+
 def _load(model, n_ctx, kv_type):
     from ..runtime import EdgeQwen
 
@@ -31,7 +38,7 @@ def _load(model, n_ctx, kv_type):
 
 
 @main.command("summarize")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path())
 @_model_options
 @click.option("--max-tokens", "-n", type=click.IntRange(16), default=400, show_default=True,
               help="Length of the summary in tokens.")
@@ -58,7 +65,7 @@ def summarize_cmd(files, model, n_ctx, kv_type, max_tokens, map_tokens, quiet):
 @click.option("--index", "-i", "index_name", default=None, help="Answer from this index (edge-qwen index add).")
 @click.option("-k", "k", type=click.IntRange(1, 20), default=3, show_default=True, help="Chunks to retrieve.")
 @click.option("--steps", is_flag=True, help="Reason step by step first (the reasoning goes to stderr).")
-@click.option("--embed-model", type=click.Path(dir_okay=False), default=None,
+@click.option("--embed-model", type=click.Path(), default=None,
               help="The embedding GGUF the index was built with (dense + BM25 retrieval).")
 @click.option("--max-tokens", "-n", type=click.IntRange(16), default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print answer, citations and sources as JSON.")
@@ -84,6 +91,7 @@ def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model,
     if embed_model:
         from ..rag.embed import Embedder
 
+        _check_embed_model(embed_model)
         embedder = Embedder(embed_model)
     with _load(model, n_ctx, kv_type) as llm:
         if index_name:
@@ -111,7 +119,7 @@ def index_group():
 @click.option("--model", "-m", envvar="EDGE_QWEN_MODEL", default=None, help="Model whose tokenizer sizes the chunks.")
 @click.option("--chunk-tokens", type=click.IntRange(32, 4000), default=300, show_default=True,
               help="Chunk size in tokens (new indexes only).")
-@click.option("--embed-model", type=click.Path(dir_okay=False), default=None,
+@click.option("--embed-model", type=click.Path(), default=None,
               help="An embedding GGUF: store dense vectors too.")
 @click.option("--skip-errors", is_flag=True, help="Index the readable files and list the others, instead of failing.")
 @quiet_option
@@ -122,6 +130,14 @@ def index_add(name, paths, model, chunk_tokens, embed_model, skip_errors, quiet)
     from ..rag.tokens import token_counter
 
     check_name(name)
+    from ..rag.documents import DocumentError
+    from ..files import missing_path_note
+
+    for p in paths:  # before a model (or its tokenizer) loads
+        if not os.path.lexists(p):
+            raise DocumentError(f"{p} does not exist ({missing_path_note(p)}); check the path", param="paths")
+    if embed_model:
+        _check_embed_model(embed_model)
     count = token_counter(model)
     embedder = None
     if embed_model:

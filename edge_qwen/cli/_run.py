@@ -83,7 +83,9 @@ def repl(llm, lines: Iterable[str], write: Callable[[str], None], *, system: str
 
 def _response_format(as_json: bool, schema: str | None) -> dict | None:
     if schema is not None:
-        path = Path(schema)
+        from ..files import check_input_file
+
+        path = check_input_file(schema, "schema file (--schema)", "give a JSON schema file")  # one line, not usage
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as e:
@@ -142,6 +144,9 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
         raise click.BadParameter("give --image FILE and a PROMPT (image chat is one reply)", param_hint="--image")
     if unsupported:
         raise click.BadParameter("--json, --schema and --stop are not supported with images yet", param_hint="--image")
+    from ..files import check_input_file
+
+    check_input_file(mmproj, "vision tower (--mmproj)", "give the mmproj GGUF of the model (edge-qwen convert --mmproj)")
     with VisionChat(resolve_model(model), mmproj, n_ctx=n_ctx) as vc:
         for c in vc.chat(image_messages(prompt, list(images), system), stream=True, allow_files=True,
                          allow_http=allow_http, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -157,10 +162,10 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
 @click.argument("prompt", required=False)
 @click.option("--system", "-s", help="System prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Answer with a JSON object.")
-@click.option("--schema", type=click.Path(dir_okay=False), help="Answer with JSON valid against this schema file.")
+@click.option("--schema", type=click.Path(), help="Answer with JSON valid against this schema file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
               help="Where to run the model.")
-@click.option("--mmproj", type=click.Path(dir_okay=False), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
+@click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
               "(edge-qwen convert --mmproj); needed for --image.")
 @click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable).")
 @click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise).")

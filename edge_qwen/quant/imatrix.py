@@ -39,17 +39,32 @@ def default_calibration_path() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "calibration.txt"
 
 
+def check_calibration(calibration: str | os.PathLike | None) -> Path:
+    """The calibration file a `calibration` argument names, checked to be a readable file.
+
+    None/"default" is the shipped corpus. Called before any slow work (conversion, model load).
+    """
+    from ..files import InputFileError, check_input_file
+
+    if calibration is None or str(calibration) == "default":
+        return default_calibration_path()
+    try:
+        return check_input_file(calibration, "calibration file", "give a UTF-8 text file, or 'default' for the "
+                                "shipped corpus")
+    except InputFileError as e:
+        raise ImatrixError(e.message, param="calibration") from None
+
+
 def calibration_text(calibration: str | os.PathLike | None) -> tuple[str, str]:
     """(text, label) for a calibration argument: None/"default" means the shipped corpus."""
-    if calibration is None or str(calibration) == "default":
-        p, label = default_calibration_path(), "default"
-    else:
-        p = Path(calibration).expanduser()
-        label = p.name
-    if not p.is_file():
-        raise ImatrixError(f"calibration file {p} does not exist; give a UTF-8 text file or 'default'")
+    p = check_calibration(calibration)
+    label = "default" if calibration is None or str(calibration) == "default" else p.name
     try:
         text = p.read_text(encoding="utf-8")
+    except OSError as e:  # it was readable a moment ago (check_calibration)
+        from ..files import describe_os_error
+
+        raise ImatrixError(describe_os_error(e, "cannot read calibration file", p)) from None
     except UnicodeDecodeError as e:
         raise ImatrixError(f"calibration file {p} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     if not text.strip():
@@ -169,9 +184,13 @@ def _save_dat(im: Imatrix, path: Path) -> None:
 
 def load_imatrix(path: str | os.PathLike) -> Imatrix:
     """Read an imatrix file in llama.cpp's GGUF or legacy `.dat` format."""
+    from ..files import InputFileError, check_input_file
+
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ImatrixError(f"imatrix file {p} does not exist; make one with `edge-qwen imatrix MODEL -o {p.name}`")
+    try:
+        check_input_file(p, "imatrix file", f"make one with `edge-qwen imatrix MODEL -o {p.name}`")
+    except InputFileError as e:
+        raise ImatrixError(e.message, param="imatrix") from None
     with open(p, "rb") as f:
         magic = f.read(4)
     im = _load_gguf(p) if magic == b"GGUF" else _load_dat(p)
@@ -285,6 +304,7 @@ def imatrix(model: str | os.PathLike, calibration: str | os.PathLike | None = "d
     src = Path(model)
     dest = Path(out) if out else src.with_name(f"{src.stem}.imatrix.gguf")
     check_output(dest, force)  # fail before minutes of work
+    check_calibration(calibration)
     t0 = time.perf_counter()
     im = compute_imatrix(src, calibration, n_ctx=n_ctx, chunks=chunks, n_threads=n_threads, quiet=quiet)
     im.save(dest, force=force)

@@ -235,6 +235,23 @@ def _check_space(dests: list[Path], types: list[QuantType], n_params: int) -> No
         check_free_space(items[0][0], sum(n for _d, n in items))
 
 
+def _check_imatrix_args(imatrix: Any, calibration: Any) -> None:
+    """--imatrix / --calibration checked before any slow work (conversion, hashing, model loads)."""
+    from .imatrix import check_calibration
+    from ..files import InputFileError, check_input_file
+
+    if imatrix is not None and calibration is not None:
+        raise ImatrixError("give either an imatrix (--imatrix) or calibration text to compute one "
+                           "(--calibration), not both")
+    if calibration is not None:
+        check_calibration(calibration)
+    if imatrix is not None and not isinstance(imatrix, Imatrix):
+        try:
+            check_input_file(imatrix, "imatrix file", "make one with `edge-qwen imatrix MODEL`")
+        except InputFileError as e:
+            raise ImatrixError(e.message, param="imatrix") from None
+
+
 def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype: Any = "Q4_K_M",
              imatrix: str | os.PathLike | Imatrix | None = None, calibration: str | os.PathLike | None = None,
              embedding_type: str | None = None, output_type: str | None = None, pure: bool = False,
@@ -252,6 +269,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     import llama_cpp
 
     types = quant_types(qtype)
+    _check_imatrix_args(imatrix, calibration)
     embd = tensor_type(embedding_type) if embedding_type else None
     outp = tensor_type(output_type) if output_type else None
     tt = parse_overrides(overrides)
@@ -268,9 +286,6 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         check_output(d, force)
     _check_space(dests, types, info.n_params)
 
-    if imatrix is not None and calibration is not None:
-        raise ImatrixError("give either an imatrix (--imatrix) or calibration text to compute one "
-                           "(--calibration), not both")
     result = QuantizeResult(source=src)
     im: Imatrix | None = None
     if isinstance(imatrix, Imatrix):
@@ -386,6 +401,7 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
     from ..store import models_dir
 
     types = quant_types(qtype)
+    _check_imatrix_args(quantize_kwargs.get("imatrix"), quantize_kwargs.get("calibration"))
     ckpt = Path(checkpoint)
     folder = (Path(out).parent if out and len(types) == 1 and Path(out).suffix == ".gguf"
               else Path(out) if out else models_dir())
