@@ -184,6 +184,23 @@ def test_smaller_ones(served):
     assert "models" in httpx.get(f"{url}/health", headers=AUTH, timeout=60).json()
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/embeddings", {"input": [999_999]}),
+    ("/v1/embeddings", {"input": [[1, 2], [-5]]}),
+    ("/v1/completions", {"prompt": [151_936], "max_tokens": 1}),
+    ("/detokenize", {"tokens": [2**31]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                              "logit_bias": {"999999": 5}}),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(served, path, body):
+    # llama.cpp aborts the whole process (std::out_of_range) on such an id: it must never get there.
+    url, _, _ = served
+    r = httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(f"{url}/health", timeout=60).json()["status"] == "ok"  # still alive
+
+
 def test_accept_errors_are_logged_once(caplog):
     import asyncio
 
