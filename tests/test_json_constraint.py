@@ -14,7 +14,7 @@ import pytest
 
 from edge_qwen.errors import ConstraintViolation, RequestError, SchemaError
 from edge_qwen.engine.json_constraint import ANY_OBJECT, make_constraint, model_tables, parse_response_format
-from edge_qwen.engine.json_normalize import DATE_RE, plan_schema
+from edge_qwen.engine.json_normalize import DATE_RE, generation_order, plan_schema
 from edge_qwen.engine.json_schema import check_schema, validate_output
 
 
@@ -165,6 +165,31 @@ def test_keywords_the_grammar_cannot_express_are_left_to_validation(schema, name
 def test_no_op_keywords_are_dropped_and_stay_exact(schema, dropped):
     plan = plan_schema(schema)
     assert plan.exact and any(dropped in d for d in plan.dropped), plan.dropped
+
+
+def test_required_properties_are_generated_first():
+    s = {"type": "object", "required": ["c", "b"], "properties": {
+        "a": {"type": "string"}, "b": {"type": "object", "properties": {"x": {}, "y": {}}, "required": ["y"]},
+        "c": {"type": "integer"}, "d": {}}}
+    grammar = plan_schema(s).grammar
+    assert list(grammar["properties"]) == ["b", "c", "a", "d"]  # required in schema order, then optional
+    assert list(grammar["properties"]["b"]["properties"]) == ["y", "x"]
+    assert s["properties"].keys() == {"a", "b", "c", "d"} and list(s["properties"])[0] == "a"  # validation copy kept
+    # The same value with its keys in the order the grammar writes them; unknown keys last.
+    value = {"z": 0, "a": "x", "d": None, "c": 1, "b": {"x": 1, "y": 2, "w": 3}}
+    ordered = generation_order(grammar, value)
+    assert ordered == value and list(ordered) == ["b", "c", "a", "d", "z"] and list(ordered["b"]) == ["y", "x", "w"]
+
+
+def test_generation_order_follows_refs_branches_and_patterns():
+    s = {"$defs": {"pt": {"type": "object", "properties": {"x": {}, "y": {}}, "required": ["y"]}},
+         "anyOf": [{"properties": {"k": {}, "s": {}}, "required": ["s"]},
+                   {"properties": {"k": {}, "n": {}, "m": {"$ref": "#/$defs/pt"}}, "required": ["m"]}],
+         "patternProperties": {"^p_": {"$ref": "#/$defs/pt"}}}
+    grammar = plan_schema(s).grammar
+    ordered = generation_order(grammar, {"p_1": {"x": 1, "y": 2}, "k": 1, "n": 2, "m": {"x": 1, "y": 2}})
+    assert list(ordered) == ["m", "k", "n", "p_1"]  # the anyOf branch that lists these keys
+    assert list(ordered["m"]) == ["y", "x"] and list(ordered["p_1"]) == ["y", "x"]
 
 
 def test_rewrites_to_2020_12_forms():

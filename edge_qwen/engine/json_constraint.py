@@ -26,7 +26,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..errors import ConstraintViolation, RequestError, SchemaError
-from .json_normalize import SchemaPlan, plan_schema
+from .json_normalize import SchemaPlan, generation_order, plan_schema
 from .json_schema import check_depth, engine_error, engine_limit, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space. Compact-only
@@ -348,12 +348,16 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
 def replay(llm: Any, schema: dict, value: Any) -> str:
     """Feed `value`, written as the model would write it, through the constraint for `schema`.
 
+    Objects are written with their keys in generation order (json_normalize.generation_order:
+    required properties first, then optional ones, then others), as the model writes them.
     Returns "accepted" (every token allowed by the grammar and the answer validates), "grammar"
     (a token refused, or the value left unfinished) or "validation" (the grammar let it through,
     the final validation refused it). The grammar-soundness test and benchmark use it: a valid
     value must be "accepted", an invalid one must not be. SchemaError if the schema is refused.
     """
     c = make_constraint(llm, {"type": "json_object", "schema": schema}, fast_forward=False)
+    if c.plan is not None:  # keys in the order the grammar writes them (the same JSON value)
+        value = generation_order(c.plan.grammar, value)
     text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
     tokens = _llama_of(llm).tokenize(text.encode("utf-8"), add_bos=False, special=False)
     m = c._matcher

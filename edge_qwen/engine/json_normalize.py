@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -399,7 +400,7 @@ class _Walk:
                 out[key] = [self.schema(v, path + [key, str(i)]) for i, v in enumerate(value)]
             else:
                 out[key] = value
-        return out
+        return _required_first(out)
 
     def _format(self, node: dict, fmt: str, may_be_string: bool, where: str, out: dict) -> None:
         if not may_be_string:
@@ -428,6 +429,93 @@ class _Walk:
             self.validated.append(f"{key} beside optional properties at {where}")
         else:
             out[key] = value
+
+
+def _required_first(out: dict) -> dict:
+    """Put the required properties before the optional ones (each group in schema order).
+
+    llguidance generates properties in the order of `properties`. With required ones first (as
+    llama.cpp's GBNF converter does), the model writes what must be there, then may close the
+    object: a schema that lists many optional properties ahead of a required one no longer walks
+    the model through them. Only the generation order changes; JSON objects are unordered, so
+    every answer is as valid as before.
+    """
+    props, required = out.get("properties"), out.get("required")
+    if not isinstance(props, dict) or not isinstance(required, list) or len(props) < 2:
+        return out
+    must = [k for k in props if k in required]
+    if not must or len(must) == len(props):
+        return out
+    out["properties"] = {**{k: props[k] for k in must}, **{k: v for k, v in props.items() if k not in must}}
+    return out
+
+
+def generation_order(grammar: Any, value: Any) -> Any:
+    """`value` with every object's keys in the order the grammar generates them.
+
+    The grammar writes the properties each (sub)schema lists in its `properties` (required
+    first, see `_required_first`), then any other key. JSON objects are unordered, so this is the
+    same value as the model would write it; the soundness checks replay values in this order.
+    Best effort through `$ref` and `allOf` (their `properties` merged in order) and `anyOf`/`oneOf`
+    (the branch that lists most of the object's keys).
+    """
+    root = grammar
+
+    def schemas_at(node: Any, v: Any, seen: frozenset = frozenset()) -> list[dict]:
+        """`node` and every subschema that applies to `v` at the same place, in order of appearance."""
+        if not isinstance(node, dict) or id(node) in seen:
+            return []
+        seen = seen | {id(node)}
+        out = [node]
+        for key, sub in node.items():
+            if key == "$ref" and isinstance(sub, str):
+                out += schemas_at(resolve_local(root, sub), v, seen)
+            elif key == "allOf" and isinstance(sub, list):
+                for branch in sub:
+                    out += schemas_at(branch, v, seen)
+            elif key in ("anyOf", "oneOf") and isinstance(sub, list) and sub:
+                def fit(branch: Any) -> int:
+                    listed = {k for s in schemas_at(branch, v, seen) if isinstance(s.get("properties"), dict)
+                              for k in s["properties"]}
+                    return len(listed & set(v)) if isinstance(v, dict) else 0
+                out += schemas_at(max(sub, key=fit), v, seen)  # max keeps the first of equals
+        return out
+
+    def walk(node: Any, v: Any, depth: int) -> Any:
+        if depth > MAX_SCHEMA_DEPTH * 4:
+            return v
+        here = schemas_at(node, v)
+        if isinstance(v, dict):
+            order: dict[str, Any] = {}
+            for s in here:
+                if isinstance(s.get("properties"), dict):
+                    for k, sub in s["properties"].items():
+                        order.setdefault(k, sub)
+            known = [k for k in order if k in v]
+            rest = [k for k in v if k not in order]
+            extra = next((s["additionalProperties"] for s in here if isinstance(s.get("additionalProperties"), dict)),
+                         None)
+            patterns = [(pat, sub) for s in here if isinstance(s.get("patternProperties"), dict)
+                        for pat, sub in s["patternProperties"].items()]
+
+            def other(k: str) -> Any:
+                for pat, sub in patterns:
+                    try:
+                        if re.search(pat, k):
+                            return sub
+                    except re.error:
+                        continue
+                return extra
+
+            return {**{k: walk(order[k], v[k], depth + 1) for k in known},
+                    **{k: walk(other(k), v[k], depth + 1) for k in rest}}
+        if isinstance(v, list):
+            prefix = next((s["prefixItems"] for s in here if isinstance(s.get("prefixItems"), list)), [])
+            items = next((s["items"] for s in here if isinstance(s.get("items"), dict)), None)
+            return [walk(prefix[i] if i < len(prefix) else items, x, depth + 1) for i, x in enumerate(v)]
+        return v
+
+    return walk(grammar, value, 0)
 
 
 def _at_most_one_item(node: dict) -> bool:
@@ -484,4 +572,4 @@ def plan_schema(schema: Any, param: str = "response_format") -> SchemaPlan:
                       one_of_paths=walk.one_of)
 
 
-__all__ = ["SchemaPlan", "plan_schema", "pointer", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]
+__all__ = ["SchemaPlan", "plan_schema", "pointer", "generation_order", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]
