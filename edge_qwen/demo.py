@@ -57,8 +57,8 @@ def run_demo(quiet: bool = False, echo: Callable[[str], None] = print,
 
     # "-imat-" keeps it apart from the original Q4_K_M default model in the same folder.
     q4 = models_dir() / f"{f16.stem.removesuffix('-f16')}-imat-q4_k_m.gguf"
-    if not q4.exists():
-        quantize(f16, q4, "Q4_K_M", calibration="default", chunks=8, quiet=quiet)
+    if not q4.exists():  # force: an imatrix an interrupted demo left beside it is computed again, not refused
+        quantize(f16, q4, "Q4_K_M", calibration="default", chunks=8, quiet=quiet, force=True)
     q4_info = check_gguf(q4)
     echo(f"quantized with an importance matrix: {q4} ({q4_info.size / 1e6:.1f} MB, "
          f"{q4_info.bits_per_weight:.2f} bits/weight)")

@@ -676,6 +676,7 @@ PATH_CASES = [
     (["rebuild", "{f16}", "{exists}"], "{exists} is a file; give a folder"),
     (["rebuild", "{f16}", "{full}"], "{full} already exists and is not empty; pass --force"),
     (["bench", "{f16}", "--quick", "--out", "{exists}"], "--out {exists} is a file; give a folder"),
+    (["bench", "{f16}", "--quick", "--out", "{full}"], "--out {full} already exists and holds other files"),
 ]
 
 

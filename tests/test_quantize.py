@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edge_qwen.cli import main
 from edge_qwen.errors import EdgeQwenError, ModelFileError, OutputExistsError
 from edge_qwen.files import sha256_file
-from edge_qwen.gguf_file import read_header
+from edge_qwen.gguf_file import check_gguf, read_header
 from edge_qwen.quant.imatrix import ImatrixError, compute_imatrix
 from edge_qwen.quant.imatrix_collect import llama_log
 from edge_qwen.quant.types import (ALIASES, QUANT_TYPES, TENSOR_TYPES, QuantTypeError, format_table, quant_type,
@@ -312,3 +312,20 @@ def test_source_hash_is_remembered_across_processes(tiny_f16, isolated_home, tmp
     assert prov.cached_sha256(src) is None
     prov.forget_sha256(src)
     assert os.path.realpath(src) not in json.loads((isolated_home / "cache" / "sha256.json").read_text())
+
+
+def test_convert_and_quantize_never_touches_a_file_named_like_its_intermediate(tiny_checkpoint, tmp_path):
+    """`convert --type` writes its f16 intermediate under a temporary name: a user's own
+    `<name>-f16.gguf` beside the output is neither refused nor replaced (with or without --force)."""
+    mine = tmp_path / "tiny-qwen2-f16.gguf"
+    mine.write_bytes(b"my own f16 file")
+    out = tmp_path / "tiny-q8_0.gguf"
+    for extra in ([], ["--force"]):
+        r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint), "--type", "Q8_0", "-o", str(out), "-q", *extra])
+        assert r.exit_code == 0, r.output
+        assert mine.read_bytes() == b"my own f16 file"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-q8_0.gguf", "tiny-qwen2-f16.gguf"]
+    info = check_gguf(out)
+    assert info.metadata["general.quantize.source_file"] == "tiny-qwen2-f16.gguf"  # the name, not the temporary one
+    r = CliRunner().invoke(main, ["convert", str(tiny_checkpoint), "--type", "Q8_0", "-o", str(out)])
+    assert r.exit_code == 1 and "already exists; pass --force" in r.output  # refused before converting

@@ -49,8 +49,10 @@ class SizeType(click.ParamType):
               help="Importance matrix for the quantizer (needed by the low-bit IQ types).")
 @click.option("--no-resume", is_flag=True, help="Measure every type again even if --out holds its result.")
 @click.option("--keep-models", is_flag=True, help="Keep the quantized files in OUT/models.")
+@click.option("--force", is_flag=True, help="Write into an --out folder that holds other files (not an earlier "
+                                            "bench run, which is resumed).")
 @quiet_option
-def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, quiet):
+def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, force, quiet):
     """Quantize F16_GGUF to each type and measure size, speed, memory and quality against it."""
     from pathlib import Path
 
@@ -60,8 +62,14 @@ def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, 
     from ..files import check_input_file
 
     # path mistakes are one line each, before any quantizing (paths are checked here, not by click)
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out_dir} is a file; give a folder for the results")
+    earlier_run = (out / "types").is_dir() or (out / "results.json").is_file()
+    if out.is_dir() and any(out.iterdir()) and not earlier_run and not force:
+        # results.md/.csv/.json and the plots would replace files of the same name there
+        raise OutputExistsError(f"--out {out_dir} already exists and holds other files, not an earlier bench run; "
+                                "choose another folder, or pass --force to write the results into it")
     if imatrix is not None:
         check_input_file(imatrix, "imatrix file", "make one with `edge-qwen imatrix MODEL`")
 

@@ -257,7 +257,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
              embedding_type: str | None = None, output_type: str | None = None, pure: bool = False,
              overrides: Any = None, dry_run: bool = False, allow_requantize: bool = False,
              n_threads: int | None = None, force: bool = False, quiet: bool = False,
-             chunks: int | None = None) -> QuantizeResult:
+             chunks: int | None = None, source_name: str | os.PathLike | None = None) -> QuantizeResult:
     """Quantize the GGUF `src` to one or several types ("Q4_K_M" or "Q8_0,Q4_K_M" or a list).
 
     `out`: the output file for one type, or a folder (or a name with `{type}`) for several;
@@ -265,6 +265,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
     .dat) or an `Imatrix`; `calibration`: a text file or "default" to compute one first (saved as
     `<stem>.imatrix.gguf` beside the outputs). `overrides`: {regex: tensor type} or
     ["regex=TYPE", ...]. `dry_run` writes nothing and reports the exact resulting sizes.
+    `source_name` (a path beside `src`) is what default output names and the provenance's
+    source_file are taken from instead of `src` (for a temporary intermediate).
     """
     import llama_cpp
 
@@ -279,7 +281,8 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         from ..gguf_file import read_header
 
         _, tensors, data_start = read_header(src)
-    dests = [] if dry_run else _outputs(src, out, types)
+    named = Path(source_name).expanduser() if source_name is not None else src
+    dests = [] if dry_run else _outputs(named, out, types)
     for d in dests:
         if d.resolve() == src.resolve():
             raise QuantTypeError(f"output {d} is the input file; choose another output name", param="out")
@@ -296,7 +299,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         im.check_model(src)
     needing = [q.name for q in types if q.needs_imatrix]
     if im is None and calibration is not None and not dry_run:
-        base = (dests[0] if dests else src).parent / f"{default_output_name(src, 'F16')[:-9]}.imatrix.gguf"
+        base = (dests[0] if dests else src).parent / f"{default_output_name(named, 'F16')[:-9]}.imatrix.gguf"
         if base.exists() and not force:
             from ..errors import OutputExistsError
 
@@ -349,7 +352,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
         kv: dict[str, str | int] = {
             "general.quantize.tool": f"edge-qwen {__version__} (llama-cpp-python {llama_cpp.__version__})",
             "general.quantize.type": q.name,
-            "general.quantize.source_file": src.name,
+            "general.quantize.source_file": named.name,
             "general.quantize.source_sha256": src_hash,
             "general.quantize.recipe": recipe,
             "general.quantize.imatrix_sha256": result.imatrix_sha256 or "none",
@@ -391,7 +394,8 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
                          quiet: bool = False, **quantize_kwargs: Any) -> QuantizeResult:
     """Convert a Hugging Face checkpoint to f16 GGUF, then quantize it, in one step.
 
-    The f16 intermediate is written beside the outputs and removed afterwards unless `keep_f16`.
+    The f16 intermediate is written beside the outputs (under a temporary name) and removed
+    afterwards, unless `keep_f16` (then it is `<checkpoint>-f16.gguf`, refused if it exists and not `force`).
     `out` works as in `quantize()`; default outputs go to the store's models folder.
     """
     try:
@@ -411,14 +415,26 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
         from ..files import write_error
 
         raise write_error(e, folder) from None
-    f16 = folder / f"{ckpt.name.replace('/', '-').lower() or 'model'}-f16.gguf"
-    existed = f16.exists()
-    made = convert(str(checkpoint), f16, outtype="f16", force=force, quiet=quiet)
+    f16_name = folder / f"{ckpt.name.replace('/', '-').lower() or 'model'}-f16.gguf"
+    # The intermediate is written under a partial name unless kept: it never meets (or replaces) a
+    # file of that name the user has, and a run killed with SIGKILL leaves only a partial file
+    # that the next run in this folder removes.
+    from ..files import partial_path, remove_quietly
+
+    from ..errors import OutputWriteError
+
+    if out is None:
+        out = folder if len(types) > 1 else folder / default_output_name(f16_name, types[0])
+    for d in _outputs(f16_name, out, types):  # an existing output is refused before converting
+        check_output(d, force)
+    f16 = f16_name if keep_f16 else partial_path(f16_name)
+    try:
+        made = convert(str(checkpoint), f16, outtype="f16", force=force or not keep_f16, quiet=quiet)
+    except OutputWriteError as e:  # name the intermediate as the user would know it, not its temporary name
+        raise type(e)(e.message.replace(str(f16), f"{f16_name} (the f16 intermediate)"), param=e.param) from None
     f16 = Path(getattr(made, "path", made) or f16)
     try:
-        if out is None:
-            out = folder if len(types) > 1 else folder / default_output_name(f16, types[0])
-        return quantize(f16, out, types, force=force, quiet=quiet, **quantize_kwargs)
+        return quantize(f16, out, types, force=force, quiet=quiet, source_name=f16_name, **quantize_kwargs)
     finally:
-        if not keep_f16 and not existed and f16.exists():
-            f16.unlink()
+        if not keep_f16:
+            remove_quietly(f16)
