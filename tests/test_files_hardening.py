@@ -710,3 +710,21 @@ def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_
     assert says.format(**names) in lines[0], lines[0]
     assert files() == before  # nothing written, nothing removed
     assert (tmp_path / "exists.gguf").read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("results,says", [
+    ({"rows": []}, "has no measured types"), ({"rows": [1]}, "has no measured types"),
+    ({"rows": {"Q8_0": 1}}, "has no measured types"),
+    ({"rows": [{"type": "Q8_0", "shape": {}}]}, "holds damaged results (KeyError"),
+])
+def test_recommend_on_damaged_results_is_one_line(results, says, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    r = CliRunner().invoke(main, ["recommend", str(tmp_path), "--max-ram", "1GB"])
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # no traceback
+    assert r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output, r.output

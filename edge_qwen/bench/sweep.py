@@ -170,6 +170,8 @@ def _load_done(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
         row = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
         return None  # unreadable: measure again
+    if not isinstance(row, dict):
+        return None  # not a row (damaged by hand): measure again
     if row.get("stamp") != stamp:
         raise BenchError(f"{path} was measured with other settings or another reference model than this run "
                          f"({row.get('stamp')} vs {stamp}); use another --out folder or resume=False to measure again")
@@ -349,19 +351,26 @@ def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: i
             rows = run_sweep(p, DEFAULT_TYPES, home() / "bench" / f"{p.stem}-quick", quick=True, quiet=quiet)
         else:
             rows = load_results(p)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise BenchError(f"{source if not isinstance(source, list) else 'the rows given'} has no measured types "
+                         "(not results written by `edge-qwen bench`); run the sweep again")
     shape = rows[0].get("shape")
     if shape is None:
         raise BenchError("these results carry no model shape (made by an older edge-qwen); run the sweep again")
-    kv, compute = kv_cache_bytes(shape, n_ctx), compute_buffer_bytes(shape, n_ctx)
-    cands = []
-    for r in rows:
-        need = r["size_bytes"] + kv + compute
-        cands.append({"type": r["type"], "reference": bool(r.get("reference")), "size_bytes": r["size_bytes"],
-                      "kv_bytes": kv, "compute_bytes": compute, "need_bytes": need,
-                      "peak_rss_bytes": r.get("peak_rss_bytes"), "kl_mean": r.get("kl_mean"),
-                      "ppl": r.get("ppl"), "task_accuracy": r.get("task_accuracy"),
-                      "fits": need <= max_ram_bytes})
-    cands.sort(key=lambda c: (c["kl_mean"] if c["kl_mean"] is not None else float("inf"), c["size_bytes"]))
+    try:  # a results.json edited or damaged by hand: one line, not a KeyError
+        kv, compute = kv_cache_bytes(shape, n_ctx), compute_buffer_bytes(shape, n_ctx)
+        cands = []
+        for r in rows:
+            need = r["size_bytes"] + kv + compute
+            cands.append({"type": r["type"], "reference": bool(r.get("reference")), "size_bytes": r["size_bytes"],
+                          "kv_bytes": kv, "compute_bytes": compute, "need_bytes": need,
+                          "peak_rss_bytes": r.get("peak_rss_bytes"), "kl_mean": r.get("kl_mean"),
+                          "ppl": r.get("ppl"), "task_accuracy": r.get("task_accuracy"),
+                          "fits": need <= max_ram_bytes})
+        cands.sort(key=lambda c: (c["kl_mean"] if c["kl_mean"] is not None else float("inf"), c["size_bytes"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BenchError(f"{source if not isinstance(source, list) else 'the rows given'} holds damaged results "
+                         f"({type(e).__name__}: {e}); run the sweep again") from None
     fitting = [c for c in cands if c["fits"]]
     if not fitting:
         small = min(cands, key=lambda c: c["need_bytes"])
