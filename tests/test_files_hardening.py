@@ -646,6 +646,10 @@ PATH_CASES = [
      "calibration file {missing} does not exist"),
     (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{eio}"],
      "cannot read calibration file {eio}: input/output error"),
+    (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--calibration", "{f16}"],
+     "calibration file {f16} is not UTF-8 text"),
+    (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{zip}"],
+     "calibration file {zip} is not text (it holds NUL bytes"),
     (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--imatrix", "{dir}"],
      "imatrix file {dir} is a folder"),
@@ -693,7 +697,8 @@ def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("keep")
     (tmp_path / "exists.gguf").write_bytes(b"keep me")
-    names = {"dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
+    (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04" + bytes(64))  # valid UTF-8, but not text
+    names = {"zip": tmp_path / "archive.zip", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
              "ckpt": tiny_checkpoint, "exists": tmp_path / "exists.gguf", "out": tmp_path / "out",
              "full": tmp_path / "full"}
 

@@ -69,6 +69,9 @@ def calibration_text(calibration: str | os.PathLike | None) -> tuple[str, str]:
         raise ImatrixError(f"calibration file {p} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
     if not text.strip():
         raise ImatrixError(f"calibration file {p} is empty; give some representative text")
+    if "\x00" in text:  # valid UTF-8, but a binary file (a model, an archive), not text
+        raise ImatrixError(f"calibration file {p} is not text (it holds NUL bytes, from byte {text.index(chr(0))}); "
+                           "give a UTF-8 text file, or 'default' for the shipped corpus")
     return text, label
 
 
@@ -304,7 +307,7 @@ def imatrix(model: str | os.PathLike, calibration: str | os.PathLike | None = "d
     src = Path(model)
     dest = Path(out) if out else src.with_name(f"{src.stem}.imatrix.gguf")
     check_output(dest, force)  # fail before minutes of work
-    check_calibration(calibration)
+    calibration_text(calibration)  # a folder, missing, unreadable, empty, binary: before the model loads
     t0 = time.perf_counter()
     im = compute_imatrix(src, calibration, n_ctx=n_ctx, chunks=chunks, n_threads=n_threads, quiet=quiet)
     im.save(dest, force=force)

@@ -237,14 +237,14 @@ def _check_space(dests: list[Path], types: list[QuantType], n_params: int) -> No
 
 def _check_imatrix_args(imatrix: Any, calibration: Any) -> None:
     """--imatrix / --calibration checked before any slow work (conversion, hashing, model loads)."""
-    from .imatrix import check_calibration
+    from .imatrix import calibration_text
     from ..files import InputFileError, check_input_file
 
     if imatrix is not None and calibration is not None:
         raise ImatrixError("give either an imatrix (--imatrix) or calibration text to compute one "
                            "(--calibration), not both")
     if calibration is not None:
-        check_calibration(calibration)
+        calibration_text(calibration)  # read and checked whole (small): empty, not UTF-8, binary
     if imatrix is not None and not isinstance(imatrix, Imatrix):
         try:
             check_input_file(imatrix, "imatrix file", "make one with `edge-qwen imatrix MODEL`")
