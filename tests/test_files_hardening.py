@@ -426,7 +426,8 @@ def test_rebuild_force_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, ti
 
     out = tmp_path / "ckpt"
     out.mkdir()
-    (out / "old.txt").write_text("the old checkpoint")
+    (out / "config.json").write_text('{"old": true}')
+    (out / "model.safetensors").write_text("the old checkpoint")
     real_replace = os.replace
 
     def replace(src, dst, *a, **kw):
@@ -438,12 +439,35 @@ def test_rebuild_force_keeps_the_old_folder_until_the_new_one_is_in(tmp_path, ti
     r = CliRunner().invoke(main, ["rebuild", str(tiny_f16), str(out), "--force", "-q"])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
     assert f"cannot write {out}" in r.output and "input/output error" in r.output
-    assert leftovers(tmp_path) == ["ckpt", "old.txt"] and (out / "old.txt").read_text() == "the old checkpoint"
+    assert leftovers(tmp_path) == ["ckpt", "config.json", "model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "the old checkpoint"
     monkeypatch.setattr(os, "replace", real_replace)
     r = CliRunner().invoke(main, ["rebuild", str(tiny_f16), str(out), "--force", "-q"])
     assert r.exit_code == 0, r.output
-    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert (out / "model.safetensors").stat().st_size > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_rebuild_force_replaces_only_a_checkpoint_folder(tmp_path, tiny_f16):
+    """--force deletes the folder it replaces: never one of other files, never the source's own folder."""
+    from click.testing import CliRunner
+
+    from edge_qwen.cli import main
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    here = tmp_path / "models"
+    here.mkdir()
+    src = here / "m.gguf"
+    shutil.copy(tiny_f16, src)
+    (here / "config.json").write_text("{}")
+    (here / "model.safetensors").write_bytes(b"x")
+    for out, says in ((docs, f"{docs} is not a checkpoint folder"), (here, f"{src} is inside {here}")):
+        r = CliRunner().invoke(main, ["rebuild", str(src), str(out), "--force", "-q"])
+        assert r.exit_code == 1 and r.output.startswith("Error: ") and says in r.output, r.output
+    assert leftovers(tmp_path) == sorted(["docs", "notes.txt", "models", "m.gguf", "config.json", "model.safetensors"])
 
 
 def test_old_folder_moved_aside_by_a_killed_run_is_restored(tmp_path, tiny_f16):

@@ -158,8 +158,19 @@ def rebuild_checkpoint(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     src, out = Path(gguf_path), Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} is a file; give a folder for the rebuilt checkpoint")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it or choose another folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(f"{out} already exists and is not empty; pass --force to replace it or choose "
+                                    "another folder")
+        # --force deletes the old folder once the new one is in: only ever a checkpoint, never the
+        # source's own folder or a folder of other files given by mistake (`rebuild m.gguf . --force`)
+        if src.resolve().is_relative_to(out.resolve()):
+            raise OutputExistsError(f"{src} is inside {out}, which --force would replace (deleting it); choose "
+                                    "another folder for the rebuilt checkpoint")
+        if not (out / "config.json").is_file() or not any(out.glob("*.safetensors")):
+            raise OutputExistsError(f"{out} is not a checkpoint folder (no config.json and *.safetensors), so "
+                                    "--force does not replace it: it would delete what is there; choose an empty "
+                                    "or new folder")
     reader = open_reader(src)
     config = rebuild_config(reader, src, dtype)
     files = _tokenizer_files(reader, config)
