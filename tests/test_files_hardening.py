@@ -697,6 +697,7 @@ PATH_CASES = [
     # outputs
     (["convert", "{ckpt}", "-o", "{dir}"], "{dir} is a folder; give a file name"),
     (["convert", "{ckpt}", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["convert", "{copy}", "-o", "{copy}/config.json", "--force"], "is a file of the checkpoint being converted"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["quantize", "{f16}", "-t", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["imatrix", "{f16}", "-o", "{exists}"], "{exists} already exists; pass --force"),
@@ -722,7 +723,9 @@ def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_
     (tmp_path / "full" / "keep.txt").write_text("keep")
     (tmp_path / "exists.gguf").write_bytes(b"keep me")
     (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04" + bytes(64))  # valid UTF-8, but not text
-    names = {"zip": tmp_path / "archive.zip", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
+    if "{copy}" in " ".join(args):  # a case that would damage the checkpoint: on a copy
+        shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    names = {"zip": tmp_path / "archive.zip", "copy": tmp_path / "copy", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
              "ckpt": tiny_checkpoint, "exists": tmp_path / "exists.gguf", "out": tmp_path / "out",
              "full": tmp_path / "full"}
 

@@ -208,6 +208,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
         out = models_dir() / f"{'mmproj-' if mmproj else ''}{base.lower()}-{outtype}.gguf"
     from ..files import check_output
 
+    out_path = Path(out).expanduser()
+    if out_path.exists() and out_path.resolve().parent == folder.resolve() and out_path.suffix != ".gguf":
+        # -o ckpt/model.safetensors --force would replace a file of the checkpoint with the GGUF
+        raise CheckpointError(f"output {out} is a file of the checkpoint being converted; write the GGUF "
+                              "to another name (a .gguf file)")
     check_output(out, force)  # fail before the slow tokenizer work
     from .archs import text_config
 
