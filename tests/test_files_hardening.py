@@ -702,6 +702,8 @@ PATH_CASES = [
     (["quantize", "{f16}", "-t", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["imatrix", "{f16}", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["imatrix", "{f16}", "-o", "{dir}"], "{dir} is a folder; give a file name"),
+    (["imatrix", "{f16copy}", "-o", "{f16copy}", "--force"], "output {f16copy} is the model itself"),
+    (["quantize", "{f16copy}", "-o", "{f16copy}", "--force"], "output {f16copy} is the input file"),
     (["rebuild", "{f16}", "{exists}"], "{exists} is a file; give a folder"),
     (["rebuild", "{f16}", "{full}"], "{full} already exists and is not empty; pass --force"),
     (["bench", "{f16}", "--quick", "--out", "{exists}"], "--out {exists} is a file; give a folder"),
@@ -723,9 +725,11 @@ def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_
     (tmp_path / "full" / "keep.txt").write_text("keep")
     (tmp_path / "exists.gguf").write_bytes(b"keep me")
     (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04" + bytes(64))  # valid UTF-8, but not text
-    if "{copy}" in " ".join(args):  # a case that would damage the checkpoint: on a copy
+    if "{copy}" in " ".join(args):  # cases that would damage their input: on a copy
         shutil.copytree(tiny_checkpoint, tmp_path / "copy")
-    names = {"zip": tmp_path / "archive.zip", "copy": tmp_path / "copy", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
+    if "{f16copy}" in " ".join(args):
+        shutil.copy(tiny_f16, tmp_path / "copy.gguf")
+    names = {"zip": tmp_path / "archive.zip", "copy": tmp_path / "copy", "f16copy": tmp_path / "copy.gguf", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
              "ckpt": tiny_checkpoint, "exists": tmp_path / "exists.gguf", "out": tmp_path / "out",
              "full": tmp_path / "full"}
 

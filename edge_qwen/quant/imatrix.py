@@ -306,6 +306,8 @@ def imatrix(model: str | os.PathLike, calibration: str | os.PathLike | None = "d
 
     src = Path(model)
     dest = Path(out) if out else src.with_name(f"{src.stem}.imatrix.gguf")
+    if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+        raise ImatrixError(f"output {dest} is the model itself; choose another output name", param="out")
     check_output(dest, force)  # fail before minutes of work
     calibration_text(calibration)  # a folder, missing, unreadable, empty, binary: before the model loads
     t0 = time.perf_counter()
