@@ -9,6 +9,7 @@ outputs; more wait their turn. The default, 1, runs one generation at a time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 from .chat_template import render_chat, validate_messages
 from .errors import BusyError, ContextOverflowError, EdgeQwenError, ModelFileError, RequestError
-from .engine.generate import GenerationChunk, SamplingParams, TokenPieces
+from .engine.generate import MAX_TOP_LOGPROBS, GenerationChunk, SamplingParams, TokenLogprob, TokenPieces
 
 OVERFLOW_POLICIES = ("error", "truncate_middle")
 DEFAULT_MAX_TOKENS = 1024  # the Qwen API's default
@@ -29,6 +30,7 @@ FINISH_REASONS = ("stop", "length", "cancelled")
 
 
 MAX_LOGIT_BIAS = 1024  # logit_bias entries one request may set
+MAX_N = 8  # choices one request may ask for (n): each is a generation of its own
 
 
 def _is_utf8(text: str) -> bool:
@@ -107,7 +109,36 @@ def _check_params(temperature: Any, top_p: Any, max_tokens: Any, stop: Any, seed
         raise RequestError(f"seed={seed!r} must be an integer or None", param="seed")
     extra = _check_penalties(penalties.get("frequency_penalty", 0.0), penalties.get("presence_penalty", 0.0),
                              penalties.get("top_k", 0), penalties.get("logit_bias"), penalties.get("n_vocab"))
-    return SamplingParams(float(temperature), float(top_p), max_tokens, stops, seed, **extra)
+    logprobs = penalties.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"logprobs={logprobs!r} must be None or the number of alternatives per token, 0 to "
+                           f"{MAX_TOP_LOGPROBS}", param="logprobs")
+    stop_tokens = tuple(int(t) for t in penalties.get("stop_tokens") or ())
+    return SamplingParams(float(temperature), float(top_p), max_tokens, stops, seed, **extra, logprobs=logprobs,
+                          stop_tokens=stop_tokens)
+
+
+def _check_logprobs(logprobs: Any, top_logprobs: Any) -> int | None:
+    """SamplingParams.logprobs from OpenAI chat's `logprobs` (bool) and `top_logprobs` (0..20)."""
+    if not isinstance(logprobs, bool):
+        raise RequestError(f"logprobs={logprobs!r} must be true or false", param="logprobs")
+    if top_logprobs is not None:
+        if not isinstance(top_logprobs, int) or isinstance(top_logprobs, bool) or \
+                not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs={top_logprobs!r} must be an integer from 0 to {MAX_TOP_LOGPROBS}",
+                               param="top_logprobs")
+        if not logprobs:
+            raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (top_logprobs or 0) if logprobs else None
+
+
+def check_n(n: Any) -> int:
+    """The number of choices a request asks for, 1 to MAX_N (RequestError otherwise)."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise RequestError(f"n={n!r}: ask for 1 to {MAX_N} choices per request (each is a generation of its own)",
+                           param="n")
+    return n
 
 
 class EdgeQwen:
@@ -274,7 +305,8 @@ class EdgeQwen:
                  response_format: dict | None = None, cancel: threading.Event | None = None,
                  blocking: bool = True, reuse_prefix: bool | None = None,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None,
-                 cache_key: str = "", enable_thinking: bool | None = None) -> Iterator[GenerationChunk]:
+                 cache_key: str = "", enable_thinking: bool | None = None, logprobs: int | None = None,
+                 prefilled: threading.Event | None = None) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
@@ -293,6 +325,10 @@ class EdgeQwen:
         same key (the server passes one per API key and cache_salt).
         `enable_thinking` (Qwen3): None = the model's default (on) unless the last user/system message
         says `/no_think`; False pre-fills an empty think block; see engine/reasoning.py.
+        `logprobs` (None: off, costs nothing; 0..20: that many alternatives) puts each token's
+        log-probability under the model's raw distribution on the chunks (GenerationChunk.logprobs).
+        `prefilled` is set once the prompt is evaluated (engine.generate.fan_out uses it to share
+        the prompt's KV cells between the choices of one request).
         """
         from .engine.reasoning import EMPTY_THINK, AfterThinking, plan_thinking, think_close_id
         from .engine.tool_calls import ToolCallConstraint, prepare_history
@@ -300,7 +336,7 @@ class EdgeQwen:
         self._check_open()
         params = _check_params(temperature, top_p, max_tokens, stop, seed, frequency_penalty=frequency_penalty,
                                presence_penalty=presence_penalty, top_k=top_k, logit_bias=logit_bias,
-                               n_vocab=self.llama.n_vocab())
+                               n_vocab=self.llama.n_vocab(), logprobs=logprobs)
         active = tools is not None and tools.active
         if isinstance(messages, list):
             messages = prepare_history(messages)  # assistant tool_calls and tool results, checked
@@ -329,20 +365,22 @@ class EdgeQwen:
         if getattr(constraint, "needs_validation", False):  # a schema only validation can fully guarantee
             from .engine.json_retry import generate_checked
 
-            return generate_checked(lambda p, c: self._run(prompt, p, c, cancel, blocking, reuse, cache_key),
-                                    params, constraint)
-        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key)
+            return generate_checked(lambda p, c: self._run(prompt, p, c, cancel, blocking, reuse, cache_key,
+                                                           prefilled), params, constraint)
+        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key, prefilled)
 
     def generate_tokens(self, prompt: Sequence[int], *, temperature: float = 0.7, top_p: float = 0.9,
                         max_tokens: int | None = None, stop: str | list[str] | None = None,
                         seed: int | None = None, response_format: dict | None = None,
                         cancel: threading.Event | None = None, blocking: bool = True,
                         reuse_prefix: bool | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                        cache_key: str = "", **penalties: Any) -> Iterator[GenerationChunk]:
+                        cache_key: str = "", prefilled: threading.Event | None = None,
+                        **penalties: Any) -> Iterator[GenerationChunk]:
         """Stream a continuation of raw prompt token ids, no chat template (completions, fill-in-the-middle).
 
         The same checks and engine as `generate`; ContextOverflowError when prompt + max_tokens
-        does not fit n_ctx. `penalties`: frequency_penalty, presence_penalty, top_k, logit_bias.
+        does not fit n_ctx. `penalties`: frequency_penalty, presence_penalty, top_k, logit_bias,
+        logprobs (as in `generate`), stop_tokens (token ids that end the text like end-of-turn).
         """
         self._check_open()
         prompt = [int(t) for t in prompt]
@@ -365,7 +403,7 @@ class EdgeQwen:
             raise RequestError("stop cannot be combined with a JSON format (the JSON value's end ends the reply); "
                                "remove stop", param="stop")
         reuse = self.reuse_prefix if reuse_prefix is None else bool(reuse_prefix)
-        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key)
+        return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key, prefilled)
 
     def _constraint(self, response_format: dict | None):
         if response_format is None:
@@ -382,7 +420,8 @@ class EdgeQwen:
                                param="response_format") from None
         return make_constraint(self, response_format)
 
-    def _run(self, prompt, params, constraint, cancel, blocking, reuse, cache_key) -> Iterator[GenerationChunk]:
+    def _run(self, prompt, params, constraint, cancel, blocking, reuse, cache_key,
+             prefilled: threading.Event | None = None) -> Iterator[GenerationChunk]:
         me = threading.get_ident()
         with self._owners_lock:
             if self._owners.get(me, 0) >= self.parallel:
@@ -394,7 +433,15 @@ class EdgeQwen:
             self._check_open()
             seq = self.engine.submit(prompt, params, constraint=constraint, cancel=cancel, cache_key=cache_key,
                                      reuse_prefix=reuse, blocking=blocking)
-            yield from self.engine.stream(seq)
+            if prefilled is None:
+                yield from self.engine.stream(seq)
+            else:
+                try:
+                    for chunk in self.engine.stream(seq):
+                        prefilled.set()  # the first chunk comes once the prompt is evaluated
+                        yield chunk
+                finally:
+                    prefilled.set()
         finally:
             with self._owners_lock:
                 self._owners[me] -= 1
@@ -411,7 +458,9 @@ class EdgeQwen:
              default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: list[dict] | None = None,
              tool_choice: Any = None, parallel_tool_calls: bool | None = None,
              cache_key: str = "", enable_thinking: bool | None = None,
-             reasoning: str | None = None) -> dict | Iterator[dict]:
+             reasoning: str | None = None, logprobs: bool = False, top_logprobs: int | None = None,
+             n: int = 1, _prefilled: threading.Event | None = None,
+             _ids: tuple[str, int] | None = None) -> dict | Iterator[dict]:
         """OpenAI-shaped chat: a chat.completion dict, or with `stream` an iterator of chunks.
 
         With `response_format` ({"type": "json_object"} or a JSON schema) the content is the
@@ -423,10 +472,23 @@ class EdgeQwen:
         (streamed: `reasoning_content` deltas first); `enable_thinking` as in `generate`.
         `reasoning="step_by_step"` asks any model to reason first (edge_qwen.step_by_step), returned
         the same way; a response_format then constrains the answer only.
+        `logprobs` puts OpenAI's `logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}` on
+        the choice (on each streamed chunk: its tokens), with `top_logprobs` (0..20) alternatives
+        per token: log-probabilities of the model's raw distribution (before temperature,
+        penalties, bias and constraints). They cover every generated token, tool calls included.
+        `n` (1..MAX_N) choices of the same prompt, generated together (engine.generate.fan_out:
+        they share the prompt's KV cells); with a `seed`, choice i samples with seed + i. A greedy
+        request (temperature 0) has one answer: it is generated once and given n times. Streamed,
+        the choices' chunks interleave by `index`; usage counts the completion tokens of all.
         """
         from .step_by_step import check_reasoning
 
+        want = _check_logprobs(logprobs, top_logprobs)
+        n = check_n(n)
         if check_reasoning(reasoning) is not None:
+            if want is not None or n != 1:
+                raise RequestError('reasoning="step_by_step" cannot be combined with logprobs or n > 1',
+                                   param="logprobs" if want is not None else "n")
             return self._step_by_step(messages, stream, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                       stop=stop, seed=seed, frequency_penalty=frequency_penalty,
                                       presence_penalty=presence_penalty, top_k=top_k, logit_bias=logit_bias,
@@ -437,24 +499,36 @@ class EdgeQwen:
         from .engine.tool_calls import ToolCallParser, Tools, parse_tools
 
         checked = tools if isinstance(tools, Tools) else parse_tools(tools, tool_choice, parallel_tool_calls)
+        cid, created = _ids or (f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+        if n > 1:
+            one = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                       frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, top_k=top_k,
+                       logit_bias=logit_bias, response_format=response_format, blocking=blocking,
+                       reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked,
+                       cache_key=cache_key, enable_thinking=enable_thinking, logprobs=logprobs,
+                       top_logprobs=top_logprobs, _ids=(cid, created))
+            # Checked here, before any thread starts: a bad request fails at once.
+            self.generate(messages, seed=seed, **{k: v for k, v in one.items() if k not in (
+                "logprobs", "top_logprobs", "_ids")}, logprobs=want).close()
+            return self._chat_n(n, messages, stream, seed, cancel, one)
         gen = self.generate(messages, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
                             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, top_k=top_k,
                             logit_bias=logit_bias,
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
                             cache_key=cache_key,
                             reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked,
-                            enable_thinking=enable_thinking)
+                            enable_thinking=enable_thinking, logprobs=want, prefilled=_prefilled)
         thinking = plan_thinking(self, messages, enable_thinking)
         if thinking.split:
             gen = split_reasoning(gen, thinking.in_reasoning)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         parser = ToolCallParser(checked, self.tokenize("<tool_call>")[0] if checked is not None else None)
         if stream:
-            return self._stream(gen, cid, created, parser)
-        last, reasoning = None, ""
+            return self._stream(gen, cid, created, parser, want is not None)
+        last, reasoning, lps = None, "", []
         for chunk in gen:
             parser.feed(chunk.text, chunk.token_ids)
             reasoning += getattr(chunk, "reasoning", "")
+            lps += chunk.logprobs or []
             last = chunk
         assert last is not None and last.finish_reason is not None  # decode always ends with one
         content, calls = parser.finish()
@@ -466,11 +540,76 @@ class EdgeQwen:
             message = {"role": "assistant", "content": content or None, **extra,
                        "tool_calls": [c.openai() for c in calls]}
             finish = "tool_calls" if finish == "stop" else finish
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if want is not None:
+            choice["logprobs"] = {"content": self.openai_logprobs(lps), "refusal": None}
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "choices": [choice],
             "usage": _usage(last),
         }
+
+    def openai_logprobs(self, entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+        """TokenLogprobs in OpenAI chat's form: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}].
+
+        `token` is the token's text (a control token spelled out; bytes that are not whole UTF-8
+        characters as \\x escapes); `bytes` its exact UTF-8 bytes.
+        """
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            b = self._pieces.display(token)
+            return {"token": b.decode("utf-8", errors="backslashreplace"), "logprob": logprob, "bytes": list(b)}
+
+        return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+
+    def _chat_n(self, n: int, messages: Any, stream: bool, seed: int | None, cancel: threading.Event | None,
+                one: dict[str, Any]) -> dict | Iterator[dict]:
+        """chat() with n > 1 choices: n generations through engine.generate.fan_out, merged into one reply."""
+        from .engine.generate import fan_out
+
+        greedy = one["temperature"] == 0
+        runs = 1 if greedy else n  # greedy decoding has one answer: generate it once
+
+        def start(i: int, cancel_i: threading.Event, prefilled: threading.Event | None) -> Iterator[Any]:
+            s = None if seed is None else (seed + i) & 0xFFFFFFFF
+            # Choices after the first copy the prompt's KV cells from the first one's slot.
+            kw = one if i == 0 else {**one, "reuse_prefix": True}
+            out = self.chat(messages, stream=stream, seed=s, cancel=cancel_i, _prefilled=prefilled, **kw)
+            return out if stream else iter([out])
+
+        def copies(items: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+            for i, item in items:
+                if not greedy:
+                    yield i, item
+                    continue
+                for k in range(n):
+                    yield k, copy.deepcopy(item) if k else item
+
+        merged = copies(fan_out(runs, start, cancel))
+        if not stream:
+            results: dict[int, dict] = dict(merged)
+            out = results[0]
+            out["choices"] = [{**results[i]["choices"][0], "index": i} for i in range(n)]
+            out["usage"] = _sum_usage([results[i]["usage"] for i in range(n)])
+            return out
+        return self._stream_n(n, merged)
+
+    @staticmethod
+    def _stream_n(n: int, merged: Iterator[tuple[int, dict]]) -> Iterator[dict]:
+        """The chunks of n streamed choices, each re-indexed; the summed usage rides on the last final chunk."""
+        usages: list[dict] = []
+        try:
+            for i, chunk in merged:
+                chunk["choices"][0]["index"] = i
+                usage = chunk.pop("usage", None)
+                if usage is not None:
+                    usages.append(usage)
+                    if len(usages) == n:
+                        chunk["usage"] = _sum_usage(usages)
+                yield chunk
+        finally:
+            close = getattr(merged, "close", None)
+            if close is not None:
+                close()
 
     def summarize(self, text: str, **kw: Any) -> Any:
         """A summary of `text` of any length within this model's window (edge_qwen.rag.summarize.summarize:
@@ -501,10 +640,19 @@ class EdgeQwen:
                              "message": {"role": "assistant", "content": text, "reasoning_content": reasoning}}],
                 "usage": _usage(last)}
 
-    def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int, parser: Any = None) -> Iterator[dict]:
+    def _stream(self, gen: Iterator[GenerationChunk], cid: str, created: int, parser: Any = None,
+                logprobs: bool = False) -> Iterator[dict]:
+        held: list[TokenLogprob] = []  # logprobs of tokens whose text has not gone out yet
+
         def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            if logprobs:
+                choice["logprobs"] = None
+                if held and (delta or finish):
+                    choice["logprobs"] = {"content": self.openai_logprobs(held), "refusal": None}
+                    held.clear()
             out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                   "choices": [choice]}
             if usage is not None:
                 out["usage"] = usage
             return out
@@ -517,6 +665,7 @@ class EdgeQwen:
                 if first:
                     yield chunk({"role": "assistant", "content": ""})
                     first = False
+                held.extend(c.logprobs or [])
                 if getattr(c, "reasoning", ""):  # a thinking model's reasoning, before its answer
                     yield chunk({"reasoning_content": c.reasoning})
                 if parser is None:
@@ -564,6 +713,17 @@ class EdgeQwen:
     def __repr__(self) -> str:
         return (f"EdgeQwen({self.model_name!r}, n_ctx={self.n_ctx}, device={self.device!r}"
                 f"{', closed' if self._closed else ''})")
+
+
+def _sum_usage(usages: list[dict]) -> dict:
+    """The usage of n choices of one prompt: the prompt counted once, every choice's completion tokens."""
+    out = copy.deepcopy(usages[0])
+    out["completion_tokens"] = sum(u["completion_tokens"] for u in usages)
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    for key in ("json_retries", "json_retry_tokens"):
+        if key in out:
+            out[key] = sum(u.get(key, 0) for u in usages)
+    return out
 
 
 def _usage(last: GenerationChunk) -> dict:

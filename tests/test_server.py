@@ -218,7 +218,10 @@ BAD = [
      "invalid_request"),
     ("repetition_penalty", json.dumps({"messages": ask("x"), "repetition_penalty": 1.2}).encode(), 400,
      "invalid_request"),
-    ("logprobs", json.dumps({"messages": ask("x"), "logprobs": True}).encode(), 400, "invalid_request"),
+    ("top_logprobs without logprobs", json.dumps({"messages": ask("x"), "top_logprobs": 2}).encode(), 400,
+     "invalid_request"),
+    ("top_logprobs over 20", json.dumps({"messages": ask("x"), "logprobs": True, "top_logprobs": 21}).encode(), 400,
+     "invalid_request"),
     ("nested too deep", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
     ("schema too deep", json.dumps({"messages": ask("x"), "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": json.loads('{"type":"array","items":' * 200 + '{"type":"integer"}' + "}" * 200)}}}).encode(),

@@ -245,7 +245,7 @@ def stored(page) -> dict:
 
 def test_page_served_with_csp_and_packaged_assets(server):
     """/ and every asset it names come with the CSP and their content type; nothing else is served."""
-    r = httpx.get(server.url + "/")
+    r = httpx.get(server.url + "/", headers={"Accept": "text/html"})  # a browser; others get Ollama's answer
     assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "script-src 'self'" in csp

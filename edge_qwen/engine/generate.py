@@ -34,18 +34,54 @@ class Timings:
         return self.completion_tokens / (self.gen_ms / 1000.0) if self.gen_ms > 0 else 0.0
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token one request may ask for (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of one generated token, and of the `top` most likely tokens there.
+
+    Taken from the raw logits row the token was chosen from (log-softmax over the whole
+    vocabulary): the model's own distribution, before temperature, top-p/top-k, penalties,
+    logit_bias and any constraint, as OpenAI and vLLM report it.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: Any, token: int, top: int) -> TokenLogprob:
+    """TokenLogprob of `token` from one raw logits row (a float32 array of n_vocab), with `top` alternatives."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float32)
+    m = float(row.max())
+    lse = m + float(np.log(np.exp(row - m, dtype=np.float32).sum(dtype=np.float64)))
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        idx = np.argpartition(row, -top)[-top:]
+        idx = idx[np.argsort(-row[idx], kind="stable")]
+        best = tuple((int(i), float(row[i]) - lse) for i in idx)
+    return TokenLogprob(int(token), float(row[token]) - lse, best)
+
+
 @dataclass
 class GenerationChunk:
     """One step of a generation: new text (complete UTF-8 characters only) and the tokens behind it.
 
     `finish_reason` is set on the last chunk only: "stop" (end of turn, a stop string, or a
     closed JSON value), "length" (max_tokens reached) or "cancelled"; `timings` too.
+    `logprobs` (only when SamplingParams.logprobs asks for them) has one TokenLogprob per id in
+    `token_ids`, in order.
     """
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     timings: Timings | None = None
+    logprobs: list[TokenLogprob] | None = None
+    stop: str | None = None  # on the last chunk: the stop string that ended the generation, if one did
 
 
 class Constraint(Protocol):
@@ -72,6 +108,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
     top_k: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no log-probabilities (nothing is computed). 0..MAX_TOP_LOGPROBS: each generated token's
+    # logprob with that many most likely alternatives (GenerationChunk.logprobs).
+    logprobs: int | None = None
+    # Tokens that end the generation like end-of-turn (not part of the text): fill-in-the-middle's
+    # own control tokens, which are not end-of-generation tokens in the vocabulary.
+    stop_tokens: tuple[int, ...] = ()
 
 
 class TokenPieces:
@@ -84,6 +126,7 @@ class TokenPieces:
         self.vocab = llama_cpp.llama_model_get_vocab(llama.model)
         self._buf = ctypes.create_string_buffer(256)
         self._cache: dict[int, bytes] = {}
+        self._shown: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
         self._controls: tuple[str, ...] | None = None
         self._lock = threading.Lock()
@@ -102,6 +145,13 @@ class TokenPieces:
                 n = self._llama_cpp.llama_token_to_piece(self.vocab, token, big, -n, 0, special)
                 return big.raw[:n]
             return self._buf.raw[:n]
+
+    def display(self, token: int) -> bytes:
+        """The bytes a token stands for, control tokens spelled out (`<|im_end|>`): for logprobs."""
+        b = self._shown.get(token)
+        if b is None:
+            b = self._shown[token] = self._to_piece(token, special=True)
+        return b
 
     def control_texts(self) -> tuple[str, ...]:
         """The texts of the vocabulary's control tokens (<|im_start|>, <|endoftext|>, ...), found once."""
@@ -125,6 +175,7 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.hit: str | None = None  # the stop string found
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add text; return (text safe to emit, whether a stop string was reached)."""
@@ -137,6 +188,7 @@ class StopMatcher:
             if i >= 0 and (first < 0 or i < first):
                 first = i
         if first >= 0:
+            self.hit = min((s for s in self.stops if self.pending.find(s) == first), key=len)
             out, self.pending = self.pending[:first], ""
             return out, True
         hold = 0
@@ -200,3 +252,70 @@ def decode(llama, prompt: Sequence[int], params: SamplingParams, *, pieces: Toke
     engine = engine_of(llama) or Engine(llama, parallel=1, n_batch=n_batch, pieces=pieces)
     yield from engine.generate(prompt, params, constraint=constraint, cancel=cancel, reuse_prefix=reuse_prefix,
                                cache_key=cache_key, blocking=blocking)
+
+
+class _Either(threading.Event):
+    """A cancel event that is also set whenever `parent` is (the engine only asks `is_set()`)."""
+
+    def __init__(self, parent: threading.Event | None):
+        super().__init__()
+        self.parent = parent
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.parent is not None and self.parent.is_set())
+
+
+def fan_out(n: int, start: Any, cancel: threading.Event | None = None) -> Iterator[tuple[int, Any]]:
+    """Run n generations of one prompt together; yield (index, item) as each produces an item.
+
+    `start(i, cancel_i, prefilled)` returns the i-th iterator (it runs in its own thread, so
+    the engine batches the n sequences). Choice 0 starts first and the others once its prompt
+    is evaluated (it sets `prefilled`), so they copy the prompt's KV cells from its slot
+    through the prefix cache instead of evaluating it again. `cancel_i` is set when `cancel` is
+    or when the consumer closes this iterator: every generation stops at its next token. The
+    first error of any generation is raised here (the others are cancelled).
+    """
+    import queue
+
+    done_marker = object()
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    stop = _Either(cancel)
+    prefilled = threading.Event()
+
+    def work(i: int) -> None:
+        try:
+            if i > 0:
+                prefilled.wait()
+                if stop.is_set():
+                    return
+            gen = start(i, stop, prefilled if i == 0 else None)
+            try:
+                for item in gen:
+                    out.put((i, item))
+                    if threading.Event.is_set(stop):  # the consumer left
+                        break
+            finally:
+                close = getattr(gen, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer
+            out.put((i, e))
+        finally:
+            if i == 0:
+                prefilled.set()
+            out.put((i, done_marker))
+
+    for i in range(n):
+        threading.Thread(target=work, args=(i,), name=f"edge-qwen-choice-{i}", daemon=True).start()
+    left = n
+    try:
+        while left:
+            i, item = out.get()
+            if item is done_marker:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        stop.set()

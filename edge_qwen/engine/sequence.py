@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .generate import Constraint, GenerationChunk, SamplingParams, StopMatcher, Timings, TokenPieces
+from .generate import Constraint, GenerationChunk, SamplingParams, StopMatcher, Timings, TokenLogprob, TokenPieces
 from .sampling import SequenceSampler
 
 WAITING, RUNNING, DONE = "waiting", "running", "done"
@@ -58,6 +58,9 @@ class Sequence:
     t_first: float = 0.0
 
     def __post_init__(self) -> None:
+        # With logprobs, tokens a constraint forces are fed one per step (each needs the logits
+        # row before it); they wait here, already accepted by the constraint and the chain.
+        self.forced: list[int] = []
         self.stopper = StopMatcher(self.req.params.stop)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.emitted: list[str] = []
@@ -78,7 +81,8 @@ class Sequence:
         self.sampler = SequenceSampler(self.req.params, n_vocab)
         self.t_admit = time.perf_counter()
 
-    def finish(self, reason: str, text: str = "", ids: list[int] | None = None, stop_hit: bool = False) -> None:
+    def finish(self, reason: str, text: str = "", ids: list[int] | None = None, stop_hit: bool = False,
+               logprobs: list[TokenLogprob] | None = None) -> None:
         """Hand back the final chunk (finish_reason and timings) and release the sampler."""
         if self.state == DONE:
             return
@@ -103,7 +107,10 @@ class Sequence:
         except Exception as e:  # an invalid JSON answer: the consumer gets the constraint's error
             self.out.put(e)
             return
-        self.out.put(GenerationChunk(text, ids or [], reason, timings))
+        if logprobs is None and self.req.params.logprobs is not None:
+            logprobs = []
+        self.out.put(GenerationChunk(text, ids or [], reason, timings, logprobs,
+                                     self.stopper.hit if stop_hit else None))
 
     def fail(self, error: BaseException) -> None:
         """End with an error the consumer raises (llama.cpp could not evaluate the batch)."""
@@ -124,18 +131,27 @@ class Sequence:
             self.t_first = time.perf_counter()
         constraint = self.req.constraint
         params = self.req.params
-        tok = self.sampler.sample(ctx, row, constraint)
-        if self.pieces.is_eog(tok):
-            # End of turn. An EOG token is not content; under a constraint the mask only lets
-            # it through where the grammar may end.
-            self.finish("stop")
-            return
-        new = [tok]
-        if constraint is not None:
-            forced = constraint.commit(tok)
-            if forced:
-                self.sampler.accept(forced)
-                new += forced
+        if self.forced:  # a forced token (logprobs asked): its logprob from the row before it
+            tok = self.forced.pop(0)
+            new = [tok]
+            lps = [self.sampler.logprob(ctx, row, tok, params.logprobs)]
+        else:
+            tok, lp = self.sampler.sample(ctx, row, constraint, params.logprobs)
+            if self.pieces.is_eog(tok) or tok in params.stop_tokens:
+                # End of turn. An EOG token is not content; under a constraint the mask only lets
+                # it through where the grammar may end.
+                self.finish("stop")
+                return
+            new = [tok]
+            lps = None if lp is None else [lp]
+            if constraint is not None:
+                forced = constraint.commit(tok)
+                if forced:
+                    self.sampler.accept(forced)
+                    if lps is None:
+                        new += forced  # decoded together in the next batch
+                    else:
+                        self.forced = list(forced)
         room = params.max_tokens - self.n_completion
         cut = len(new) > room
         if cut:  # forced tokens past max_tokens are cut: the output is unfinished, "length"
@@ -143,14 +159,14 @@ class Sequence:
         self.n_completion += len(new)
         text, stopped = self.stopper.feed(self.utf8.decode(b"".join(self.pieces.piece(t) for t in new)))
         if stopped:
-            self.finish("stop", text, new, stop_hit=True)
-        elif not cut and constraint is not None and constraint.is_finished():
-            self.finish("stop", text, new)
+            self.finish("stop", text, new, stop_hit=True, logprobs=lps)
+        elif not cut and not self.forced and constraint is not None and constraint.is_finished():
+            self.finish("stop", text, new, logprobs=lps)
         elif self.n_completion >= params.max_tokens:
-            self.finish("length", text, new)
+            self.finish("length", text, new, logprobs=lps)
         elif self.cancelled():
-            self.finish("cancelled", text, new)
+            self.finish("cancelled", text, new, logprobs=lps)
         else:
             self.emitted.append(text)
-            self.out.put(GenerationChunk(text, new))
+            self.out.put(GenerationChunk(text, new, logprobs=lps))
             self.pending = list(new)  # the scheduler consumes pending; the chunk keeps its ids

@@ -377,6 +377,9 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
         return card(model_id, registry.get(model_id))
 
     _docs_page(app)
+    from .ollama import root_router
+
+    app.include_router(root_router())  # GET / : "Ollama is running", or the chat page for a browser
     app.include_router(web_router)  # the chat page at / and /web/ (edge_qwen/web)
     _families(app, deps, max_tokens_limit=max_tokens_limit, prompt_cache=prompt_cache)
 

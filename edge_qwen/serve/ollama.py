@@ -1,7 +1,8 @@
 """The Ollama API on the same server: what desktop apps and the `ollama` Python package speak.
 
 POST /api/chat, /api/generate (NDJSON streaming by default), /api/embed, /api/embeddings,
-/api/show; GET /api/tags, /api/ps, /api/version. Errors are Ollama's shape, {"error": "..."},
+/api/show; GET /api/tags, /api/ps, /api/version; GET and HEAD / answer "Ollama is running" as
+Ollama does (a browser, asking for text/html, gets the chat page instead). Errors are Ollama's shape, {"error": "..."},
 with a 4xx status. `options` map onto our sampling: temperature, top_p, top_k, num_predict,
 stop, seed, frequency_penalty, presence_penalty; num_ctx is accepted up to the server's context
 window (`serve --n-ctx`), since one loaded model serves every request. `format` is "json" or a
@@ -17,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import EdgeQwenError, ModelNotFoundError, RequestError
 from . import runner
@@ -158,6 +159,22 @@ def _reason(finish: str | None) -> str:
     return {"length": "length", "cancelled": "stop"}.get(finish or "stop", "stop")
 
 
+def root_router() -> APIRouter:
+    """GET and HEAD /: Ollama's "Ollama is running" (clients probe it before they call the API), or the chat
+    page for a browser (Accept: text/html). No API key, like the page itself: it tells nothing about the models."""
+    r = APIRouter(include_in_schema=False)
+
+    @r.api_route("/", methods=["GET", "HEAD"])
+    async def root(request: Request) -> Any:
+        if "text/html" in request.headers.get("accept", "").lower():
+            from ..web.routes import index
+
+            return await index(request)
+        return PlainTextResponse("Ollama is running")
+
+    return r
+
+
 def router() -> APIRouter:
     """The Ollama API routes (added to the app by create_app)."""
     r = APIRouter(tags=["ollama"])
@@ -242,7 +259,7 @@ def router() -> APIRouter:
 
     @r.post("/api/generate", summary="Ollama: complete a prompt (suffix: fill-in-the-middle)")
     async def generate(request: Request) -> Any:
-        from .completions import fim_tokens
+        from .completions import FimTrim, fill_in
 
         start = time.perf_counter()
         try:
@@ -265,8 +282,15 @@ def router() -> APIRouter:
             suffix = body.get("suffix")
             if suffix is not None and not isinstance(suffix, str):
                 raise RequestError("suffix must be a string")
+            fim = None
             if suffix:
-                tokens = fim_tokens(llm, prompt, suffix)
+                fim = fill_in(llm, prompt, suffix)
+                tokens = fim.tokens
+                stops = kwargs.get("stop")
+                stops = [stops] if isinstance(stops, str) else list(stops or [])
+                if fim.stop:  # the middle ends where the model starts writing the suffix again
+                    kwargs["stop"] = stops + [fim.stop]
+                kwargs["stop_tokens"] = fim.stop_tokens
             elif body.get("raw"):
                 tokens = llm.tokenize(prompt, special=False)
             else:
@@ -279,10 +303,14 @@ def router() -> APIRouter:
 
         def work(model: Any, cancel: Any):
             last = None
+            trim = FimTrim(fim) if fim is not None else None
             for c in model.generate_tokens(tokens, cancel=cancel, **kwargs):
                 last = c
-                if c.text:
-                    yield {"model": name, "created_at": _now(), "response": c.text, "done": False}
+                text = c.text
+                if trim is not None:
+                    text = trim.feed(text) + (trim.finish(c.stop) if c.finish_reason is not None else "")
+                if text:
+                    yield {"model": name, "created_at": _now(), "response": text, "done": False}
             yield _final(name, _reason(last.finish_reason if last else None), last.timings if last else None,
                          start, "response", {"response": ""})
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .api_errors import error_body
-from ..runtime import DEFAULT_MAX_TOKENS
+from ..runtime import DEFAULT_MAX_TOKENS, MAX_N, MAX_TOP_LOGPROBS
 
 # The Qwen API's defaults (also used for /v1/chat/completions when a field is left out).
 DEFAULT_TEMPERATURE = 0.7
@@ -208,7 +208,11 @@ class _Sampling(BaseModel):
                               "no cut; the Qwen API's and vLLM's field).")
     repetition_penalty: float | None = Field(default=None, description=(
         "Not supported: only null or 1.0; use presence_penalty / frequency_penalty."))
-    top_logprobs: int | None = Field(default=None, description="Not supported (needs logprobs): null or 0.")
+    logprobs: bool | None = Field(default=None, description=(
+        "OpenAI's: each generated token's log-probability (choices[].logprobs.content), from the model's raw "
+        "distribution (before temperature, penalties, bias and constraints)."))
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS, description=(
+        f"0 to {MAX_TOP_LOGPROBS} most likely alternatives per token (needs logprobs: true)."))
 
     @field_validator("repetition_penalty")
     @classmethod
@@ -218,17 +222,11 @@ class _Sampling(BaseModel):
                              "presence_penalty or frequency_penalty (-2 to 2)")
         return v
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("top_logprobs is not supported by edge-qwen (no logprobs); leave it out or 0")
-        return v
-
     def sampling_kwargs(self) -> dict[str, Any]:
         """The EdgeQwen.chat keywords for these fields (defaults where left out)."""
         return {"frequency_penalty": self.frequency_penalty or 0.0, "presence_penalty": self.presence_penalty or 0.0,
-                "top_k": self.top_k or 0, "logit_bias": self.logit_bias or None}
+                "top_k": self.top_k or 0, "logit_bias": self.logit_bias or None,
+                "logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs}
 
 
 class _Unsupported(BaseModel):
@@ -236,7 +234,6 @@ class _Unsupported(BaseModel):
     an agent framework learns at once that they are not served."""
 
     model_config = _LAX
-    logprobs: bool | None = Field(default=None, description="Not supported: must be false or absent.")
     functions: list[dict[str, Any]] | None = Field(default=None, description="Legacy function calling: not supported.")
     function_call: Any = Field(default=None, description='Legacy function calling: not supported (absent or "none").')
 
@@ -255,12 +252,6 @@ class _Unsupported(BaseModel):
             raise ValueError('legacy `function_call` is not served; use tool_choice')
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("logprobs are not supported by edge-qwen yet; leave logprobs out or false")
-        return v
 
 
 class _Tooling(_Unsupported):
@@ -293,7 +284,9 @@ class ChatRequest(_Tooling, _Sampling):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: int | None = Seed
-    n: int | None = Field(default=None, ge=1, le=1, description="Only one choice is generated.")
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description=(
+        f"Choices to generate, 1 to {MAX_N} (default 1), together on the batched engine; with temperature 0 they "
+        "are identical."))
     response_format: ResponseFormat | None = None
     enable_thinking: bool | None = Field(default=None, description=(
         "Qwen3 thinking (vLLM's chat_template_kwargs.enable_thinking, the Qwen API's enable_thinking): null = the "
@@ -333,6 +326,7 @@ class ChatRequest(_Tooling, _Sampling):
                 "temperature": DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
                 "top_p": DEFAULT_TOP_P if self.top_p is None else self.top_p,
                 "max_tokens": self.limit(), "stop": self.stop, "seed": self.seed, **self.sampling_kwargs(),
+                "n": self.n or 1,
                 "response_format": self.response_format.runtime_form() if self.response_format else None,
                 **self._thinking(), **({"reasoning": self.reasoning} if self.reasoning else {})}
 
