@@ -278,13 +278,23 @@ class EdgeQwen:
         if len(tokens) + max_tokens <= self.n_ctx:
             return msgs, tokens
         if self.context_overflow == "truncate_middle":
+            # Drop the oldest turns after the system prompt: the fewest that make it fit, found by
+            # bisection (the prompt only shrinks as more are dropped), so a long history costs
+            # O(n log n) to fit, not one render per dropped message.
             keep_head = 1 if msgs[0]["role"] == "system" else 0
-            kept = list(msgs)
-            while len(kept) > keep_head + 1:
-                del kept[keep_head]  # the oldest turn after the system prompt
-                tokens = self.prompt_tokens(kept, tools)
-                if len(tokens) + max_tokens <= self.n_ctx:
-                    return kept, tokens
+            lo, hi = 1, len(msgs) - keep_head - 1  # how many to drop; hi keeps only the last message
+            best: tuple[list[dict], list[int]] | None = None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                kept = msgs[:keep_head] + msgs[keep_head + mid:]
+                kept_tokens = self.prompt_tokens(kept, tools)
+                if len(kept_tokens) + max_tokens <= self.n_ctx:
+                    best, hi = (kept, kept_tokens), mid - 1
+                else:
+                    lo = mid + 1
+                    tokens = kept_tokens
+            if best is not None:
+                return best
         sizes = (f"the prompt alone is {len(tokens)} tokens, which leaves no room in the context window "
                  f"n_ctx={self.n_ctx}" if given is None else
                  f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "

@@ -72,49 +72,27 @@ def _original_values(original):
         yield t.name, _values(t).astype(np.float16)
 
 
-class TestF32:
-    """Checks on the f32 GGUF, which exists only while this class runs (2.5 GB of disk)."""
+def test_greedy_predictions_agree(default_model, default_f16_gguf, rebuilt_checkpoint):
+    """llama.cpp on our f16 GGUF predicts what transformers predicts from the checkpoint (f32 compute).
 
-    @pytest.fixture(scope="class")
-    def ours_f32(self, rebuilt_checkpoint, tmp_path_factory):
-        from edge_qwen.convert.writer import convert
+    (The f32 output type is checked tensor for tensor on the tiny checkpoints in test_convert.py;
+    a 2.5 GB f32 copy of the real model would add disk and time, not coverage.)
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
 
-        out = convert(rebuilt_checkpoint, tmp_path_factory.mktemp("f32") / "default-f32.gguf", outtype="f32",
-                      quiet=True)
-        yield out
-        out.unlink(missing_ok=True)
-
-    def test_every_tensor_roundtrips_exactly(self, original, ours_f32, rebuilt_checkpoint):
-        from edge_qwen.convert.checkpoint import expected_tensors, open_checkpoint
-
-        ckpt = open_checkpoint(rebuilt_checkpoint)
-        to_hf = {g: hf for hf, (g, _s) in expected_tensors(ckpt.config).items()}
-        f32 = _plain_arrays(ours_f32)
-        assert len(original.tensors) == 291
-        assert {(n, a.shape) for n, (_t, a) in f32.items()} == {
-            (t.name, tuple(reversed(t.shape.tolist()))) for t in original.tensors}
-        for name, want in _original_values(original):
-            ttype, got = f32[name]
-            assert ttype == 0  # F32
-            assert np.array_equal(got, want.astype(np.float32)), name
-            assert np.array_equal(got, ckpt.tensors[to_hf[name]].read()), name  # f32 output == checkpoint exactly
-
-    def test_greedy_predictions_agree(self, default_model, ours_f32, rebuilt_checkpoint):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        ids = _positions(default_model)
-        ours = _llama_argmax(ours_f32, ids)
-        orig = _llama_argmax(default_model, ids)
-        model = AutoModelForCausalLM.from_pretrained(rebuilt_checkpoint, dtype=torch.float32)
-        with torch.no_grad():
-            hf = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
-        del model
-        vs_hf, vs_orig = (ours == hf).mean(), (ours == orig).mean()
-        print(f"greedy agreement over {len(ids)} positions: edge-qwen f32 vs transformers {vs_hf:.4f}, "
-              f"vs original Q4_K_M {vs_orig:.4f}")
-        assert vs_hf >= 0.995
-        assert vs_orig >= 0.98
+    ids = _positions(default_model)
+    ours = _llama_argmax(default_f16_gguf, ids)
+    orig = _llama_argmax(default_model, ids)
+    model = AutoModelForCausalLM.from_pretrained(rebuilt_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].argmax(-1).numpy()
+    del model
+    vs_hf, vs_orig = (ours == hf).mean(), (ours == orig).mean()
+    print(f"greedy agreement over {len(ids)} positions: edge-qwen f16 vs transformers {vs_hf:.4f}, "
+          f"vs original Q4_K_M {vs_orig:.4f}")
+    assert vs_hf >= 0.99
+    assert vs_orig >= 0.98
 
 
 def test_f16_tensors_within_f16_rounding(original, default_f16_gguf):

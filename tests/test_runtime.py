@@ -248,6 +248,28 @@ def test_truncate_middle_keeps_system_and_latest_turns(small):
         small.chat([{"role": "system", "content": "x " * 300}] + user("hi"), max_tokens=8)
 
 
+def test_truncate_middle_is_the_fewest_drops_and_fast_on_long_histories(small):
+    # The fewest oldest turns are dropped (one more kept would not fit), and a 2,000-message history
+    # is fitted with a logarithmic number of renders, not one per dropped message.
+    msgs = long_chat(1000)
+    calls = []
+    real = small.prompt_tokens
+
+    def counted(m, tools=None):
+        calls.append(len(m))
+        return real(m, tools)
+
+    small.prompt_tokens = counted
+    try:
+        kept, tokens = small.fit_messages(msgs, max_tokens=32)
+    finally:
+        del small.prompt_tokens
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(tokens) + 32 <= 256
+    one_more = [msgs[0]] + msgs[len(msgs) - len(kept):]
+    assert len(small.prompt_tokens(one_more)) + 32 > 256
+    assert len(calls) <= 16, len(calls)
+
+
 # -- threads, cancellation, lifetime ------------------------------------------------------------
 
 def test_two_threads_are_serialized_not_interleaved(llm):
