@@ -371,6 +371,8 @@ def check_input_file(path: str | os.PathLike, what: str = "file", todo: str = "c
         raise InputFileError(f"{what} {p} is a folder, not a file; {todo}")
     if not p.exists():
         raise InputFileError(f"{what} {p} does not exist ({missing_path_note(p)}); {todo}")
+    if not p.is_file():  # a pipe or a device: reading it would block, or consume what a later read needs
+        raise InputFileError(f"{what} {p} is not a regular file (a pipe or a device); save it to a file first")
     try:
         with open(p, "rb") as f:
             f.read(1)

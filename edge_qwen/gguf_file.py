@@ -119,6 +119,8 @@ def _read_header(p: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ..
         raise ModelFileError(f"{p} does not exist ({missing_path_note(p)}); give the path of a GGUF model file")
     if p.is_dir():
         raise ModelFileError(f"{p} is a folder, not a GGUF file (to convert a Hugging Face folder use `edge-qwen convert`)")
+    if not p.is_file():  # a pipe or a device: opening it would block, and it cannot be mapped
+        raise ModelFileError(f"{p} is not a regular file (a pipe or a device); give a GGUF model file")
     size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)

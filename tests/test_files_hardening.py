@@ -683,6 +683,10 @@ PATH_CASES = [
     (["bench", "{f16}", "--quick", "--out", "{out}/b", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
     (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{eio}"], "cannot read imatrix file {eio}"),
     (["inspect", "{dir}"], "{dir} is a folder, not a GGUF file"),
+    (["inspect", "{fifo}"], "{fifo} is not a regular file"),  # used to block forever
+    (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{fifo}"],
+     "calibration file {fifo} is not a regular file"),
+    (["chat", "--schema", "{fifo}", "hi"], "schema file (--schema) {fifo} is not a regular file"),
     (["inspect", "{eio}"], "cannot read {eio}: input/output error"),
     (["quantize", "{eio}", "-o", "{out}/q.gguf"], "cannot read {eio}: input/output error"),
     (["rebuild", "{dir}", "{out}/rb"], "{dir} is a folder, not a GGUF file"),
@@ -711,8 +715,31 @@ PATH_CASES = [
 ]
 
 
+def _unblock_readers_later(fifo: Path, request, after: float = 10.0) -> None:
+    """A reader that opens `fifo` blocks until a writer comes: come after `after` s, so a command that
+    (wrongly) reads the pipe gets EOF and fails its assertions instead of hanging the test run."""
+    import errno
+    import threading
+
+    done = threading.Event()
+    request.addfinalizer(done.set)
+
+    def writer() -> None:
+        if done.wait(after):
+            return
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as e:
+                if e.errno not in (errno.ENXIO, errno.ENOENT):
+                    return
+            done.wait(0.05)
+
+    threading.Thread(target=writer, daemon=True).start()
+
+
 @pytest.mark.parametrize("args,says", PATH_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in PATH_CASES])
-def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_f16):
+def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_f16, request):
     from click.testing import CliRunner
 
     from edge_qwen.cli import main
@@ -727,9 +754,12 @@ def test_path_mistakes_are_one_line(args, says, tmp_path, tiny_checkpoint, tiny_
     (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04" + bytes(64))  # valid UTF-8, but not text
     if "{copy}" in " ".join(args):  # cases that would damage their input: on a copy
         shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    if "{fifo}" in " ".join(args):
+        os.mkfifo(tmp_path / "pipe")
+        _unblock_readers_later(tmp_path / "pipe", request)
     if "{f16copy}" in " ".join(args):
         shutil.copy(tiny_f16, tmp_path / "copy.gguf")
-    names = {"zip": tmp_path / "archive.zip", "copy": tmp_path / "copy", "f16copy": tmp_path / "copy.gguf", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
+    names = {"fifo": tmp_path / "pipe", "zip": tmp_path / "archive.zip", "copy": tmp_path / "copy", "f16copy": tmp_path / "copy.gguf", "dir": tmp_path / "a-folder", "missing": tmp_path / "nope.txt", "eio": EIO_FILE, "f16": tiny_f16,
              "ckpt": tiny_checkpoint, "exists": tmp_path / "exists.gguf", "out": tmp_path / "out",
              "full": tmp_path / "full"}
 
