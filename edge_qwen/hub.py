@@ -553,9 +553,16 @@ def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str 
         if f.resolve().name not in blobs_before:
             fetched.append(name)
             nbytes += size
-    from .gguf_file import check_gguf
+    from .errors import ModelFileError
+    from .gguf_file import check_gguf, read_header
 
-    info = check_gguf(snap / wanted[0])
+    try:  # a file the store had, damaged since (a plain pull keeps it): say which pull replaces it
+        info = check_gguf(snap / wanted[0])
+        for name in wanted[1:]:
+            read_header(snap / name)
+    except ModelFileError as e:
+        raise ModelFileError(f"{e.message} (pulled from {repo_id}: `edge-qwen pull {repo_id} --quant {quant} "
+                             "--force` downloads it again)") from None
     return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap / wanted[0], files=wanted,
                       fetched=fetched, bytes_fetched=nbytes, total_bytes=total, architecture=info.architecture,
                       offline=offline)

@@ -348,3 +348,25 @@ def test_truncated_pulled_shard_names_the_pull_that_repairs_it(hub, online, tiny
     _no_partials(online)
     p = _cli("pull", repo, "--force", HF_HUB_OFFLINE="1")
     assert p.returncode == 1 and p.stderr.startswith("Error: ") and "needs the network" in p.stderr, p.stderr
+
+
+def test_damaged_pulled_gguf_is_named_and_pull_force_replaces_it(hub, online, tiny_checkpoint, tmp_path):
+    """`pull REPO --quant Q` of a GGUF the store already has, damaged since: one line naming the file
+    and `--force`; `pull --quant Q --force` downloads it again."""
+    from edge_qwen.convert.writer import convert
+
+    repo = "Qwen/Qwen2.5-Tiny-Cut-GGUF"
+    q8 = convert(tiny_checkpoint, tmp_path / "tiny-q8_0.gguf", outtype="q8_0", quiet=True)
+    hub.add_commit(repo, {q8.name: q8.read_bytes()})
+    assert _cli("pull", repo, "--quant", "q8_0", "-q", HF_ENDPOINT=hub.endpoint).returncode == 0
+    (link,) = (online / "hf").glob(f"models--{repo.replace('/', '--')}/snapshots/*/{q8.name}")
+    blob = link.resolve()
+    blob.write_bytes(q8.read_bytes()[:-4096])
+    p = _cli("pull", repo, "--quant", "q8_0", "-q", HF_ENDPOINT=hub.endpoint)
+    err = p.stderr.strip()
+    assert p.returncode == 1 and "Traceback" not in p.stderr and err.startswith("Error: ") and "\n" not in err, err
+    assert "is truncated" in err and f"`edge-qwen pull {repo} --quant q8_0 --force`" in err, err
+    p = _cli("pull", repo, "--quant", "q8_0", "--force", "-q", HF_ENDPOINT=hub.endpoint)
+    assert p.returncode == 0, p.stderr
+    assert blob.read_bytes() == q8.read_bytes()
+    _no_partials(online)
