@@ -151,3 +151,62 @@ def test_ollama_root(server):
         assert r.text == ("Ollama is running" if method == "GET" else "")
     page = httpx.get(f"{server}/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+
+
+def _dashscope_events(text: str) -> list[dict]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(":", 1) for line in block.split("\n") if not line.startswith(":"))
+        assert fields["event"] == "result" and int(fields["id"]) == len(events) + 1, block
+        events.append(json.loads(fields["data"]))
+    return events
+
+
+def test_qwen_result_format_and_incremental_output(server):
+    url = f"{server}/api/v1/qwen/predict"
+    base = {"input": {"messages": HELLO}, "parameters": {"temperature": 0, "max_tokens": 4}}
+    text = httpx.post(url, json={**base, "parameters": {**base["parameters"], "result_format": "text"}}, timeout=300)
+    out = text.json()
+    assert set(out) == {"output", "usage", "request_id"} and out["output"]["text"]
+    assert out["output"]["finish_reason"] in ("stop", "length") and out["usage"]["output_tokens"] >= 1
+    msg = httpx.post(url, json={"input": {"prompt": "Say hello in Chinese."},
+                                "parameters": {"temperature": 0, "max_tokens": 4, "result_format": "message"}},
+                     timeout=300).json()
+    assert msg["output"]["choices"][0]["message"] == {"role": "assistant", "content": out["output"]["text"]}
+    for incremental in (False, True):
+        r = httpx.post(url, json={**base, "parameters": {**base["parameters"], "result_format": "message",
+                                                         "incremental_output": incremental}},
+                       headers={"X-DashScope-SSE": "enable"}, timeout=300)
+        events = _dashscope_events(r.text)
+        parts = [e["output"]["choices"][0]["message"]["content"] for e in events]
+        assert [e["output"]["choices"][0]["finish_reason"] for e in events][:-1] == ["null"] * (len(events) - 1)
+        assert events[-1]["usage"]["output_tokens"] == out["usage"]["output_tokens"]
+        if incremental:
+            assert "".join(parts) == out["output"]["text"]
+        else:  # each event: the whole text so far
+            assert parts[-1] == out["output"]["text"] and all(parts[k + 1].startswith(parts[k])
+                                                               for k in range(len(parts) - 1))
+
+
+def test_qwen_and_openai_fields_never_ignored_silently(server):
+    def post(path, body):
+        return httpx.post(f"{server}{path}", json={"messages": HELLO, "max_tokens": 2, "temperature": 0, **body},
+                          timeout=300)
+
+    qwen, chat = "/api/v1/qwen/predict", "/v1/chat/completions"
+    for path, body, param in (
+            (qwen, {"parameters": {"enable_search": True}}, "parameters.enable_search"),
+            (qwen, {"enable_search": True}, "enable_search"),
+            (qwen, {"stream": True, "incremental_output": False}, "incremental_output"),
+            (qwen, {"result_format": "text", "n": 2}, "n"),
+            (qwen, {"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages.0.name"),
+            (chat, {"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages.0.name"),
+            (chat, {"store": True}, "store"), (chat, {"web_search_options": {}}, "web_search_options"),
+            (chat, {"chat_template_kwargs": {"add_vision_id": True}}, "chat_template_kwargs")):
+        r = post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, body, r.text)
+    ok = post(chat, {"user": "me", "metadata": {"k": "v"}, "frobnicate": 1})
+    assert ok.status_code == 200 and ok.headers["x-edge-qwen-ignored-fields"] == "frobnicate"
+    n2 = post(qwen, {"result_format": "message", "n": 2})
+    assert [c["message"]["content"] for c in n2.json()["output"]["choices"]] == [
+        n2.json()["output"]["choices"][0]["message"]["content"]] * 2  # greedy: identical choices

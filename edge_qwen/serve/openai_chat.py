@@ -13,16 +13,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import BusyError, EdgeQwenError
+from ..errors import BusyError, EdgeQwenError, RequestError
 from . import runner
 from .api_errors import error_body, error_body_of
-from .protocol import DEFAULT_MAX_TOKENS, ChatRequest
+from .protocol import DEFAULT_MAX_TOKENS, IGNORED_HEADER, ChatRequest
 
 log = logging.getLogger("edge_qwen.serve.app")
 
@@ -73,9 +74,9 @@ def _sse(obj: dict[str, Any]) -> bytes:
 class _EventStream(StreamingResponse):
     """An SSE response that runs `on_close` however it ends (finished, disconnected, cancelled)."""
 
-    def __init__(self, content: Any, on_close: Any):
+    def __init__(self, content: Any, on_close: Any, headers: dict[str, str] | None = None):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -97,10 +98,57 @@ async def _watch_disconnect(request: Request, cancel: threading.Event, waiter: a
             return
 
 
-async def complete(request: Request, body: ChatRequest) -> Any:
-    """Answer one chat request (either shape, as a ChatRequest): JSON, or SSE when `body.stream`."""
+class OpenAIShape:
+    """How a chat answer is written out: OpenAI's chat.completion, and its chunks as server-sent events.
+    Another API shape (serve/qwen.py) overrides these."""
+
+    def result(self, result: dict[str, Any]) -> dict[str, Any]:
+        return result
+
+    def events(self, chunk: dict[str, Any]) -> list[bytes]:
+        return [_sse(chunk)]
+
+    def error(self, body: dict[str, Any], status: int) -> bytes:
+        return _sse({**body, "status": status})
+
+    def end(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+
+_NAME_IN_TEMPLATE = re.compile(r"""message\s*(\.\s*name\b|\[\s*['"]name['"]\s*\])""")
+
+
+def check_names(messages: list[Any], template: str | None) -> None:
+    """Refuse a speaker's `name` the model's chat template has no place for (it would be dropped silently).
+
+    A tool message's name (the called function's) is redundant with its tool_call_id and accepted.
+    """
+    if template is not None and _NAME_IN_TEMPLATE.search(template):
+        return
+    for i, m in enumerate(messages):
+        if m.name is not None and m.role not in ("tool", "function"):
+            raise RequestError(f"messages[{i}].name: this model's chat template has no place for a speaker's name, "
+                               "so it would be ignored; put the name in the content (\"Ann: ...\") or leave it out",
+                               param=f"messages.{i}.name")
+
+
+async def complete(request: Request, body: ChatRequest, shape: OpenAIShape | None = None) -> Any:
+    """Answer one chat request (either shape, as a ChatRequest): JSON, or SSE when `body.stream`.
+
+    `shape` writes the answer (default: OpenAI's). Unknown top-level fields are named back in the
+    X-Edge-Qwen-Ignored-Fields header.
+    """
+    shape = shape or OpenAIShape()
     state: ChatRequests = request.app.state.chat_requests
     slot = request.app.state.models.get(body.model)
+    llm = slot.llm
+    if llm is None:  # loaded on first use: not on the event loop
+        import anyio
+
+        llm = await anyio.to_thread.run_sync(slot.model)
+    check_names(body.messages, getattr(llm, "chat_template", None))
+    ignored = body.ignored_fields()
+    headers = {IGNORED_HEADER: ", ".join(ignored)[:1000]} if ignored else None
     opts = runner.options(request)
     max_tokens_limit, prompt_cache = opts.get("max_tokens_limit"), opts.get("prompt_cache", True)
     max_tokens = body.limit()  # None: the default, within the room the prompt leaves
@@ -113,7 +161,7 @@ async def complete(request: Request, body: ChatRequest) -> Any:
     messages = kwargs.pop("messages")
     kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
                   reuse_prefix=prompt_cache and body.seed is None,
-                  cache_key=_cache_scope(request, getattr(body, "cache_salt", None)))
+                  cache_key=_cache_scope(request, "\0".join(filter(None, (body.cache_salt, body.prompt_cache_key)))))
     if state.closing:
         raise ShuttingDownError
     cancel = threading.Event()
@@ -142,7 +190,7 @@ async def complete(request: Request, body: ChatRequest) -> Any:
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(slot, messages, kwargs, cancel, done, include_usage)
+        return await _stream(slot, messages, kwargs, cancel, done, include_usage, shape, headers)
     import anyio
 
     released = False
@@ -159,11 +207,12 @@ async def complete(request: Request, body: ChatRequest) -> Any:
             slot.release(0, cancel.is_set())
         done()
     result["model"] = slot.name
-    return JSONResponse(result)
+    return JSONResponse(shape.result(result), headers=headers)
 
 
 async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, Any],
-                  cancel: threading.Event, done: Any, include_usage: bool = False) -> Any:
+                  cancel: threading.Event, done: Any, include_usage: bool, shape: OpenAIShape,
+                  headers: dict[str, str] | None) -> Any:
     # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
     # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
     loop = asyncio.get_running_loop()
@@ -224,18 +273,19 @@ async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, A
             k, item = kind, first
             while k != "end":
                 if k == "chunk":
-                    yield _sse(item)
+                    for event in shape.events(item):
+                        yield event
                 else:
                     status = item.status if isinstance(item, EdgeQwenError) else 500
                     body = error_body_of(item) if isinstance(item, EdgeQwenError) else error_body(
                         f"internal server error ({type(item).__name__})", type="server_error", code="internal_error")
-                    yield _sse({**body, "status": status})
+                    yield shape.error(body, status)
                 k, item = await queue.get()
-            yield b"data: [DONE]\n\n"
+            yield shape.end()
         finally:
             cancel.set()
 
-    return _EventStream(events(), done)
+    return _EventStream(events(), done, headers)
 
 
 def router() -> APIRouter:

@@ -5,9 +5,12 @@ limit is 413 before parsing (BodyLimit); a body that fails validation is 400 (ne
 FastAPI's 422), with an OpenAI-shaped error naming the first bad field.
 
 These pydantic models are what FastAPI validates requests against and what the served
-OpenAPI schema describes. Unknown fields are tolerated (ignored), as OpenAI clients send
-fields we have no use for. Bounds here are the ones the runtime can honour, so a value that
-passes validation never reaches llama.cpp as something it cannot take.
+OpenAPI schema describes. No field is ignored silently: every field of the OpenAI and Qwen
+chat shapes is served, refused with a 400 naming it, or (metadata that cannot change an answer:
+`user`, `metadata`, `service_tier`...) accepted as documented. Fields neither API has are
+tolerated, as clients send their own, but named back in the `X-Edge-Qwen-Ignored-Fields`
+response header (`ignored_fields`). Bounds here are the ones the runtime can honour, so a value
+that passes validation never reaches llama.cpp as something it cannot take.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ DEFAULT_TOP_P = 0.9
 # Unknown fields are ignored; known fields take their JSON type only ("2" is not a number, 1 is not
 # true, 2.0 is not an integer), and NaN/Infinity are refused.
 _LAX = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+# The top level of a chat request keeps unknown fields, so the answer can name them (ignored_fields).
+_TOP = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+IGNORED_HEADER = "X-Edge-Qwen-Ignored-Fields"
 # Roles other APIs send, as the chat template knows them.
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
 
@@ -78,7 +84,9 @@ class Message(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer", "function"] = Field(
         description='"developer" is read as "system" and "function" as "tool".')
     content: str | list[TextPart | ImagePart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=256, description=(
+        "The speaker's name: passed to the chat template where it has a place for one, refused otherwise (a tool "
+        "message's name, the called function's, is redundant with tool_call_id and accepted)."))
     tool_calls: list[dict[str, Any]] | None = Field(default=None, description="An assistant message's calls.")
     tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers.")
 
@@ -120,6 +128,8 @@ class Message(BaseModel):
             out["tool_calls"] = self.tool_calls
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
         return out
 
 
@@ -254,6 +264,52 @@ class _Unsupported(BaseModel):
 
 
 
+class _OpenAIFields(BaseModel):
+    """The OpenAI chat fields that are not sampling: metadata accepted as it changes no answer, and
+    features refused because they are not served here."""
+
+    model_config = _LAX
+    user: str | None = Field(default=None, description="Accepted; changes nothing (OpenAI's end-user id).")
+    safety_identifier: str | None = Field(default=None, description="Accepted; changes nothing.")
+    metadata: dict[str, Any] | None = Field(default=None, description="Accepted; changes nothing.")
+    service_tier: str | None = Field(default=None, description="Accepted; changes nothing (one tier here).")
+    prediction: dict[str, Any] | None = Field(default=None, description=(
+        "Accepted; changes nothing (OpenAI's predicted outputs only speed an answer up)."))
+    prompt_cache_key: str | None = Field(default=None, max_length=256, description=(
+        "OpenAI's name for the prefix-cache scope: the same as cache_salt."))
+    store: bool | None = Field(default=None, description="Not served: false or absent (nothing is stored).")
+    modalities: list[str] | None = Field(default=None, description='Only ["text"].')
+    audio: dict[str, Any] | None = Field(default=None, description="Not served: absent.")
+    web_search_options: dict[str, Any] | None = Field(default=None, description="Not served (offline): absent.")
+    reasoning_effort: str | None = Field(default=None, description=(
+        "Not served: absent (use enable_thinking, or reasoning: \"step_by_step\")."))
+    verbosity: str | None = Field(default=None, description="Not served: absent.")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("store=true is not served: edge-qwen keeps no completions; leave store out or false")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: Any) -> Any:
+        if v is not None and v != ["text"]:
+            raise ValueError('only text is generated here; send modalities ["text"] or leave it out')
+        return v
+
+    @field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")
+    @classmethod
+    def _refused(cls, v: Any, info: Any) -> Any:
+        if v is not None:
+            why = {"audio": "no audio output", "web_search_options": "no web search offline",
+                   "reasoning_effort": "use enable_thinking (Qwen3) or reasoning: \"step_by_step\"",
+                   "verbosity": "say how long the answer should be in the prompt, or set max_tokens"}[info.field_name]
+            raise ValueError(f"{info.field_name} is not served by edge-qwen ({why}); leave it out")
+        return v
+
+
 class _Tooling(_Unsupported):
     """Function calling (checked in depth by engine.tool_calls.parse_tools)."""
 
@@ -268,10 +324,10 @@ class _Tooling(_Unsupported):
         return {"tools": self.tools, "tool_choice": self.tool_choice, "parallel_tool_calls": self.parallel_tool_calls}
 
 
-class ChatRequest(_Tooling, _Sampling):
+class ChatRequest(_OpenAIFields, _Tooling, _Sampling):
     """POST /v1/chat/completions (OpenAI chat completions)."""
 
-    model_config = _LAX
+    model_config = _TOP
     model: str | None = Field(default=None, description="Served model name; omitted means the first (default) model.")
     messages: list[Message] = Field(min_length=1)
     # null means the default, as in OpenAI's API.
@@ -293,7 +349,7 @@ class ChatRequest(_Tooling, _Sampling):
         "model's default (on) unless the last user message says /no_think; the reasoning comes back apart as "
         "reasoning_content."))
     chat_template_kwargs: dict[str, Any] | None = Field(default=None, description=(
-        "vLLM's template arguments; enable_thinking is honoured."))
+        "vLLM's template arguments: only enable_thinking (others are refused)."))
     reasoning: Literal["step_by_step"] | None = Field(default=None, description=(
         "edge-qwen extension: \"step_by_step\" makes any model reason first; the reasoning comes back apart as "
         "reasoning_content and a response_format constrains the answer only."))
@@ -310,6 +366,18 @@ class ChatRequest(_Tooling, _Sampling):
     @classmethod
     def _count(cls, v: Any) -> Any:
         return _check_count(v)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, v: Any) -> Any:
+        other = sorted(k for k in (v or {}) if k != "enable_thinking")
+        if other:
+            raise ValueError(f"only enable_thinking is served here, not {', '.join(other)[:200]}; leave them out")
+        return v
+
+    def ignored_fields(self) -> list[str]:
+        """Top-level fields neither the OpenAI nor the Qwen API has, tolerated and named back to the client."""
+        return sorted(self.model_extra or ())
 
     def limit(self) -> int | None:
         """max_tokens as given; None when left out (the runtime then takes the default, 1024, or the
@@ -341,7 +409,7 @@ class ChatRequest(_Tooling, _Sampling):
 class QwenParameters(_Tooling, _Sampling):
     """The `parameters` object of the Qwen (DashScope) request shape."""
 
-    model_config = _LAX
+    model_config = _TOP
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -353,6 +421,23 @@ class QwenParameters(_Tooling, _Sampling):
         "Qwen3 thinking (vLLM's chat_template_kwargs.enable_thinking, the Qwen API's enable_thinking): null = the "
         "model's default (on) unless the last user message says /no_think; the reasoning comes back apart as "
         "reasoning_content."))
+    n: int | None = Field(default=None, ge=1, le=MAX_N, description=f"Choices to generate, 1 to {MAX_N}.")
+    result_format: Literal["text", "message"] | None = Field(default=None, description=(
+        'DashScope\'s answer shape: "text" ({"output": {"text", "finish_reason"}}) or "message" ({"output": '
+        '{"choices": [{"message", "finish_reason"}]}}), with DashScope usage (input_tokens, output_tokens). '
+        "Left out: the OpenAI chat.completion shape."))
+    incremental_output: bool | None = Field(default=None, description=(
+        "DashScope streaming: true sends each event's new text only, false (DashScope's default) the whole text "
+        "so far. Cumulative events need a result_format; the OpenAI-shaped stream is incremental."))
+    enable_search: bool | None = Field(default=None, description="Not served (no web search offline): false or absent.")
+
+    @field_validator("enable_search")
+    @classmethod
+    def _search(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("enable_search=true is not served: edge-qwen runs offline and searches nothing; leave "
+                             "it out or false (the /v1/rag endpoints answer from your own documents)")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -366,8 +451,16 @@ class QwenParameters(_Tooling, _Sampling):
 
 
 class QwenInput(BaseModel):
-    model_config = _LAX
-    messages: list[Message] = Field(min_length=1)
+    """DashScope's `input`: `messages`, or a single `prompt` (one user message)."""
+
+    model_config = _TOP
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, description="Instead of messages: the text of one user message.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        return v if v is None else _check_text(v)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -383,38 +476,49 @@ class QwenPredictRequest(QwenParameters):
     Defaults are the Qwen API's: temperature 0.7, top_p 0.9, max_tokens 1024, stream false.
     """
 
+    model_config = _TOP
     model: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
     input: QwenInput | None = None
     parameters: QwenParameters | None = None
 
+    def pick(self, name: str, default: Any = None) -> Any:
+        """A parameter's value: the top level's, else the nested `parameters`' one, else `default`."""
+        top = getattr(self, name)
+        if top is not None:
+            return top
+        nested = getattr(self.parameters, name, None) if self.parameters is not None else None
+        return default if nested is None else nested
+
     def to_chat(self) -> ChatRequest:
         """The same request in the OpenAI shape (raises RequestError without messages)."""
         from ..errors import RequestError
 
-        p = self.parameters or QwenParameters()
         messages = self.messages or (self.input.messages if self.input else None)
+        if not messages and self.input is not None and self.input.prompt is not None:
+            messages = [Message(role="user", content=self.input.prompt)]
         if not messages:
-            raise RequestError('no messages: give "messages" (or "input": {"messages": [...]}) with at least one message',
-                               param="messages")
-
-        def pick(name: str, default: Any) -> Any:
-            top = getattr(self, name)
-            if top is not None:
-                return top
-            nested = getattr(p, name)
-            return default if nested is None else nested
-
-        return ChatRequest.model_construct(
+            raise RequestError('no messages: give "messages" (or "input": {"messages": [...]} or {"prompt": "..."}) '
+                               "with at least one message", param="messages")
+        pick = self.pick
+        chat = ChatRequest.model_construct(
             model=self.model, messages=messages,
             temperature=pick("temperature", DEFAULT_TEMPERATURE), top_p=pick("top_p", DEFAULT_TOP_P),
             max_tokens=pick("max_tokens", None), max_completion_tokens=None,
             stream=pick("stream", False), stream_options=None, stop=pick("stop", None),
-            seed=pick("seed", None), n=1, response_format=pick("response_format", None),
+            seed=pick("seed", None), n=pick("n", 1), response_format=pick("response_format", None),
             enable_thinking=pick("enable_thinking", None), chat_template_kwargs=None,
             tools=pick("tools", None), tool_choice=pick("tool_choice", None),
             parallel_tool_calls=pick("parallel_tool_calls", None),
-            **{name: pick(name, None) for name in _Sampling.model_fields})
+            **{name: pick(name, None) for name in _Sampling.model_fields},
+            **{name: None for name in _OpenAIFields.model_fields})
+        extra = dict(self.model_extra or {})
+        if self.input is not None:  # the unknown fields under input and parameters count too
+            extra.update({f"input.{k}": v for k, v in (self.input.model_extra or {}).items()})
+        if self.parameters is not None:
+            extra.update({f"parameters.{k}": v for k, v in (self.parameters.model_extra or {}).items()})
+        chat.__pydantic_extra__ = extra
+        return chat
 
 
 class ErrorDetail(BaseModel):
