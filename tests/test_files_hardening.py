@@ -470,6 +470,35 @@ def test_rebuild_force_replaces_only_a_checkpoint_folder(tmp_path, tiny_f16):
     assert leftovers(tmp_path) == sorted(["docs", "notes.txt", "models", "m.gguf", "config.json", "model.safetensors"])
 
 
+def test_rebuild_force_killed_before_the_new_folder_is_in_loses_nothing(tmp_path, tiny_f16):
+    """A real SIGKILL at the worst moment of `rebuild --force` (the new folder complete, about to be
+    renamed over the old one): the old checkpoint survives, and the next run in that folder puts it
+    back under its name and removes the unfinished new one."""
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "config.json").write_text('{"old": true}')
+    (out / "model.safetensors").write_text("the old checkpoint")
+    killer = f"""
+import os, signal, sys
+real = os.replace
+def replace(src, dst, *a, **kw):
+    if os.fspath(dst) == {str(out)!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst, *a, **kw)
+os.replace = replace
+from edge_qwen.cli import main
+main(["rebuild", {str(tiny_f16)!r}, {str(out)!r}, "--force", "-q"])
+"""
+    r = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert any(p.name.startswith(".ckpt.") for p in tmp_path.iterdir())  # what the kill left
+    r = run_cli("rebuild", tiny_f16, tmp_path / "other", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "other"]
+    assert json.loads((out / "config.json").read_text()) == {"old": True}
+    assert (out / "model.safetensors").read_text() == "the old checkpoint"
+
+
 def test_old_folder_moved_aside_by_a_killed_run_is_restored(tmp_path, tiny_f16):
     """A run killed between moving the old folder aside and renaming the new one in: the next run in
     that folder puts the old one back (nothing took its place) and removes the unfinished new one."""
