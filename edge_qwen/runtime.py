@@ -591,8 +591,8 @@ class EdgeQwen:
                 if not greedy:
                     yield i, item
                     continue
-                for k in range(n):
-                    yield k, copy.deepcopy(item) if k else item
+                dups = [item] + [copy.deepcopy(item) for _ in range(n - 1)]  # before the consumer changes one
+                yield from enumerate(dups)
 
         merged = copies(fan_out(runs, start, cancel))
         if not stream:

@@ -103,19 +103,20 @@ def test_n_choices_chat_and_stream(client):
     r = client.chat.completions.create(model="qwen2.5", messages=HELLO, max_tokens=4, temperature=1.0, seed=7, n=2)
     assert [c.index for c in r.choices] == [0, 1] and all(c.message.content for c in r.choices)
     assert r.usage.completion_tokens >= 2 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    greedy = client.chat.completions.create(model="qwen2.5", messages=HELLO, max_tokens=4, temperature=0, n=2)
-    assert greedy.choices[0].message.content == greedy.choices[1].message.content
-    assert greedy.usage.completion_tokens == 2 * len(client.chat.completions.create(
-        model="qwen2.5", messages=HELLO, max_tokens=4, temperature=0, logprobs=True).choices[0].logprobs.content)
-    texts, finished, usage = ["", ""], [None, None], None
-    for c in client.chat.completions.create(model="qwen2.5", messages=HELLO, max_tokens=4, temperature=0.8, n=2,
-                                            stream=True, stream_options={"include_usage": True}):
-        if c.usage is not None:
-            usage = c.usage
-        for ch in c.choices:
-            texts[ch.index] += ch.delta.content or ""
-            finished[ch.index] = ch.finish_reason or finished[ch.index]
-    assert all(texts) and all(f in ("stop", "length") for f in finished) and usage.completion_tokens >= 2
+    single = client.chat.completions.create(model="qwen2.5", messages=HELLO, max_tokens=4, temperature=0, logprobs=True)
+    for temperature in (0, 0.8):  # greedy: one answer given twice; sampled: two generations
+        texts, finished, usage = ["", ""], [None, None], None
+        for c in client.chat.completions.create(model="qwen2.5", messages=HELLO, max_tokens=4, temperature=temperature,
+                                                n=2, stream=True, stream_options={"include_usage": True}):
+            if c.usage is not None:
+                usage = c.usage
+            for ch in c.choices:
+                texts[ch.index] += ch.delta.content or ""
+                finished[ch.index] = ch.finish_reason or finished[ch.index]
+        assert all(texts) and all(f in ("stop", "length") for f in finished) and usage.completion_tokens >= 2
+        if temperature == 0:
+            assert texts == [single.choices[0].message.content] * 2
+            assert usage.completion_tokens == 2 * len(single.choices[0].logprobs.content)
 
 
 def test_n_choices_completions(client):
