@@ -147,16 +147,26 @@ class QwenClient:
         """The server's /health body: {"status", "version", "time", "models": {name: state}}.
 
         In-process, the one model is "qwen2.5" and its state has the server's keys: path,
-        loaded, generating, waiting, requests, cancelled, last_completion_tokens.
+        loaded, generating, slots, busy, free, waiting, requests, cancelled, last_completion_tokens,
+        kv_cache and engine_steps.
         """
         self._check_open()
         if self._llm is None:
             return self._request("GET", "/health", expect="status")
         from . import __version__
 
+        parallel = int(getattr(self._llm, "parallel", 1))
         with self._stats_lock:
+            busy = min(self._pending, parallel)
             state = {"path": str(self._llm.model_path), "loaded": True, "generating": self._pending > 0,
-                     "waiting": max(self._pending - 1, 0), **self._stats}
+                     "slots": parallel, "busy": busy, "free": parallel - busy,
+                     "waiting": max(self._pending - parallel, 0), **self._stats}
+        engine = getattr(self._llm, "engine", None)
+        if engine is not None:  # the same engine figures as the server's /health
+            st = engine.status()
+            state["kv_cache"] = {"cells": st["kv_cells"], "reserved": st["kv_reserved"], "cached": st["kv_cached"],
+                                 "mib": round(getattr(self._llm, "kv_cache_bytes", 0) / 2**20, 1)}
+            state["engine_steps"] = st["steps"]
         return {"status": "ok", "version": __version__, "time": time.time(), "models": {DEFAULT_MODEL_NAME: state}}
 
     def close(self) -> None:

@@ -269,7 +269,7 @@ def test_20_clients_that_disconnect_free_their_slots(server):
             body = json.dumps({"messages": user(f"Write a very long story about the number {i}."), "stream": True,
                                "temperature": 0, "max_tokens": 600}).encode()
             s = socket.create_connection((host, int(port)))
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             socks.append(s)
         wait_for(lambda: (lambda h: h["busy"] == PARALLEL and h["waiting"] == 20 - PARALLEL)(health()),

@@ -210,7 +210,7 @@ def test_bad_model_files(tmp_path, default_model):
     with pytest.raises(EdgeQwenError, match="neither a file nor a model"):
         EdgeQwen("no-such-model-anywhere")
     with pytest.raises(RequestError, match="n_ctx"):
-        EdgeQwen(default_model, n_ctx=65536)
+        EdgeQwen(default_model, n_ctx=262144)  # past what YaRN allows (4x the trained 32K)
     with pytest.raises(RequestError, match="context_overflow"):
         EdgeQwen(default_model, context_overflow="drop")
 

@@ -14,7 +14,7 @@ from edge_qwen.serve.app import ServerThread, create_app
 pytestmark = pytest.mark.slow
 
 # Valid requests generate (2 tokens each, plus the fuzzed prompt); invalid ones are cheap 4xx.
-EXAMPLES = {"positive": 12, "negative": 25}
+EXAMPLES = {"positive": 6, "negative": 12}  # per operation (about 30 of them)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +55,14 @@ def test_fuzz_openapi_schema(url, mode):
                 seen[r.status_code] = seen.get(r.status_code, 0) + 1
                 assert r.status_code < 500, (case.body, r.text)
                 assert str(r.status_code) in documented, (case.body, r.status_code)  # 400, never FastAPI's 422
-                if r.status_code >= 400:
+                if r.status_code >= 400 and op.path.startswith("/api/") and op.path != "/api/v1/qwen/predict":
+                    assert isinstance(r.json()["error"], str), r.text  # Ollama's own shape: {"error": "..."}
+                elif r.status_code >= 400:
                     assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
                 elif r.headers["content-type"].startswith("application/json"):
                     body = r.json()
                     if body.get("object") == "chat.completion":
-                        assert body["usage"]["completion_tokens"] <= 2
+                        assert body["usage"]["completion_tokens"] <= 2 * len(body["choices"])  # n choices
 
             run()
         assert session.get("/health").json()["status"] == "ok"  # still serving after all of it

@@ -233,7 +233,7 @@ def prepare_history(messages: list[dict[str, Any]], param: str = "messages") -> 
                 raise RequestError(f"{param}[{i}] is a tool result but no earlier assistant message made a tool "
                                    "call; send the assistant message with its tool_calls first",
                                    param=f"{param}[{i}]")
-        if m.get("content") is None:
+        if m.get("content") is None and role == "assistant":  # OpenAI: an assistant turn may have no text
             m["content"] = ""
         out.append(m)
     return out

@@ -148,7 +148,11 @@ async def complete(request: Request, body: ChatRequest, shape: OpenAIShape | Non
         llm = await anyio.to_thread.run_sync(slot.model)
     check_names(body.messages, getattr(llm, "chat_template", None))
     ignored = body.ignored_fields()
-    headers = {IGNORED_HEADER: ", ".join(ignored)[:1000]} if ignored else None
+    # A header value is Latin-1 text without control characters: other characters of a client's
+    # field names are sent as JSON escapes (\uXXXX), and the list is cut to 1,000 characters.
+    shown = json.dumps(", ".join(ignored))[1:-1] if ignored else ""
+    shown = "".join(c if 32 <= ord(c) < 127 else "?" for c in shown)[:1000]
+    headers = {IGNORED_HEADER: shown} if ignored else None
     opts = runner.options(request)
     max_tokens_limit, prompt_cache = opts.get("max_tokens_limit"), opts.get("prompt_cache", True)
     max_tokens = body.limit()  # None: the default, within the room the prompt leaves
