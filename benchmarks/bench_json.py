@@ -214,8 +214,8 @@ def setup_times(llm, n: int = 50) -> dict:
 
 def report(r: dict, s: dict) -> str:
     lines = [f"greedy, max {MAX_TOKENS} tokens, {r['rounds']} rotating rounds (shared, busy machine)",
-             f"{'decoding':40s} {'tokens':>6s} {'forced':>6s} {'median tok/s':>12s} {'best tok/s':>10s} "
-             f"{'JSON engine ms/token':>20s}"]
+             (f"{'decoding':40s} {'tokens':>6s} {'forced':>6s} {'median tok/s':>12s} {'best tok/s':>10s} "
+              f"{'JSON engine ms/token':>20s}")]
     for name, tps in r["tps"].items():
         out = r["last"][name]
         over = r["overhead"].get(name)
