@@ -390,7 +390,7 @@ def test_json_schema_mode_shows_the_validated_object(server, pages):
                                                "city": {"type": "string"}},
               "required": ["name", "age", "city"], "additionalProperties": False}
     set_settings(page, json_mode=True, schema=json.dumps(schema), temperature=0, max_tokens=120)
-    assert page.is_visible("#json-badge")
+    page.wait_for_selector("#json-badge", state="visible", timeout=WAIT_MS)  # shown once the settings apply
     send_and_watch(page, "Describe the student Li Lei: 20 years old, lives in Beijing.")
     result = last_answer(page).locator(".json-result[data-valid=true]")
     assert result.locator(".ok").inner_text().startswith("✓")
