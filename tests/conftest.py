@@ -44,6 +44,26 @@ def llm(default_model):
     model.close()
 
 
+# --- A served default model (the API-family tests) ---
+
+@pytest.fixture(scope="module")
+def server(llm):
+    """A real HTTP server (uvicorn in a thread) over the session model as "qwen2.5"; its base URL.
+    Modules that need other server options define their own `server`."""
+    from edge_qwen.serve.app import ServerThread, create_app
+
+    with ServerThread(create_app({"qwen2.5": llm})) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai package pointed at `server` (no retries: a 5xx must fail the test)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
 # --- Conversion fixtures (tiny random checkpoint, default model rebuilt and re-converted) ---
 
 CHATML_TEMPLATE = (

@@ -9,21 +9,6 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-    from edge_qwen.serve.app import ServerThread, create_app
-
-    with ServerThread(create_app({"qwen2.5": llm})) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def test_completion_and_stream(client):
     r = client.completions.create(model="qwen2.5", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert r.object == "text_completion" and "Paris" in r.choices[0].text and r.usage.completion_tokens <= 4

@@ -15,21 +15,6 @@ pytestmark = pytest.mark.slow
 HELLO = [{"role": "user", "content": "Say hello in Chinese."}]
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-    from edge_qwen.serve.app import ServerThread, create_app
-
-    with ServerThread(create_app({"qwen2.5": llm})) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def _check_entry(e, k: int) -> None:
     assert e.logprob <= 0 and bytes(e.bytes).decode("utf-8", errors="backslashreplace") == e.token
     assert len(e.top_logprobs) == k

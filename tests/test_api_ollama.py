@@ -13,14 +13,6 @@ GREEDY = {"temperature": 0, "num_predict": 12}
 
 
 @pytest.fixture(scope="module")
-def server(llm):
-    from edge_qwen.serve.app import ServerThread, create_app
-
-    with ServerThread(create_app({"qwen2.5": llm})) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def client(server):
     import ollama
 

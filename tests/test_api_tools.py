@@ -15,21 +15,6 @@ pytestmark = pytest.mark.slow
 WEATHER_Q = [{"role": "user", "content": "What's the weather like in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server(llm):
-    from edge_qwen.serve.app import ServerThread, create_app
-
-    with ServerThread(create_app({"qwen2.5": llm})) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
 def valid(call, tools) -> dict:
     """The call's arguments, after checking they parse and validate against the named tool."""
     fn = call.function if hasattr(call, "function") else call["function"]
