@@ -161,12 +161,8 @@ class QwenClient:
             state = {"path": str(self._llm.model_path), "loaded": True, "generating": self._pending > 0,
                      "slots": parallel, "busy": busy, "free": parallel - busy,
                      "waiting": max(self._pending - parallel, 0), **self._stats}
-        engine = getattr(self._llm, "engine", None)
-        if engine is not None:  # the same engine figures as the server's /health
-            st = engine.status()
-            state["kv_cache"] = {"cells": st["kv_cells"], "reserved": st["kv_reserved"], "cached": st["kv_cached"],
-                                 "mib": round(getattr(self._llm, "kv_cache_bytes", 0) / 2**20, 1)}
-            state["engine_steps"] = st["steps"]
+        if hasattr(self._llm, "engine_health"):  # the same engine figures as the server's /health
+            state.update(self._llm.engine_health())
         return {"status": "ok", "version": __version__, "time": time.time(), "models": {DEFAULT_MODEL_NAME: state}}
 
     def close(self) -> None:

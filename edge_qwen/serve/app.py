@@ -170,12 +170,8 @@ class _Slot:
         out = {"path": str(self.path), "loaded": self.llm is not None, "generating": self.running > 0,
                "slots": self.parallel, "busy": self.running, "free": self.parallel - self.running,
                "waiting": max(self.pending - self.running, 0), **self.stats}
-        engine = getattr(self.llm, "engine", None)
-        if engine is not None:
-            st = engine.status()
-            out["kv_cache"] = {"cells": st["kv_cells"], "reserved": st["kv_reserved"], "cached": st["kv_cached"],
-                               "mib": round(getattr(self.llm, "kv_cache_bytes", 0) / 2**20, 1)}
-            out["engine_steps"] = st["steps"]
+        if hasattr(self.llm, "engine_health"):
+            out.update(self.llm.engine_health())
         return out
 
 
