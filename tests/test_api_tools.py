@@ -135,6 +135,39 @@ def test_edgeqwen_chat_tools(llm):
     valid(msg["tool_calls"][0], [WEATHER])
 
 
+def test_arguments_are_generated_closed_to_the_declared_parameters(llm):
+    # What simonw/llm sends for a function without parameters: JSON Schema lets the object hold any
+    # key, and the 0.5B model filled it with a copy of the schema ({"properties": {...}}).
+    version = {"type": "function", "function": {"name": "llm_version", "description": "Return the installed "
+                                                "version of llm", "parameters": {"type": "object", "properties": {}}}}
+    r = llm.chat([{"role": "user", "content": "What version of llm is this? Use the tool."}], tools=[version],
+                 tool_choice="required", temperature=0, max_tokens=40)
+    assert json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {}
+
+
+def test_close_open_objects_keeps_what_the_schema_leaves_open():
+    from edge_qwen.engine.tool_calls import close_open_objects
+
+    nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
+                                               "l": {"type": "array", "items": {"type": "object", "properties": {}}},
+                                               "free": {"type": "object"}, "ref": {"$ref": "#/$defs/D"}},
+              "$defs": {"D": {"properties": {"x": {}}}}}
+    closed = close_open_objects(nested)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["l"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["properties"]["free"]  # a free-form object stays free
+    jsonschema.validate({"a": {"b": 1}, "l": [{}], "free": {"k": 1}, "ref": {"x": 2}}, closed)
+    # Left as sent: an explicit choice, keys needed beyond the declared ones, allOf anywhere.
+    for schema in ({"properties": {"a": {}}, "additionalProperties": True},
+                   {"properties": {"a": {}}, "required": ["b"]},
+                   {"properties": {"a": {}}, "minProperties": 2},
+                   {"properties": {"a": {}}, "anyOf": [{"properties": {"b": {}}}]},
+                   {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}):
+        assert close_open_objects(schema) == schema
+
+
 def test_langchain_bind_tools_and_structured_output(server):
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field

@@ -61,13 +61,90 @@ class Tools:
         """The JSON schema of one call: {"name": const, "arguments": parameters}, an anyOf over the names."""
         branches, defs = [], {}
         for i, name in enumerate(self.names):
-            params = _hoist_defs(self.schemas[name], f"t{i}_", defs)
+            params = _hoist_defs(close_open_objects(self.schemas[name]), f"t{i}_", defs)
             branches.append({"type": "object", "properties": {"name": {"const": name}, "arguments": params},
                              "required": ["name", "arguments"], "additionalProperties": False})
         schema: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
         if defs:
             schema = {**schema, "$defs": defs}
         return schema
+
+
+# Keywords whose schemas apply to other values (an item, a property's value) ...
+_OTHER_ONE = ("items", "additionalItems", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_OTHER_LIST = ("prefixItems",)
+_OTHER_MAP = ("properties", "patternProperties")
+# ... and to the same value as the schema beside them.
+_SAME_ONE = ("if", "then", "else")
+_SAME_LIST = ("anyOf", "oneOf")
+# An object schema whose allowed keys may come from elsewhere: left as it is.
+_KEYS_FROM_ELSEWHERE = ("additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
+                        "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "dependencies")
+_ANNOTATIONS = {"$ref", "description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
+                "writeOnly"}
+
+
+def close_open_objects(schema: Any) -> Any:
+    """The arguments' schema with every object that lists `properties` but leaves `additionalProperties`
+    unsaid closed to those properties, for generating calls (the user's schema still validates them).
+
+    JSON Schema lets such an object hold any other key, and the small models fill that room
+    with copies of the schema itself (`{"properties": {"version": "1.2.3"}}` for a function
+    without parameters), which validates but no function accepts: a function's parameters are
+    its signature. What is generated stays valid against the original (closing only removes
+    choices). Left open: an object schema without `properties` (a free-form object), objects that
+    say `additionalProperties` (or patternProperties...), whose keys may come from a combinator or
+    `$ref` beside them, whose `required` or `minProperties` needs undeclared keys; an alternative
+    (anyOf/oneOf/then/else member, `$ref` target) that shares its value with other keys; everything
+    under `not`; and any schema that uses `allOf`, where a closed member would refuse its
+    siblings' keys.
+    """
+    if not isinstance(schema, dict) or "allOf" in json.dumps(schema):
+        return schema
+    shared_refs: set[str] = set()  # $ref targets that share their value with other keys
+
+    def walk(node: Any, shared: bool) -> Any:
+        """`shared`: other schemas constrain the same value's keys (do not close this one)."""
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        ref = out.get("$ref")
+        if isinstance(ref, str) and (shared or set(out) - _ANNOTATIONS):
+            shared_refs.add(ref)
+        inner = shared or isinstance(out.get("properties"), dict)
+        for k in _OTHER_ONE:
+            if isinstance(out.get(k), dict):
+                out[k] = walk(out[k], False)
+        for k in _OTHER_LIST:
+            if isinstance(out.get(k), list):
+                out[k] = [walk(v, False) for v in out[k]]
+        if isinstance(out.get("items"), list):
+            out["items"] = [walk(v, False) for v in out["items"]]
+        for k in _OTHER_MAP:
+            if isinstance(out.get(k), dict):
+                out[k] = {name: walk(v, False) for name, v in out[k].items()}
+        for k in _SAME_ONE:
+            if isinstance(out.get(k), dict):
+                out[k] = walk(out[k], True)
+        for k in _SAME_LIST:
+            if isinstance(out.get(k), list):
+                out[k] = [walk(v, inner) for v in out[k]]
+        if isinstance(out.get("dependentSchemas"), dict):
+            out["dependentSchemas"] = {n: walk(v, True) for n, v in out["dependentSchemas"].items()}
+        for k in ("$defs", "definitions"):
+            if isinstance(out.get(k), dict):
+                out[k] = {n: walk(v, f"#/{k}/{n}" in shared_refs) for n, v in out[k].items()}
+        props = out.get("properties")
+        if isinstance(props, dict) and not shared and not any(k in out for k in _KEYS_FROM_ELSEWHERE):
+            required = out.get("required", [])
+            need = out.get("minProperties", 0)
+            if (isinstance(required, list) and all(r in props for r in required)
+                    and isinstance(need, int) and need <= len(props)):
+                out["additionalProperties"] = False
+        return out
+
+    walk(schema, False)  # first pass: which $ref targets are shared
+    return walk(schema, False)
 
 
 def _hoist_defs(params: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
