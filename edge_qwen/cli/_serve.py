@@ -43,11 +43,13 @@ from .options import quiet_option
               help="Seconds a request (head and body) may take to arrive; an idle or trickling connection gets 408.")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
+@click.option("--flash-attn/--no-flash-attn", default=None,
+              help="Flash attention (default: on, as llama.cpp's own default; a quantized --kv-type needs it).")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
                   prompt_cache: bool, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
-                  read_timeout: float, kv_type: str, quiet: bool) -> None:
+                  read_timeout: float, kv_type: str, flash_attn: bool | None, quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -59,4 +61,5 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
-          **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}))
+          **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}),
+          **({"flash_attn": flash_attn} if flash_attn is not None else {}))

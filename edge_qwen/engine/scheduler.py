@@ -1,20 +1,23 @@
 """The batched engine: every generation of one loaded model decoded together (continuous batching).
 
-One Engine owns one llama.cpp context with `parallel` sequence slots sharing one unified KV
-cache. A single engine thread runs steps; each step is one llama_decode of one llama_batch
-holding the next token(s) of every generating sequence plus a bounded chunk of any prompt
-still being evaluated (chunked prefill), so a new request starts within a step or two and a
-long prompt never stalls the streams. After the decode each sequence samples from its own
+One Engine owns one llama.cpp context with `parallel` sequence slots. By default each slot has
+its own KV stream of n_ctx cells (llama.cpp's non-unified cache, as llama-server runs it), so a
+token attends over its own conversation only; with `kv_cells` smaller than n_ctx * parallel the
+slots share one unified pool of cells instead. A single engine thread runs steps; each step is
+one llama_decode of one llama_batch holding the next token(s) of every generating sequence plus
+a bounded chunk of any prompt still being evaluated (chunked prefill), so a new request starts
+within a step or two and a long prompt never stalls the streams. After the decode each sequence samples from its own
 logits row with its own sampler chain and constraint (edge_qwen.engine.sequence).
 
-Admission: a request waits (FIFO) until a slot is free and the KV cells it may need (prompt
-plus max_tokens) fit beside those reserved by running sequences; cached prefixes of idle slots
-are evicted, least recently used first, to make room. A finished, cancelled or abandoned
+Admission: a request waits (FIFO) until a slot is free (and, with a shared pool, until the KV
+cells it may need, prompt plus max_tokens, fit beside those reserved by running sequences;
+cached prefixes of idle slots are then evicted, least recently used first, to make room). A finished, cancelled or abandoned
 sequence frees its slot at the next step.
 
 Prefix cache: an idle slot keeps the KV of its last conversation. A new prompt continues the
 slot holding its longest cached prefix, or copies that prefix from any slot (llama_memory_seq_cp:
-the cells are shared, not recomputed) -- but only between requests with the same `cache_key`,
+in a shared pool the cells are shared; across streams the slot's buffer is copied, then cut to
+the prefix; either way nothing is recomputed) -- but only between requests with the same `cache_key`,
 so prefixes (and timing) never leak between API keys / cache_salt scopes.
 
 Batched logits are not bit-identical to single-sequence logits (other rows change the matrix
@@ -72,8 +75,9 @@ class Engine:
 
     llama: a loaded llama_cpp.Llama. The engine adopts it: it creates its own context from the
         Llama's context settings (threads, rope/YaRN, KV types...) with `parallel` sequences
-        and a unified KV cache of `kv_cells` (default n_ctx * parallel), and frees the Llama's
-        original context so its KV memory is not held twice.
+        and `kv_cells` KV cells (default n_ctx * parallel: a stream of n_ctx cells per slot;
+        fewer: one pool shared by all slots), and frees the Llama's original context so its KV
+        memory is not held twice.
     n_ctx: the most tokens one sequence may hold (prompt + completion); default the Llama's n_ctx.
     n_batch: tokens per llama_decode (the step's budget).
     prefill_chunk: prompt tokens per step while other sequences are generating (default
@@ -104,13 +108,23 @@ class Engine:
         params.n_batch = self.n_batch
         params.n_ubatch = min(self.n_batch, params.n_ubatch or self.n_batch)
         params.n_seq_max = parallel
-        params.kv_unified = True  # one pool of cells: a shared prefix is stored once, any slot may grow
+        # A stream per slot: each token's attention spans its own sequence's cells, not every
+        # cell in use (in one unified pool, 16 conversations make every token attend over all
+        # 16, masked). A pool smaller than a full window per slot must be shared.
+        self.unified = self.kv_cells < self.n_ctx * parallel
+        params.kv_unified = self.unified
         try:
             self._context = _internals.LlamaContext(model=llama._model, params=params, verbose=False)
         except ValueError:
             raise EdgeQwenError(f"llama.cpp could not create a context of {self.kv_cells} KV cells for {parallel} "
                                 "sequences (out of memory?); lower parallel or n_ctx") from None
         self.kv_cells = int(llama_cpp.llama_n_ctx(self._context.ctx))  # llama.cpp may round it up
+        if not self.unified:
+            per_slot = int(llama_cpp.llama_n_ctx_seq(self._context.ctx))
+            if per_slot < self.n_ctx:
+                self._context.close()
+                raise EdgeQwenError(f"llama.cpp gave each of the {parallel} slots {per_slot} KV cells, fewer than "
+                                    f"n_ctx={self.n_ctx}; choose an n_ctx that is a multiple of 256")
         old, llama._ctx = llama._ctx, self._context  # every user of llama.ctx now sees the engine's context
         if old is not None and old is not self._context:
             old.close()
@@ -302,7 +316,7 @@ class Engine:
         while self.waiting:
             seq = self.waiting[0]
             reserved = sum(s.reservation for s in self.running)
-            if reserved + seq.reservation > self.kv_cells:
+            if self.unified and reserved + seq.reservation > self.kv_cells:
                 return  # cells run out: wait for a running sequence to end
             free = [s for s in self.slots if s.running is None]
             if not free:
@@ -315,6 +329,8 @@ class Engine:
             self.running.append(seq)
             self.stats["prompt_tokens"] += len(seq.req.prompt)
             self.stats["cached_tokens"] += cached
+            if not self.unified:
+                continue  # each slot has its own stream: nothing to evict for room
             # Idle caches give way to reservations: evict least recently used first.
             cached_idle = sorted((s for s in self.slots if s.running is None and s.tokens), key=lambda s: s.last_used)
             total = reserved + seq.reservation + sum(len(s.tokens) for s in cached_idle)
@@ -349,7 +365,11 @@ class Engine:
         if best_any is not None and best_any_n > 0:
             # Share the prefix's cells with the slot that holds them (a running conversation or a
             # common system prompt): nothing is recomputed.
-            llama_cpp.llama_memory_seq_cp(self.mem, best_any.seq_id, target.seq_id, 0, best_any_n)
+            if self.unified:
+                llama_cpp.llama_memory_seq_cp(self.mem, best_any.seq_id, target.seq_id, 0, best_any_n)
+            else:  # across streams llama.cpp copies whole buffers only: copy, then cut to the prefix
+                llama_cpp.llama_memory_seq_cp(self.mem, best_any.seq_id, target.seq_id, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self.mem, target.seq_id, best_any_n, -1)
             target.tokens = list(best_any.tokens[:best_any_n])
             return target, best_any_n
         return target, 0
