@@ -44,7 +44,7 @@ from .options import quiet_option
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
 @click.option("--flash-attn/--no-flash-attn", default=None,
-              help="Flash attention (default: on, as llama.cpp's own default; a quantized --kv-type needs it).")
+              help="Flash attention (default: on with a quantized --kv-type, which needs it; off with f16).")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
