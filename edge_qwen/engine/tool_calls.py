@@ -70,13 +70,13 @@ class Tools:
         return schema
 
 
-# Keywords whose schemas apply to other values (an item, a property's value) ...
-_OTHER_ONE = ("items", "additionalItems", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties")
-_OTHER_LIST = ("prefixItems",)
-_OTHER_MAP = ("properties", "patternProperties")
-# ... and to the same value as the schema beside them.
-_SAME_ONE = ("if", "then", "else")
-_SAME_LIST = ("anyOf", "oneOf")
+# Schema-valued keywords: (keyword, whether its schemas constrain the same value as the schema
+# beside them). "same" means they share that value's keys: such a member is not closed on its
+# own ("inner": only when the schema beside it lists properties).
+_SUBSCHEMAS = (("items", False), ("additionalItems", False), ("contains", False), ("propertyNames", False),
+               ("unevaluatedItems", False), ("unevaluatedProperties", False), ("prefixItems", False),
+               ("properties", False), ("patternProperties", False), ("if", True), ("then", True),
+               ("else", True), ("dependentSchemas", True), ("anyOf", "inner"), ("oneOf", "inner"))
 # An object schema whose allowed keys may come from elsewhere: left as it is.
 _KEYS_FROM_ELSEWHERE = ("additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
                         "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "dependencies")
@@ -112,25 +112,14 @@ def close_open_objects(schema: Any) -> Any:
         if isinstance(ref, str) and (shared or set(out) - _ANNOTATIONS):
             shared_refs.add(ref)
         inner = shared or isinstance(out.get("properties"), dict)
-        for k in _OTHER_ONE:
-            if isinstance(out.get(k), dict):
-                out[k] = walk(out[k], False)
-        for k in _OTHER_LIST:
-            if isinstance(out.get(k), list):
-                out[k] = [walk(v, False) for v in out[k]]
-        if isinstance(out.get("items"), list):
-            out["items"] = [walk(v, False) for v in out["items"]]
-        for k in _OTHER_MAP:
-            if isinstance(out.get(k), dict):
-                out[k] = {name: walk(v, False) for name, v in out[k].items()}
-        for k in _SAME_ONE:
-            if isinstance(out.get(k), dict):
-                out[k] = walk(out[k], True)
-        for k in _SAME_LIST:
-            if isinstance(out.get(k), list):
-                out[k] = [walk(v, inner) for v in out[k]]
-        if isinstance(out.get("dependentSchemas"), dict):
-            out["dependentSchemas"] = {n: walk(v, True) for n, v in out["dependentSchemas"].items()}
+        for k, same in _SUBSCHEMAS:
+            sub, flag = out.get(k), inner if same == "inner" else same
+            if isinstance(sub, dict) and k in ("properties", "patternProperties", "dependentSchemas"):
+                out[k] = {name: walk(v, flag) for name, v in sub.items()}
+            elif isinstance(sub, dict):
+                out[k] = walk(sub, flag)
+            elif isinstance(sub, list):
+                out[k] = [walk(v, flag) for v in sub]
         for k in ("$defs", "definitions"):
             if isinstance(out.get(k), dict):
                 out[k] = {n: walk(v, f"#/{k}/{n}" in shared_refs) for n, v in out[k].items()}
