@@ -16,7 +16,9 @@ Modes (default model, greedy, the schema in the prompt, same prompt for both eng
         both engines, schema by schema (one model computes at a time; `--engine ours` or `peer`
         runs one), then the side-by-side table. Schemas run round-robin over the categories
         (the first of each category, then the second...), so a run stopped early is still a
-        stratified, paired sample; the result files are rewritten after every schema.
+        stratified, paired sample; the result files are rewritten after every schema. `--resume`
+        keeps the rows already in OUT.<engine>.json and runs only the missing schemas (finish a
+        stopped run, or rerun one engine: `--engine ours` with a fresh OUT, the peer's rows kept).
     python benchmarks/bench_jsonschemabench.py --data /tmp/jsb maskbench [--limit N]
         grammar soundness: every valid instance accepted token by token and by validation, every
         invalid one rejected by the grammar or the final validation (tests/test_json_soundness.py
@@ -125,6 +127,7 @@ class Ours:
             text, finish = r["choices"][0]["message"]["content"], r["choices"][0]["finish_reason"]
             row.update(finish=finish, tokens=r["usage"]["completion_tokens"],
                        retries=r["usage"].get("json_retries", 0), retry_tokens=r["usage"].get("json_retry_tokens", 0),
+                       cut_retries=r["usage"].get("json_cut_retries", 0),
                        outcome="cut" if finish == "length" else judge(text, schema), text=text[:400])
         except EdgeQwenError as e:
             status = getattr(e, "status", 500)
@@ -193,15 +196,27 @@ class Peer:
         self.proc.wait()
 
 
-def run_sample(items: list[tuple[str, Path]], engines: list[str], max_tokens: int, out: Path) -> list[Path]:
-    """Generate every item with each engine in turn (schema by schema); rewrite `out`.<engine>.json each time."""
+def run_sample(items: list[tuple[str, Path]], engines: list[str], max_tokens: int, out: Path,
+               resume: bool = False) -> list[Path]:
+    """Generate every item with each engine in turn (schema by schema); rewrite `out`.<engine>.json each time.
+
+    `resume`: keep the rows of an earlier run found in `out`.<engine>.json (same sample items only)
+    and generate only the items that engine has not done yet.
+    """
+    paths = [out.with_name(f"{out.name}.{e}.json") for e in engines]
+    rows: list[list[dict]] = [[] for _ in engines]
+    wanted = {(cat, path.name) for cat, path in items}
+    if resume:
+        for dest, done in zip(paths, rows):
+            if dest.exists():
+                done += [r for r in json.loads(dest.read_text()) if (r["category"], r["file"]) in wanted]
     runners = [{"ours": Ours, "peer": Peer}[e](max_tokens) for e in engines]
-    paths = [out.with_name(f"{out.name}.{r.name}.json") for r in runners]
-    rows: list[list[dict]] = [[] for _ in runners]
     try:
         for cat, path in items:
             schema = json.loads(path.read_text())
             for runner, dest, done in zip(runners, paths, rows):
+                if any((r["category"], r["file"]) == (cat, path.name) for r in done):
+                    continue
                 t0 = time.perf_counter()
                 row = {"category": cat, "file": path.name, **runner.run(schema)}
                 row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -234,10 +249,14 @@ def table(files: list[Path]) -> str:
         cells = [f"{counts[k]} of {n[k]}" + (f" ({100 * counts[k] / n[k]:.0f}%)" if key == "valid" else "") for k in runs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     extra = {name: (sum(r.get("fallback", False) for r in rows), sum(r.get("retries", 0) > 0 for r in rows),
-                    sum(r.get("retries", 0) for r in rows)) for name, rows in runs.items()}
+                    sum(r.get("retries", 0) for r in rows), sum(r.get("cut_retries", 0) > 0 for r in rows),
+                    sum(r.get("cut_retries", 0) > 0 and r["outcome"] == "valid" for r in rows),
+                    sum(r.get("retry_tokens", 0) for r in rows)) for name, rows in runs.items()}
     lines.append("| silent fallbacks to plain JSON | " + " | ".join(str(e[0]) for e in extra.values()) + " |")
-    lines.append("| answers that needed retries (retries in all) | "
-                 + " | ".join(f"{e[1]} ({e[2]})" for e in extra.values()) + " |")
+    lines.append("| answers that needed retries (retries in all; their tokens) | "
+                 + " | ".join(f"{e[1]} ({e[2]}; {e[5]})" for e in extra.values()) + " |")
+    lines.append("| of which cut answers retried under the strict variant (then valid) | "
+                 + " | ".join(f"{e[3]} ({e[4]})" for e in extra.values()) + " |")
     per_cat: dict[str, dict[str, int]] = collections.defaultdict(dict)
     for name, rows in runs.items():
         for r in rows:
@@ -339,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=400)
     ap.add_argument("--limit", type=int, default=None, help="maskbench: this many schemas (seeded sample); sample: the first N of the round-robin order")
     ap.add_argument("--out", type=Path, default=None, help="sample: results go to OUT.ours.json / OUT.peer.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="sample: keep the rows already in OUT.<engine>.json and run only the schemas missing there")
     a = ap.parse_args(argv)
     if a.mode == "_peer":
         return _peer_worker(a.max_tokens)
@@ -355,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         items = items[:a.limit]
     out = a.out or Path(f"/tmp/jsb_seed{a.seed}")
     engines = ["ours", "peer"] if a.engine == "both" else [a.engine]
-    paths = run_sample(items, engines, a.max_tokens, out)
+    paths = run_sample(items, engines, a.max_tokens, out, resume=a.resume)
     print("wrote", *paths)
     print(table(paths))
 

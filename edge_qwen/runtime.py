@@ -316,7 +316,7 @@ class EdgeQwen:
                  blocking: bool = True, reuse_prefix: bool | None = None,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, tools: Any = None,
                  cache_key: str = "", enable_thinking: bool | None = None, logprobs: int | None = None,
-                 prefilled: threading.Event | None = None) -> Iterator[GenerationChunk]:
+                 prefilled: threading.Event | None = None, retry_cut: bool = False) -> Iterator[GenerationChunk]:
         """Stream a reply to `messages` as GenerationChunks (the last has finish_reason and timings).
 
         Bad parameters raise RequestError here, before anything runs. The generation itself
@@ -339,6 +339,8 @@ class EdgeQwen:
         log-probability under the model's raw distribution on the chunks (GenerationChunk.logprobs).
         `prefilled` is set once the prompt is evaluated (engine.generate.fan_out uses it to share
         the prompt's KV cells between the choices of one request).
+        `retry_cut` (the caller collects the whole reply, as a non-streamed chat does): a JSON answer
+        cut at max_tokens is retried once under a stricter variant of its schema (engine/json_retry.py).
         """
         from .engine.reasoning import EMPTY_THINK, AfterThinking, plan_thinking, think_close_id
         from .engine.tool_calls import ToolCallConstraint, prepare_history
@@ -372,11 +374,11 @@ class EdgeQwen:
             raise RequestError("stop cannot be combined with a JSON response_format (the JSON value's end "
                                "ends the reply); remove stop", param="stop")
         reuse = self.reuse_prefix if reuse_prefix is None else bool(reuse_prefix)
-        if getattr(constraint, "needs_validation", False):  # a schema only validation can fully guarantee
-            from .engine.json_retry import generate_checked
+        if getattr(constraint, "needs_validation", False) or (retry_cut and not active and constraint is not None):
+            from .engine.json_retry import generate_checked  # validation, or a cut answer's retry
 
             return generate_checked(lambda p, c: self._run(prompt, p, c, cancel, blocking, reuse, cache_key,
-                                                           prefilled), params, constraint)
+                                                           prefilled), params, constraint, retry_cut=retry_cut)
         return self._run(prompt, params, constraint, cancel, blocking, reuse, cache_key, prefilled)
 
     def generate_tokens(self, prompt: Sequence[int], *, temperature: float = 0.7, top_p: float = 0.9,
@@ -527,7 +529,8 @@ class EdgeQwen:
                             seed=seed, response_format=response_format, cancel=cancel, blocking=blocking,
                             cache_key=cache_key,
                             reuse_prefix=reuse_prefix, default_max_tokens=default_max_tokens, tools=checked,
-                            enable_thinking=enable_thinking, logprobs=want, prefilled=_prefilled)
+                            enable_thinking=enable_thinking, logprobs=want, prefilled=_prefilled,
+                            retry_cut=not stream)
         thinking = plan_thinking(self, messages, enable_thinking)
         if thinking.split:
             gen = split_reasoning(gen, thinking.in_reasoning)
@@ -737,7 +740,7 @@ def _sum_usage(usages: list[dict]) -> dict:
     out = copy.deepcopy(usages[0])
     out["completion_tokens"] = sum(u["completion_tokens"] for u in usages)
     out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
-    for key in ("json_retries", "json_retry_tokens"):
+    for key in ("json_retries", "json_retry_tokens", "json_cut_retries"):
         if key in out:
             out[key] = sum(u.get(key, 0) for u in usages)
     return out
@@ -751,4 +754,5 @@ def _usage(last: GenerationChunk) -> dict:
              "prompt_tokens_details": {"cached_tokens": cached}}
     if hasattr(t, "json_retries"):  # a validated JSON answer (engine/json_retry.py): what its retries cost
         usage["json_retries"], usage["json_retry_tokens"] = t.json_retries, t.json_retry_tokens
+        usage["json_cut_retries"] = t.json_cut_retries
     return usage

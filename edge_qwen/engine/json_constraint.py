@@ -18,6 +18,7 @@ per schema, the compiled matcher is cached and deep-copied per request (microsec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import warnings
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..errors import ConstraintViolation, RequestError, SchemaError
-from .json_normalize import SchemaPlan, generation_order, plan_schema
+from .json_normalize import SchemaPlan, generation_order, plan_schema, strict_variant
 from .json_schema import check_depth, engine_error, engine_limit, validate_output
 
 # Whitespace the grammar allows at each place JSON allows it: one optional space. Compact-only
@@ -35,6 +36,9 @@ from .json_schema import check_depth, engine_error, engine_limit, validate_outpu
 # two per line and cut long answers at max_tokens, and unbounded whitespace lets the model run
 # away. The pattern is matched at most once per place, so the bound holds.
 WHITESPACE_PATTERN = r"[ ]?"
+# The retry of an answer cut at max_tokens (strict_variant, edge_qwen.engine.json_retry) is compact:
+# every space costs a token there, and the first answer has shown the room is short.
+CUT_RETRY_WHITESPACE = ""
 
 # Any JSON object: {"type": "json_object"} without a schema.
 ANY_OBJECT: dict = {"type": "object"}
@@ -65,11 +69,11 @@ class _ModelTables:
             self.tokenizer = lltokenizer_from_vocab(vocab, n_vocab=self.n_vocab, eos_token=self.eos)
         self.matchers: OrderedDict[str, Any] = OrderedDict()
 
-    def matcher(self, plan: SchemaPlan, schema_text: str, param: str) -> Any:
+    def matcher(self, plan: SchemaPlan, schema_text: str, param: str, whitespace: str = WHITESPACE_PATTERN) -> Any:
         """A fresh matcher for `plan.grammar` (the schema's JSON text is `schema_text`): compiled once, then
         deep-copied. A `oneOf` llguidance cannot prove disjoint is compiled as `anyOf` and left to
         validation (recorded in `plan.validated`)."""
-        key = WHITESPACE_PATTERN + "\0" + schema_text  # the whitespace rule is part of the grammar
+        key = whitespace + "\0" + schema_text  # the whitespace rule is part of the grammar
         with _lock:
             cached = self.matchers.get(key)
             if cached is not None:
@@ -78,12 +82,12 @@ class _ModelTables:
                 if coerced:
                     _note_coerced(plan)
                 return template.deep_copy()
-        template = self._compile(plan.grammar, param, {})
+        template = self._compile(plan.grammar, param, {}, whitespace)
         coerced = False
         if isinstance(template, str) and "coerce_one_of" in template:
             coerced = True
             _note_coerced(plan)
-            template = self._compile(plan.grammar, param, {"coerce_one_of": True})
+            template = self._compile(plan.grammar, param, {"coerce_one_of": True}, whitespace)
         if isinstance(template, str):
             raise engine_error(template, param)
         with _lock:
@@ -92,13 +96,13 @@ class _ModelTables:
                 self.matchers.popitem(last=False)
         return template.deep_copy()
 
-    def _compile(self, grammar_schema: dict, param: str, options: dict) -> Any:
+    def _compile(self, grammar_schema: dict, param: str, options: dict, whitespace: str = WHITESPACE_PATTERN) -> Any:
         """An LLMatcher for `grammar_schema`, or llguidance's error message."""
         from llguidance import LLMatcher
 
         try:
             grammar = LLMatcher.grammar_from_json_schema(
-                grammar_schema, defaults={"whitespace_pattern": WHITESPACE_PATTERN}, overrides=options or None)
+                grammar_schema, defaults={"whitespace_pattern": whitespace}, overrides=options or None)
         except ValueError as exc:
             raise engine_error(str(exc), param) from None
         template = LLMatcher(self.tokenizer, grammar, log_level=0)
@@ -298,7 +302,40 @@ class JsonConstraint:
 
     def fresh(self) -> "JsonConstraint":
         """A new constraint for the same schema, at the start (for another attempt)."""
-        return JsonConstraint(self._tables, self._template.deep_copy(), self.plan, self._fast_forward)
+        c = JsonConstraint(self._tables, self._template.deep_copy(), self.plan, self._fast_forward)
+        c.cut_retry = self.cut_retry
+        return c
+
+    cut_retry = False  # True on the constraint of a cut answer's retry (strict())
+
+    @property
+    def retries_cuts(self) -> bool:
+        """True when an answer cut at max_tokens may be retried under strict() (a schema, not any object)."""
+        return self.plan is not None and not self.cut_retry
+
+    def strict(self) -> "JsonConstraint | None":
+        """The constraint of a cut answer's retry: json_normalize.strict_variant of the grammar, compact.
+
+        It accepts a subset of what this constraint accepts and validates against the same schema
+        (`plan.validation`), so its answers keep every guarantee. None when the variant cannot
+        be compiled (an object closed where the schema needed it open): no such retry then.
+        """
+        if self.plan is None:
+            return None
+        plan = self.plan
+        if plan.strict is None:
+            grammar, changes = strict_variant(plan.grammar)
+            plan.strict = dataclasses.replace(plan, grammar=grammar, strict=None, strict_changes=changes,
+                                              validated=list(plan.validated))
+        text = json.dumps(plan.strict.grammar, ensure_ascii=False, separators=(",", ":"))
+        try:
+            matcher = self._tables.matcher(plan.strict, text, "response_format", whitespace=CUT_RETRY_WHITESPACE)
+            c = JsonConstraint(self._tables, matcher, plan.strict, self._fast_forward)
+            c.check_start()
+        except SchemaError:
+            return None
+        c.cut_retry = True
+        return c
 
 
 class AnswerInvalid(ConstraintViolation):
@@ -343,7 +380,21 @@ def make_constraint(llm: Any, response_format: Any, param: str = "response_forma
                 _checked.popitem(last=False)
     tables = model_tables(llm)
     grammar_text = json.dumps(plan.grammar, ensure_ascii=False, separators=(",", ":"))
-    matcher = tables.matcher(plan, grammar_text, param)
+    try:
+        matcher = tables.matcher(plan, grammar_text, param)
+    except SchemaError as exc:
+        # llguidance cannot intersect a property with a pattern schema that refers back to it:
+        # plan again with the grammar enforcing one side (a superset), validation checking both.
+        if "circular references with sibling keys" not in str(exc):
+            raise
+        relaxed = plan_schema(schema, param, relax_circular=True)
+        if relaxed.grammar == plan.grammar:
+            raise
+        plan = relaxed
+        with _lock:
+            _checked[text] = plan
+        grammar_text = json.dumps(plan.grammar, ensure_ascii=False, separators=(",", ":"))
+        matcher = tables.matcher(plan, grammar_text, param)
     constraint = JsonConstraint(tables, matcher, None if any_object else plan, fast_forward=fast_forward)
     constraint.check_start()  # a schema the engine cannot even start on fails here, before the prompt runs
     return constraint

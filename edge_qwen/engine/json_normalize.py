@@ -106,6 +106,8 @@ class SchemaPlan:
     dropped: list[str] = field(default_factory=list)
     one_of_paths: list[str] = field(default_factory=list)
     options: dict = field(default_factory=dict)
+    strict: "SchemaPlan | None" = None  # strict_variant's plan, made on a cut answer's first retry
+    strict_changes: list[str] = field(default_factory=list)  # what strict_variant changed (on that plan)
 
     @property
     def exact(self) -> bool:
@@ -324,8 +326,9 @@ def _draft(schema: dict) -> str:
 
 
 class _Walk:
-    def __init__(self, root: dict):
+    def __init__(self, root: dict, relax: bool = False):
         self.root = root
+        self.relax = relax  # see plan_schema's relax_circular
         self.draft = _draft(root)
         self.blockers: list[str] = []
         self.validated: list[str] = []
@@ -400,7 +403,81 @@ class _Walk:
                 out[key] = [self.schema(v, path + [key, str(i)]) for i, v in enumerate(value)]
             else:
                 out[key] = value
-        return _required_first(out)
+        self._drop_implied_type(node, out, path)
+        self._drop_implied_properties(out, path)
+        return _required_first(_merge_all_of(out))
+
+    def _drop_implied_properties(self, out: dict, path: list[str]) -> None:
+        """A property whose schema is the same as that of a `patternProperties` pattern its name
+        matches (up to annotations) must satisfy that pattern schema anyway: its own schema becomes
+        `{}` in the grammar (llguidance would intersect the two, and cannot when they refer back
+        to this object: "circular references with sibling keys")."""
+        props, patterns = out.get("properties"), out.get("patternProperties")
+        if not isinstance(props, dict) or not isinstance(patterns, dict):
+            return
+        for name, sub in props.items():
+            if not isinstance(sub, dict) or not sub:
+                continue
+            for pat, psub in patterns.items():
+                try:
+                    hit = re.search(pat, name) is not None
+                except re.error:
+                    continue
+                if hit and isinstance(psub, dict) and _without_annotations(sub) == _without_annotations(psub):
+                    props[name] = {}
+                    self.dropped.append(f"the schema of property {name!r}, the same as patternProperties "
+                                        f"{pat!r}, at {pointer(path + ['properties', name])}")
+                    break
+                if hit and self.relax:
+                    props[name] = {}  # the grammar enforces the pattern's schema only: a superset
+                    self.validated.append(f"property {name!r} beside patternProperties {pat!r} that its name "
+                                          f"matches (circular $ref) at {pointer(path + ['properties', name])}")
+                    break
+
+    def _drop_implied_type(self, node: dict, out: dict, path: list[str]) -> None:
+        """Drop a `type` that every `anyOf`/`oneOf` branch (or the `$ref` target) beside it already implies.
+
+        It constrains nothing then, and llguidance cannot intersect it with a recursive `$ref`
+        ("circular references with sibling keys": `{"anyOf": [{"$ref": "#/definitions/author"}, ...],
+        "type": "object"}` where the author refers back to this place).
+        """
+        declared = _type_set(out.get("type"))
+        if declared is None:
+            return
+        def implied(sub: Any) -> bool:
+            types = self._types_of(sub, 0)
+            return types is not None and all(t in declared or (t == "integer" and "number" in declared)
+                                             for t in types)
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list) and branches and all(implied(b) for b in branches):
+                del out["type"]
+                self.dropped.append(f"type beside {key} whose every branch implies it at {pointer(path + ['type'])}")
+                return
+        if isinstance(out.get("$ref"), str) and implied({"$ref": out["$ref"]}):
+            del out["type"]
+            self.dropped.append(f"type beside a $ref that implies it at {pointer(path + ['type'])}")
+
+    def _types_of(self, node: Any, depth: int) -> set[str] | None:
+        """The JSON types every value valid against `node` has, as far as `type`, `$ref`, `enum`,
+        `const`, `anyOf`/`oneOf` tell (None: not known)."""
+        if not isinstance(node, dict) or depth > MAX_REF_CHAIN:
+            return None
+        ref = node.get("$ref")
+        old = self.draft in ("draft-03", "draft-04", "draft-06", "draft-07")
+        if isinstance(ref, str) and (old or "type" not in node):
+            target = self._types_of(resolve_local(self.root, ref), depth + 1)
+            if old or target is not None:
+                return target
+        types = _type_set(node.get("type"))
+        if types is not None:
+            return types
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list) and branches:
+                sets = [self._types_of(b, depth + 1) for b in branches]
+                return None if any(t is None for t in sets) else set().union(*sets)
+        return None
 
     def _format(self, node: dict, fmt: str, may_be_string: bool, where: str, out: dict) -> None:
         if not may_be_string:
@@ -518,6 +595,135 @@ def generation_order(grammar: Any, value: Any) -> Any:
     return walk(grammar, value, 0)
 
 
+# The stricter variant a cut answer is retried under (edge_qwen.engine.json_retry): strings and
+# arrays with no upper bound get these, each only where the schema's own lower bound allows it.
+CUT_RETRY_MAX_LENGTH = 64
+CUT_RETRY_MAX_ITEMS = 5
+
+
+def strict_variant(grammar: Any) -> tuple[Any, list[str]]:
+    """A copy of `grammar` that accepts a subset of its values, for retrying an answer cut at max_tokens.
+
+    The small model tends to copy the schema itself (`"type": "object", "description": ...`) as
+    extra keys into objects whose `additionalProperties` is left open, or to repeat digits, items
+    and nesting until max_tokens: answers that are valid JSON Schema but never end. The variant
+    closes every object that lists `properties` and says nothing of `additionalProperties` or
+    `patternProperties` (`additionalProperties: false`), bounds strings without length, pattern,
+    format, enum or const to CUT_RETRY_MAX_LENGTH characters and arrays without `maxItems` to
+    CUT_RETRY_MAX_ITEMS items. Every keyword is added, none removed, so each value it accepts is
+    accepted by `grammar` too (and validated against the schema as sent). Objects that an `allOf`
+    combines with other schemas (its branches, their `$ref` targets, a node beside `allOf` or
+    `$ref`) stay open: closing them could leave no value at all. Returns the copy and what it changed.
+    """
+    if not isinstance(grammar, dict):
+        return grammar, []
+    root = copy.deepcopy(grammar)
+    keep_open: set[int] = set()
+
+    def mark_merged(node: Any, depth: int = 0) -> None:
+        # node takes part in an intersection: it and whatever it $refs to stay open
+        if not isinstance(node, dict) or id(node) in keep_open or depth > MAX_REF_CHAIN:
+            return
+        keep_open.add(id(node))
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            mark_merged(resolve_local(root, ref), depth + 1)
+        for key in ("allOf", "anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                for branch in node[key]:
+                    mark_merged(branch, depth + 1)
+
+    stack: list[Any] = [root]
+    nodes: list[dict] = []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, dict):
+            nodes.append(n)
+            if isinstance(n.get("allOf"), list):
+                mark_merged(n)
+            elif "$ref" in n and any(k not in ("$ref", "$defs", "definitions") for k in n):
+                mark_merged(n)
+            stack.extend(v for v in n.values() if isinstance(v, (dict, list)))
+        elif isinstance(n, list):
+            stack.extend(v for v in n if isinstance(v, (dict, list)))
+    closed = strings = arrays = 0
+    for n in nodes:
+        types = n.get("type")
+        types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
+        props = n.get("properties")
+        required = n.get("required") if isinstance(n.get("required"), list) else []
+        if (isinstance(props, dict) and props and "additionalProperties" not in n and "patternProperties" not in n
+                and id(n) not in keep_open and all(k in props for k in required)
+                and (n.get("minProperties") or 0) <= len(props)):
+            n["additionalProperties"] = False
+            closed += 1
+        free = not any(k in n for k in ("enum", "const", "pattern", "format", "maxLength", "$ref", "anyOf", "oneOf",
+                                        "allOf"))
+        if types == {"string"} and free and (n.get("minLength") or 0) <= CUT_RETRY_MAX_LENGTH:
+            n["maxLength"] = CUT_RETRY_MAX_LENGTH
+            strings += 1
+        if (types == {"array"} and "maxItems" not in n and (n.get("minItems") or 0) <= CUT_RETRY_MAX_ITEMS
+                and len(n.get("prefixItems") or []) <= CUT_RETRY_MAX_ITEMS and "contains" not in n):
+            n["maxItems"] = CUT_RETRY_MAX_ITEMS
+            arrays += 1
+    changes = [f"{k} {what}" for k, what in ((closed, "open objects closed"), (strings, "strings bounded"),
+                                             (arrays, "arrays bounded")) if k]
+    return root, changes
+
+
+# Keywords that read each other within one schema object: merged only when one side has them all.
+_INTERACTING = (frozenset({"properties", "patternProperties", "additionalProperties", "unevaluatedProperties"}),
+                frozenset({"items", "prefixItems", "additionalItems", "unevaluatedItems"}),
+                frozenset({"if", "then", "else"}), frozenset({"contains", "minContains", "maxContains"}))
+
+
+def _merge_all_of(out: dict) -> dict:
+    """Merge `allOf` branches into the schema beside them where that means the same (an exact rewrite).
+
+    `{"type": "object", "allOf": [{"properties": ...}]}` (how many generated schemas wrap their
+    body) is what llguidance must intersect, and it cannot when a property refers back to the
+    root ("circular references with sibling keys"). A branch is merged when it shares no keyword
+    with the schema (or the same value), neither holds `$ref`, `$defs` or `definitions`, and of each group of
+    keywords that read each other (`properties`/`additionalProperties`..., `items`/`prefixItems`...,
+    `if`/`then`/`else`, `contains`...) only one side has any: the conjunction is then the same.
+    """
+    branches = out.get("allOf")
+    if not isinstance(branches, list):
+        return out
+    kept = []
+    for branch in branches:
+        here = set(out) - {"allOf"}
+        ok = (isinstance(branch, dict) and not ({"$ref", "$defs", "definitions", "$id", "id", "allOf"} & set(branch))
+              and "$ref" not in out
+              and all(out[k] == v for k, v in branch.items() if k in here)
+              and all(not (g & here and g & set(branch)) for g in _INTERACTING))
+        if ok:
+            out.update(branch)
+        else:
+            kept.append(branch)
+    if kept:
+        out["allOf"] = kept
+    else:
+        del out["allOf"]
+    return out
+
+
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                          "writeOnly"})
+
+
+def _without_annotations(schema: dict) -> dict:
+    return {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+
+
+def _type_set(value: Any) -> set[str] | None:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+        return set(value)
+    return None
+
+
 def _at_most_one_item(node: dict) -> bool:
     return isinstance(node.get("maxItems"), int) and node["maxItems"] <= 1
 
@@ -542,8 +748,12 @@ def metaschema_problems(schema: dict) -> list[str]:
     return out
 
 
-def plan_schema(schema: Any, param: str = "response_format") -> SchemaPlan:
+def plan_schema(schema: Any, param: str = "response_format", relax_circular: bool = False) -> SchemaPlan:
     """Check `schema` and plan how it is enforced (see the module docstring).
+
+    `relax_circular` (after llguidance refused the plain plan for "circular references with
+    sibling keys"): a property whose name also matches a `patternProperties` pattern gets only the
+    pattern's schema in the grammar (llguidance would intersect the two), and validation checks both.
 
     Raises one SchemaError that lists every blocker with its JSON path: an invalid schema
     (each metaschema error), size limits, remote or dynamic references, unsafe x-guidance options.
@@ -558,7 +768,7 @@ def plan_schema(schema: Any, param: str = "response_format") -> SchemaPlan:
     size = fanout_problem(schema)
     if size is not None:
         blockers.append(size)
-    walk = _Walk(schema)
+    walk = _Walk(schema, relax_circular)
     grammar = walk.schema(copy.deepcopy(schema), [])
     if "x-guidance" in schema:
         blockers += x_guidance_problems(schema["x-guidance"])
@@ -572,4 +782,4 @@ def plan_schema(schema: Any, param: str = "response_format") -> SchemaPlan:
                       one_of_paths=walk.one_of)
 
 
-__all__ = ["SchemaPlan", "plan_schema", "pointer", "generation_order", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]
+__all__ = ["SchemaPlan", "plan_schema", "strict_variant", "CUT_RETRY_MAX_LENGTH", "CUT_RETRY_MAX_ITEMS", "pointer", "generation_order", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]

@@ -26,7 +26,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..errors import EdgeQwenError
+from ..errors import EdgeQwenError, SchemaError
 from .generate import GenerationChunk, SamplingParams, Timings
 
 MAX_RETRIES = 3  # attempts after the first
@@ -45,8 +45,9 @@ class RetriesExhausted(EdgeQwenError):
 class CheckedTimings(Timings):
     """Timings of a validated answer, with what its retries cost."""
 
-    json_retries: int = 0  # answers discarded because they failed validation
+    json_retries: int = 0  # answers discarded: they failed validation, or were cut and retried
     json_retry_tokens: int = 0  # completion tokens those answers spent
+    json_cut_retries: int = 0  # of those attempts, retries of a cut answer under the strict variant (0 or 1)
 
 
 def retry_params(params: SamplingParams, attempt: int) -> SamplingParams:
@@ -60,42 +61,67 @@ def retry_params(params: SamplingParams, attempt: int) -> SamplingParams:
 
 
 def generate_checked(run: Callable[[SamplingParams, Any], Iterator[GenerationChunk]], params: SamplingParams,
-                     constraint: Any, *, max_retries: int = MAX_RETRIES) -> Iterator[GenerationChunk]:
+                     constraint: Any, *, max_retries: int = MAX_RETRIES,
+                     retry_cut: bool = False) -> Iterator[GenerationChunk]:
     """Run `run(params, constraint)` (one constrained generation) until its answer validates.
 
-    `constraint` is a JsonConstraint; when it needs no validation (`needs_validation` False) the
-    generation passes through untouched. Otherwise see the module docstring.
+    `constraint` is a JsonConstraint; when it needs no validation (`needs_validation` False) and
+    cut answers are not retried, the generation passes through untouched. `retry_cut` (a caller
+    that collects the whole answer anyway, such as a non-streamed chat) lets an answer cut at
+    max_tokens be retried once under the constraint's strict() variant. See the module docstring.
     """
-    if not getattr(constraint, "needs_validation", False):
+    from .json_constraint import JsonConstraint
+
+    # Only a plain JSON constraint (not one wrapped after a reasoning block) has a strict() variant.
+    retry_cut = retry_cut and isinstance(constraint, JsonConstraint) and constraint.retries_cuts
+    if not getattr(constraint, "needs_validation", False) and not retry_cut:
         return run(params, constraint)
-    return _checked(run, params, constraint, max_retries)
+    return _checked(run, params, constraint, max_retries, retry_cut)
 
 
 def _checked(run: Callable[[SamplingParams, Any], Iterator[GenerationChunk]], params: SamplingParams,
-             constraint: Any, max_retries: int) -> Iterator[GenerationChunk]:
+             constraint: Any, max_retries: int, retry_cut: bool = False) -> Iterator[GenerationChunk]:
     from .json_constraint import AnswerInvalid
 
-    spent = 0
+    spent = cut_retries = cut_tokens = 0
     failure: AnswerInvalid | None = None
+    cut: list[GenerationChunk] | None = None  # the cut answer a strict retry may replace
+    c, p = constraint, params
     for attempt in range(max_retries + 1):
-        c = constraint if attempt == 0 else constraint.fresh()
+        if attempt:
+            c = c.fresh()
+            if cut is None:  # a retry after an invalid answer: sampled (see retry_params)
+                p = retry_params(params, attempt)
         held: list[GenerationChunk] = []
-        gen = run(retry_params(params, attempt), c)
+        gen = run(p, c)
         try:
             for chunk in gen:
                 held.append(chunk)
         except AnswerInvalid as exc:
             failure = exc
             spent += c.sampled_tokens + c.forced_tokens
+            if cut is not None:  # the strict retry failed validation: give back the cut answer
+                return (yield from _release(cut, attempt, spent - cut_tokens, cut_retries))
             continue
+        except SchemaError:
+            if cut is None:
+                raise
+            spent += c.sampled_tokens + c.forced_tokens - cut_tokens  # the engine failed on the variant
+            return (yield from _release(cut, attempt, spent, cut_retries))
         finally:
             gen.close()
         last = held[-1]
-        if last.timings is not None:
-            last.timings = CheckedTimings(**dataclasses.asdict(last.timings), json_retries=attempt,
-                                          json_retry_tokens=spent)
-        yield from held
-        return
+        if last.finish_reason == "length" and retry_cut and cut is None and attempt < max_retries:
+            strict = c.strict()
+            if strict is not None:  # retry once, same sampling, under the stricter variant
+                cut, cut_tokens, cut_retries = held, c.sampled_tokens + c.forced_tokens, 1
+                spent += cut_tokens
+                c = strict
+                continue
+        if cut is not None and last.finish_reason == "length":  # cut again: the first answer stands
+            return (yield from _release(cut, attempt, spent + c.sampled_tokens + c.forced_tokens - cut_tokens,
+                                        cut_retries))
+        return (yield from _release(held, attempt, spent, cut_retries))
     assert failure is not None
     raise RetriesExhausted(
         f"response_format: no answer valid against the schema in {max_retries + 1} attempts "
@@ -103,6 +129,16 @@ def _checked(run: Callable[[SamplingParams, Any], Iterator[GenerationChunk]], pa
         f"{'; '.join(failure.validated)}, so answers are validated after generation: describe that rule "
         "in the prompt, or rewrite it with keywords the grammar enforces (see docs/json.md)",
         param="response_format")
+
+
+def _release(held: list[GenerationChunk], retries: int, spent: int, cut_retries: int) -> Iterator[GenerationChunk]:
+    """Yield the chosen attempt's chunks, the last one's timings saying what the other attempts cost."""
+    last = held[-1]
+    if last.timings is not None:
+        last.timings = CheckedTimings(**{k: v for k, v in dataclasses.asdict(last.timings).items()
+                                         if not k.startswith("json_")},
+                                      json_retries=retries, json_retry_tokens=spent, json_cut_retries=cut_retries)
+    yield from held
 
 
 __all__ = ["CheckedTimings", "MAX_RETRIES", "RETRY_TEMPERATURE", "RetriesExhausted", "generate_checked",
