@@ -55,6 +55,21 @@ def test_format_schema(client):
     jsonschema.validate(json.loads(r.message.content), schema)
 
 
+def test_format_schema_objects_hold_their_properties_only(client):
+    # pydantic's model_json_schema() leaves additionalProperties out; Ollama reads that as closed,
+    # and left open the 0.5B model invented keys until num_predict cut the JSON.
+    schema = {"properties": {"name": {"title": "Name", "type": "string"},
+                             "country": {"title": "Country", "type": "string"}},
+              "required": ["name", "country"], "title": "City", "type": "object"}
+    r = client.chat(model="qwen2.5", messages=[{"role": "user", "content": "Paris as JSON"}], format=schema,
+                    options={"temperature": 0, "num_predict": 60})
+    import json
+
+    value = json.loads(r.message.content)
+    jsonschema.validate(value, schema)
+    assert set(value) == {"name", "country"} and r.done_reason == "stop"
+
+
 def test_tools(client):
     r = client.chat(model="qwen2.5", messages=[{"role": "user", "content": "What's the weather in Paris?"}],
                     tools=[WEATHER], options={"temperature": 0, "num_predict": 60})

@@ -6,7 +6,8 @@ Ollama does (a browser, asking for text/html, gets the chat page instead). Error
 with a 4xx status. `options` map onto our sampling: temperature, top_p, top_k, num_predict,
 stop, seed, frequency_penalty, presence_penalty; num_ctx is accepted up to the server's context
 window (`serve --n-ctx`), since one loaded model serves every request. `format` is "json" or a
-JSON schema, enforced by the JSON constraint engine; `tools` go through engine/tool_calls.py.
+JSON schema, enforced by the JSON constraint engine, with objects that list properties closed to
+them as Ollama does; `tools` go through engine/tool_calls.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import EdgeQwenError, ModelNotFoundError, RequestError
+from ..engine.tool_calls import close_open_objects
 from . import runner
 
 OLLAMA_VERSION = "0.9.0"  # the Ollama API level these endpoints follow
@@ -97,7 +99,13 @@ def sampling(body: dict[str, Any], n_ctx: int, max_tokens_limit: int | None = No
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
     elif isinstance(fmt, dict):
-        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+        # As Ollama (llama.cpp's schema converter) reads a schema: an object that lists properties
+        # and says nothing of others holds those only. Left open, the small models fill it with
+        # invented keys until num_predict cuts the JSON (measured: a pydantic City(name, country)
+        # schema got 8 keys and no closing brace in 60 tokens). The answer still validates
+        # against the schema as sent.
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format",
+                                                                         "schema": close_open_objects(fmt)}}
     elif fmt not in (None, ""):
         raise RequestError('format must be "json" or a JSON schema object')
     return out
