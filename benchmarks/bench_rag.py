@@ -6,7 +6,7 @@
 3. step-by-step (reasoning="step_by_step") against plain answers on 30 arithmetic word problems,
    15 English and 15 Chinese;
 4. long context: peak RSS and decode tok/s at 4K, 16K and 32K context for f16 and q8_0 KV
-   (each configuration in its own process, the prompt filling the context to 90%).
+   (each configuration in its own process, the prompt filling `--fill` of the context, default 90%).
 
     python benchmarks/bench_rag.py [--part retrieval,answers,cot,long] [--out benchmarks/results/rag.json]
 
@@ -118,7 +118,7 @@ def part_cot(llm) -> dict:
             "seconds": round(time.time() - t0), "rows": rows}
 
 
-def _long_worker(n_ctx: int, kv_type: str) -> dict:
+def _long_worker(n_ctx: int, kv_type: str, fill_ratio: float = 0.9) -> dict:
     import psutil
 
     from edge_qwen import EdgeQwen
@@ -126,7 +126,7 @@ def _long_worker(n_ctx: int, kv_type: str) -> dict:
     llm = EdgeQwen(None, n_ctx=n_ctx, kv_type=kv_type)
     base = (Path(__file__).resolve().parent.parent / "edge_qwen" / "data" / "eval_corpus.txt").read_text(encoding="utf-8")
     ids = llm.tokenize(base, special=False)
-    fill = int(n_ctx * 0.9)
+    fill = int(n_ctx * fill_ratio)
     text = llm.detokenize((ids * (fill // len(ids) + 1))[:fill - 64])
     t = time.time()
     last = None
@@ -139,16 +139,17 @@ def _long_worker(n_ctx: int, kv_type: str) -> dict:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
     except (OSError, AttributeError):
         peak = peak or rss
-    return {"n_ctx": n_ctx, "kv_type": kv_type, "prompt_tokens": tm.prompt_tokens, "prefill_s": round(tm.prompt_ms / 1000, 1),
+    return {"n_ctx": n_ctx, "kv_type": kv_type, "fill": fill_ratio, "prompt_tokens": tm.prompt_tokens, "prefill_s": round(tm.prompt_ms / 1000, 1),
             "decode_tok_s": round(tm.tokens_per_s, 1), "peak_rss_mb": round(peak / 1e6), "kv_mib": round(llm.kv_cache_bytes / 2**20),
             "wall_s": round(time.time() - t, 1)}
 
 
-def part_long(sizes=(4096, 16384, 32768), kv_types=("f16", "q8_0")) -> list[dict]:
+def part_long(sizes=(4096, 16384, 32768), kv_types=("f16", "q8_0"), fill: float = 0.9) -> list[dict]:
     rows = []
     for n in sizes:
         for kv in kv_types:
-            r = subprocess.run([sys.executable, __file__, "--long-worker", f"{n},{kv}"], capture_output=True, text=True)
+            r = subprocess.run([sys.executable, __file__, "--long-worker", f"{n},{kv},{fill}"], capture_output=True,
+                               text=True)
             line = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             rows.append(json.loads(line[-1]) if line else {"n_ctx": n, "kv_type": kv, "error": r.stderr[-400:]})
             print(rows[-1], flush=True)
@@ -160,10 +161,12 @@ def main() -> int:
     ap.add_argument("--part", default="retrieval,answers,cot,long")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rag.json"))
     ap.add_argument("--long-worker", default=None)
+    ap.add_argument("--sizes", default="4096,16384,32768", help="context sizes of the long part")
+    ap.add_argument("--fill", type=float, default=0.9, help="share of the context the long part's prompt fills")
     a = ap.parse_args()
     if a.long_worker:
-        n, kv = a.long_worker.split(",")
-        print(json.dumps(_long_worker(int(n), kv)))
+        n, kv, fill = a.long_worker.split(",")
+        print(json.dumps(_long_worker(int(n), kv, float(fill))))
         return 0
     os.environ.setdefault("EDGE_QWEN_HOME", tempfile.mkdtemp())  # the bench index stays out of the user's store
     parts = set(a.part.split(","))
@@ -184,7 +187,7 @@ def main() -> int:
             print(json.dumps({k: v for k, v in result["cot"].items() if k != "rows"}), flush=True)
         llm.close()
     if "long" in parts:
-        result["long_context"] = part_long()
+        result["long_context"] = part_long(tuple(int(x) for x in a.sizes.split(",")), fill=a.fill)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, ensure_ascii=False, indent=2), encoding="utf-8")

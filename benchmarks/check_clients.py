@@ -97,6 +97,19 @@ def checks(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
         args = "".join(d.function.arguments or "" for c in s if c.choices for d in c.choices[0].delta.tool_calls or [])
         assert json.loads(args)["city"]
 
+    @add("openai", "tools required")
+    def _():
+        r = oa().chat.completions.create(model="qwen2.5", messages=Q, tools=[WEATHER], temperature=0, max_tokens=60,
+                                         tool_choice="required")
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"]
+
+    @add("openai", "logprobs")
+    def _():
+        r = oa().chat.completions.create(model="qwen2.5", messages=[{"role": "user", "content": "Say hi."}],
+                                         temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+        assert r.choices[0].logprobs.content and len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+
     @add("openai", "responses.create")
     def _():
         assert oa().responses.create(model="qwen2.5", input="Say hi.", max_output_tokens=16).output_text
@@ -251,6 +264,31 @@ def checks(url: str) -> list[tuple[str, str, Callable[[], Any]]]:
     @add("ollama", "list")
     def _():
         assert ol().list().models
+
+    @add("ollama", "chat stream")
+    def _():
+        assert "".join(c.message.content for c in ol().chat(
+            model="qwen2.5", messages=[{"role": "user", "content": "Say hi."}], stream=True,
+            options={"temperature": 0, "num_predict": 10}))
+
+    @add("ollama", "show")
+    def _():
+        assert ol().show("qwen2.5").modelinfo
+
+    @add("ollama", "embed")
+    def _():
+        assert len(ol().embed(model="qwen2.5", input=["hi", "你好"]).embeddings) == 2
+
+    @add("ollama", "format schema")
+    def _():
+        r = ol().chat(model="qwen2.5", messages=[{"role": "user", "content": "Paris as JSON"}],
+                      format=City.model_json_schema(), options={"temperature": 0, "num_predict": 60})
+        City.model_validate_json(r.message.content)
+
+    @add("ollama", "tools")
+    def _():
+        r = ol().chat(model="qwen2.5", messages=Q, tools=[WEATHER], options={"temperature": 0, "num_predict": 60})
+        assert r.message.tool_calls and r.message.tool_calls[0].function.arguments["city"]
 
     return out
 
