@@ -237,6 +237,9 @@ def run_sample(items: list[tuple[str, Path]], engines: list[str], max_tokens: in
 def table(files: list[Path]) -> str:
     """The side-by-side markdown table of sample results (one JSON file per engine)."""
     runs = {p.stem: json.loads(p.read_text()) for p in files}
+    # Side by side means the same schemas: only those every file has (a run stopped early has fewer).
+    common = set.intersection(*({(r["category"], r["file"]) for r in rows} for rows in runs.values()))
+    runs = {name: [r for r in rows if (r["category"], r["file"]) in common] for name, rows in runs.items()}
     keys = ["valid", "invalid", "not-json", "cut", "refused", "error500", "error422", "crashed"]
     lines = ["| | " + " | ".join(runs) + " |", "| --- |" + " --- |" * len(runs)]
     n = {name: len(rows) for name, rows in runs.items()}

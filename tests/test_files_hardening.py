@@ -240,14 +240,31 @@ def _start_convert(src: Path, out: Path) -> subprocess.Popen:
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 def _partial_being_written(proc: subprocess.Popen, out: Path) -> Path:
+    """The run's partial file, once it holds more than 1 MiB, with the run paused (SIGSTOP) there.
+
+    Pausing first and looking second removes the race with a fast machine, where the run could
+    finish and rename its partial between the two looks. The caller resumes it (SIGCONT), or kills
+    it; a signal sent to the paused run is delivered when it resumes."""
     partial = out.with_name(f".{out.name}.partial-{proc.pid}")
     deadline = time.monotonic() + 120
-    while not (partial.exists() and partial.stat().st_size > (1 << 20)):
+    while True:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the conversion never started writing"
+        if partial.exists():
+            os.kill(proc.pid, signal.SIGSTOP)
+            while not _stopped(proc.pid):
+                time.sleep(0.001)
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_size > (1 << 20):
+                    return partial
+            assert partial.exists() or proc.poll() is None, "the conversion finished before it was caught"
+            os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.002)
-    return partial
 
 
 def test_partial_files_of_killed_runs_are_removed_by_the_next(tmp_path, big_checkpoint, tiny_checkpoint):
@@ -257,8 +274,7 @@ def test_partial_files_of_killed_runs_are_removed_by_the_next(tmp_path, big_chec
     try:
         live = _start_convert(big_checkpoint, d / "live.gguf")
         procs.append(live)
-        live_partial = _partial_being_written(live, d / "live.gguf")
-        os.kill(live.pid, signal.SIGSTOP)  # a live writer, paused mid-file
+        live_partial = _partial_being_written(live, d / "live.gguf")  # a live writer, paused mid-file
         killed = _start_convert(big_checkpoint, d / "killed.gguf")
         procs.append(killed)
         killed_partial = _partial_being_written(killed, d / "killed.gguf")
@@ -297,6 +313,7 @@ def test_terminated_or_hung_up_run_removes_its_own_partial(sig, tmp_path, big_ch
     try:
         _partial_being_written(proc, d / "m.gguf")
         os.kill(proc.pid, sig)
+        os.kill(proc.pid, signal.SIGCONT)
         assert proc.wait(60) == 130
         err = proc.stderr.read().decode()
         assert "Traceback" not in err and err.strip() == "Interrupted.", err
