@@ -349,7 +349,7 @@ class EdgeQwen:
         params = _check_params(temperature, top_p, max_tokens, stop, seed, frequency_penalty=frequency_penalty,
                                presence_penalty=presence_penalty, top_k=top_k, logit_bias=logit_bias,
                                n_vocab=self.llama.n_vocab(), logprobs=logprobs)
-        active = tools is not None and tools.active
+        active = tools is not None and tools.offered  # in the prompt; tools.for_turn may leave none callable
         if isinstance(messages, list):
             messages = prepare_history(messages)  # assistant tool_calls and tool results, checked
         if tools is not None:
@@ -511,6 +511,8 @@ class EdgeQwen:
         from .engine.tool_calls import ToolCallParser, Tools, parse_tools
 
         checked = tools if isinstance(tools, Tools) else parse_tools(tools, tool_choice, parallel_tool_calls)
+        if checked is not None:
+            checked = checked.for_turn(messages)  # the repeat guard: see Tools.for_turn
         cid, created = _ids or (f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
         if n > 1:
             one = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,

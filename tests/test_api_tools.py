@@ -145,8 +145,54 @@ def test_arguments_are_generated_closed_to_the_declared_parameters(llm):
     assert json.loads(r["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]) == {}
 
 
+VERSION = {"type": "function", "function": {"name": "llm_version", "description": "Return the installed version "
+                                            "of llm", "parameters": {"type": "object", "properties": {}}}}
+
+
+def _answered(name: str, args: str = "{}") -> list[dict]:
+    return [{"role": "user", "content": "What version of llm is this? Use the tool."},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "0.27.1"}]
+
+
+def test_repeat_guard_withdraws_answered_functions_without_arguments():
+    from edge_qwen.engine.tool_calls import parse_tools
+
+    tools = parse_tools([VERSION, WEATHER])
+    turn = tools.for_turn(_answered("llm_version"))
+    assert turn.names == ["get_weather"] and turn.withdrawn == ["llm_version"] and turn.offered
+    only = parse_tools([VERSION]).for_turn(_answered("llm_version"))
+    assert only.offered and not only.active  # in the prompt, nothing callable: the reply is text
+    # A function with arguments stays callable; a new user message gives everything back;
+    # required and named choices are the caller's word.
+    assert tools.for_turn(_answered("get_weather", '{"city": "Paris"}')).names == ["llm_version", "get_weather"]
+    again = _answered("llm_version") + [{"role": "assistant", "content": "0.27.1"},
+                                         {"role": "user", "content": "And now?"}]
+    assert tools.for_turn(again).names == ["llm_version", "get_weather"]
+    assert parse_tools([VERSION], "required").for_turn(_answered("llm_version")).names == ["llm_version"]
+    free = {"type": "function", "function": {"name": "free", "parameters": {"type": "object"}}}
+    assert parse_tools([free]).for_turn(_answered("free")).names == ["free"]  # may take any arguments
+
+
+def test_answered_function_without_arguments_is_not_called_again(client):
+    # simonw/llm's `llm -T llm_version`: the 0.5B model called the tool again after its result,
+    # in a loop until llm's chain limit.
+    for stream in (False, True):
+        r = client.chat.completions.create(model="qwen2.5", messages=_answered("llm_version"), tools=[VERSION],
+                                           temperature=0, max_tokens=40, stream=stream)
+        if stream:
+            chunks = [c for c in r if c.choices]
+            assert not any(c.choices[0].delta.tool_calls for c in chunks)
+            text, finish = "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert not r.choices[0].message.tool_calls
+        assert finish in ("stop", "length") and text.strip() and "<tool_call>" not in text
+
+
 def test_close_open_objects_keeps_what_the_schema_leaves_open():
-    from edge_qwen.engine.tool_calls import close_open_objects
+    from edge_qwen.engine.json_normalize import close_open_objects
 
     nested = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {}}},
                                                "l": {"type": "array", "items": {"type": "object", "properties": {}}},

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 
 from edge_qwen.engine.json_normalize import (CUT_RETRY_MAX_ITEMS, CUT_RETRY_MAX_LENGTH, plan_schema,
-                                             strict_variant)
+                                             close_open_objects, strict_variant)
 
 
 def _compiles(grammar: dict) -> str:
@@ -60,6 +60,23 @@ def test_strict_variant_leaves_what_allof_combines_open():
     # required names a key outside properties: closing it would leave no value
     g2, _ = strict_variant({"type": "object", "properties": {"a": {}}, "required": ["b"]})
     assert "additionalProperties" not in g2
+
+
+def test_strict_variant_narrows_nothing_under_not_and_closes_what_allof_members_hold():
+    # under `not`, a bound would widen what the schema accepts; values inside enum/default are data
+    s = {"type": "object", "properties": {"code": {"type": "string", "not": {"type": "string", "pattern": "^x"}},
+                                           "kind": {"enum": [{"type": "string"}]}},
+         "allOf": [{"properties": {"inner": {"type": "object", "properties": {"k": {"type": "string"}}}}}]}
+    g, _ = strict_variant(s)
+    assert g["properties"]["code"]["not"] == s["properties"]["code"]["not"]
+    assert g["properties"]["kind"]["enum"] == [{"type": "string"}]
+    assert "additionalProperties" not in g and "additionalProperties" not in g["allOf"][0]  # combined: open
+    assert g["allOf"][0]["properties"]["inner"]["additionalProperties"] is False  # a value of its own: closed
+    # a schema that refers to itself as a whole ($ref "#") beside other keys stays open at the root
+    rec = {"type": "object", "properties": {"child": {"$ref": "#", "description": "x"}, "n": {"type": "integer"}}}
+    assert close_open_objects(rec)["additionalProperties"] is False  # a $ref with annotations only
+    rec2 = {"type": "object", "properties": {"child": {"$ref": "#", "required": ["n"]}, "n": {"type": "integer"}}}
+    assert "additionalProperties" not in close_open_objects(rec2)
 
 
 def test_single_branch_allof_is_merged_exactly():

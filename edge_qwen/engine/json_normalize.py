@@ -601,6 +601,86 @@ CUT_RETRY_MAX_LENGTH = 64
 CUT_RETRY_MAX_ITEMS = 5
 
 
+# Schema-valued keywords: (keyword, whether its schemas constrain the same value as the schema
+# beside them). "same" means they share that value's keys: such a member is not closed on its
+# own ("inner": only when the schema beside it lists properties).
+_SUBSCHEMAS = (("items", False), ("additionalItems", False), ("contains", False), ("propertyNames", False),
+               ("unevaluatedItems", False), ("unevaluatedProperties", False), ("prefixItems", False),
+               ("additionalProperties", False), ("properties", False), ("patternProperties", False),
+               ("allOf", True), ("if", True), ("then", True), ("else", True), ("dependentSchemas", True),
+               ("anyOf", "inner"), ("oneOf", "inner"))
+# An object schema whose allowed keys may come from elsewhere: left as it is.
+_KEYS_FROM_ELSEWHERE = ("additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
+                        "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "dependencies")
+_NOT_SUBSCHEMAS = ("not", "enum", "const", "default", "examples")  # values, or a subschema that must not narrow
+_NOT_CONSTRAINTS = {"$ref", "description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
+                    "writeOnly"}
+
+
+def close_open_objects(schema: Any) -> Any:
+    """`schema` with every object that lists `properties` but leaves `additionalProperties` unsaid
+    closed to those properties (`additionalProperties: false`), for generating values.
+
+    JSON Schema lets such an object hold any other key, and the small models fill that room
+    with copies of the schema itself (`{"properties": {"version": "1.2.3"}}` for a function
+    without parameters, `"type": "object", "description": ...` inside an answer until
+    max_tokens): valid, but not what anyone asked for. Used for tool-call arguments (a
+    function's parameters are its signature), Ollama's `format` schemas, and the retry of a JSON
+    answer cut at max_tokens (strict_variant). Whatever is generated is still validated against
+    the schema as sent. Left open: an object schema without `properties` (a free-form object);
+    objects that say `additionalProperties` (or patternProperties...) or whose keys may come from a
+    combinator or `$ref` beside them; objects whose `required` or `minProperties` needs undeclared
+    keys; every member that shares its value with other schemas (allOf, then/else, and anyOf/oneOf
+    members beside `properties`), and the `$ref` targets such members or a `$ref` with siblings
+    point to; everything under `not`. The input is not changed; subschemas left as they are may
+    be shared with it.
+    """
+    return _close(schema)[0]
+
+
+def _close(schema: Any) -> tuple[Any, int]:
+    """close_open_objects and how many objects it closed."""
+    if not isinstance(schema, dict):
+        return schema, 0
+    shared_refs: set[str] = set()  # $ref targets that share their value with other keys
+    closed = 0
+
+    def walk(node: Any, shared: bool, ptr: str) -> Any:
+        """`shared`: other schemas constrain the same value's keys (do not close this one)."""
+        nonlocal closed
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        ref = out.get("$ref")
+        if isinstance(ref, str) and (shared or set(out) - _NOT_CONSTRAINTS):
+            shared_refs.add(ref)
+        inner = shared or isinstance(out.get("properties"), dict)
+        for k, same in _SUBSCHEMAS:
+            sub, flag = out.get(k), inner if same == "inner" else same
+            if isinstance(sub, dict) and k in ("properties", "patternProperties", "dependentSchemas"):
+                out[k] = {name: walk(v, flag, f"{ptr}/{k}/{name}") for name, v in sub.items()}
+            elif isinstance(sub, dict):
+                out[k] = walk(sub, flag, f"{ptr}/{k}")
+            elif isinstance(sub, list):
+                out[k] = [walk(v, flag, f"{ptr}/{k}/{i}") for i, v in enumerate(sub)]
+        for k in ("$defs", "definitions"):
+            if isinstance(out.get(k), dict):
+                out[k] = {n: walk(v, f"{ptr}/{k}/{n}" in shared_refs, f"{ptr}/{k}/{n}") for n, v in out[k].items()}
+        props = out.get("properties")
+        if isinstance(props, dict) and not shared and not any(k in out for k in _KEYS_FROM_ELSEWHERE):
+            required = out.get("required", [])
+            need = out.get("minProperties", 0)
+            if (isinstance(required, list) and all(r in props for r in required)
+                    and isinstance(need, int) and need <= len(props)):
+                out["additionalProperties"] = False
+                closed += 1
+        return out
+
+    walk(schema, False, "#")  # first pass: which $ref targets are shared
+    closed = 0
+    return walk(schema, "#" in shared_refs, "#"), closed
+
+
 def strict_variant(grammar: Any) -> tuple[Any, list[str]]:
     """A copy of `grammar` that accepts a subset of its values, for retrying an answer cut at max_tokens.
 
@@ -610,53 +690,27 @@ def strict_variant(grammar: Any) -> tuple[Any, list[str]]:
     closes every object that lists `properties` and says nothing of `additionalProperties` or
     `patternProperties` (`additionalProperties: false`), bounds strings without length, pattern,
     format, enum or const to CUT_RETRY_MAX_LENGTH characters and arrays without `maxItems` to
-    CUT_RETRY_MAX_ITEMS items. Every keyword is added, none removed, so each value it accepts is
-    accepted by `grammar` too (and validated against the schema as sent). Objects that an `allOf`
-    combines with other schemas (its branches, their `$ref` targets, a node beside `allOf` or
-    `$ref`) stay open: closing them could leave no value at all. Returns the copy and what it changed.
+    CUT_RETRY_MAX_ITEMS items. Keywords are added, none removed, and nothing under `not` (or inside
+    enum, const, default, examples) is touched. Which objects stay open, because closing them could
+    leave no value at all: close_open_objects. Returns the copy and what it changed.
     """
     if not isinstance(grammar, dict):
         return grammar, []
-    root = copy.deepcopy(grammar)
-    keep_open: set[int] = set()
-
-    def mark_merged(node: Any, depth: int = 0) -> None:
-        # node takes part in an intersection: it and whatever it $refs to stay open
-        if not isinstance(node, dict) or id(node) in keep_open or depth > MAX_REF_CHAIN:
-            return
-        keep_open.add(id(node))
-        ref = node.get("$ref")
-        if isinstance(ref, str):
-            mark_merged(resolve_local(root, ref), depth + 1)
-        for key in ("allOf", "anyOf", "oneOf"):
-            if isinstance(node.get(key), list):
-                for branch in node[key]:
-                    mark_merged(branch, depth + 1)
-
+    root, closed = _close(grammar)
+    root = copy.deepcopy(root)
     stack: list[Any] = [root]
     nodes: list[dict] = []
     while stack:
         n = stack.pop()
         if isinstance(n, dict):
             nodes.append(n)
-            if isinstance(n.get("allOf"), list):
-                mark_merged(n)
-            elif "$ref" in n and any(k not in ("$ref", "$defs", "definitions") for k in n):
-                mark_merged(n)
-            stack.extend(v for v in n.values() if isinstance(v, (dict, list)))
+            stack.extend(v for k, v in n.items() if isinstance(v, (dict, list)) and k not in _NOT_SUBSCHEMAS)
         elif isinstance(n, list):
             stack.extend(v for v in n if isinstance(v, (dict, list)))
-    closed = strings = arrays = 0
+    strings = arrays = 0
     for n in nodes:
         types = n.get("type")
         types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
-        props = n.get("properties")
-        required = n.get("required") if isinstance(n.get("required"), list) else []
-        if (isinstance(props, dict) and props and "additionalProperties" not in n and "patternProperties" not in n
-                and id(n) not in keep_open and all(k in props for k in required)
-                and (n.get("minProperties") or 0) <= len(props)):
-            n["additionalProperties"] = False
-            closed += 1
         free = not any(k in n for k in ("enum", "const", "pattern", "format", "maxLength", "$ref", "anyOf", "oneOf",
                                         "allOf"))
         if types == {"string"} and free and (n.get("minLength") or 0) <= CUT_RETRY_MAX_LENGTH:
@@ -782,4 +836,4 @@ def plan_schema(schema: Any, param: str = "response_format", relax_circular: boo
                       one_of_paths=walk.one_of)
 
 
-__all__ = ["SchemaPlan", "plan_schema", "strict_variant", "CUT_RETRY_MAX_LENGTH", "CUT_RETRY_MAX_ITEMS", "pointer", "generation_order", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]
+__all__ = ["SchemaPlan", "plan_schema", "strict_variant", "close_open_objects", "CUT_RETRY_MAX_LENGTH", "CUT_RETRY_MAX_ITEMS", "pointer", "generation_order", "DATE_RE", "TIME_RE", "HOSTNAME_RE"]

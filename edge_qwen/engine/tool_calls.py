@@ -24,6 +24,7 @@ re-validates every call with jsonschema, so a call that does not validate is nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConstraintViolation, RequestError, SchemaError
+from .json_normalize import close_open_objects
 from .json_schema import check_schema, validate_output
 
 OPEN_TAG = "<tool_call>"
@@ -38,6 +40,7 @@ CLOSE_TAG = "</tool_call>"
 TOOL_CHOICES = ("none", "auto", "required")
 _NAME = re.compile(r'^[^\s"\\<>]{1,64}$')
 _ANY_OBJECT = {"type": "object"}
+_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
 # -- request side: tools, tool_choice, history ---------------------------------------------------
@@ -52,10 +55,41 @@ class Tools:
     parallel: bool = True
     constrain: bool = True                    # False: tools in the prompt, output left free (measurement only)
 
+    withdrawn: list[str] = field(default_factory=list)  # answered already this turn (see for_turn)
+
+    @property
+    def offered(self) -> bool:
+        """Whether the tools are in the prompt (tool_choice is not "none")."""
+        return self.choice != "none"
+
     @property
     def active(self) -> bool:
-        """Whether the model may call a tool at all (tool_choice is not "none")."""
-        return self.choice != "none" and bool(self.names)
+        """Whether the model may call a tool now (offered, and some function left to call)."""
+        return self.offered and bool(self.names)
+
+    def for_turn(self, messages: Any) -> Tools:
+        """These tools for the reply that follows `messages`, with the repeat guard applied.
+
+        With tool_choice "auto", a function that takes no arguments and was already called and
+        answered since the last user message is withdrawn: calling it again could only repeat the
+        call whose result the model holds, and small models do exactly that in a loop (until the
+        client's chain limit). It stays in the prompt and callable on the next user turn. Functions
+        with arguments are left callable (a second call with other arguments is legitimate)."""
+        if self.choice != "auto" or not isinstance(messages, list):
+            return self
+        answered: set[str] = set()
+        for m in reversed(messages):
+            if not isinstance(m, dict) or m.get("role") == "user":
+                break
+            if m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+                for call in m["tool_calls"]:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                        answered.add(fn["name"])
+        gone = [n for n in self.names if n in answered and _takes_no_arguments(self.schemas[n])]
+        if not gone:
+            return self
+        return dataclasses.replace(self, names=[n for n in self.names if n not in gone], withdrawn=gone)
 
     def call_schema(self) -> dict[str, Any]:
         """The JSON schema of one call: {"name": const, "arguments": parameters}, an anyOf over the names."""
@@ -70,70 +104,14 @@ class Tools:
         return schema
 
 
-# Schema-valued keywords: (keyword, whether its schemas constrain the same value as the schema
-# beside them). "same" means they share that value's keys: such a member is not closed on its
-# own ("inner": only when the schema beside it lists properties).
-_SUBSCHEMAS = (("items", False), ("additionalItems", False), ("contains", False), ("propertyNames", False),
-               ("unevaluatedItems", False), ("unevaluatedProperties", False), ("prefixItems", False),
-               ("properties", False), ("patternProperties", False), ("if", True), ("then", True),
-               ("else", True), ("dependentSchemas", True), ("anyOf", "inner"), ("oneOf", "inner"))
-# An object schema whose allowed keys may come from elsewhere: left as it is.
-_KEYS_FROM_ELSEWHERE = ("additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
-                        "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "dependencies")
-_ANNOTATIONS = {"$ref", "description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
-                "writeOnly"}
-
-
-def close_open_objects(schema: Any) -> Any:
-    """The arguments' schema with every object that lists `properties` but leaves `additionalProperties`
-    unsaid closed to those properties, for generating calls (the user's schema still validates them).
-
-    JSON Schema lets such an object hold any other key, and the small models fill that room
-    with copies of the schema itself (`{"properties": {"version": "1.2.3"}}` for a function
-    without parameters), which validates but no function accepts: a function's parameters are
-    its signature. What is generated stays valid against the original (closing only removes
-    choices). Left open: an object schema without `properties` (a free-form object), objects that
-    say `additionalProperties` (or patternProperties...), whose keys may come from a combinator or
-    `$ref` beside them, whose `required` or `minProperties` needs undeclared keys; an alternative
-    (anyOf/oneOf/then/else member, `$ref` target) that shares its value with other keys; everything
-    under `not`; and any schema that uses `allOf`, where a closed member would refuse its
-    siblings' keys.
-    """
-    if not isinstance(schema, dict) or "allOf" in json.dumps(schema):
-        return schema
-    shared_refs: set[str] = set()  # $ref targets that share their value with other keys
-
-    def walk(node: Any, shared: bool) -> Any:
-        """`shared`: other schemas constrain the same value's keys (do not close this one)."""
-        if not isinstance(node, dict):
-            return node
-        out = dict(node)
-        ref = out.get("$ref")
-        if isinstance(ref, str) and (shared or set(out) - _ANNOTATIONS):
-            shared_refs.add(ref)
-        inner = shared or isinstance(out.get("properties"), dict)
-        for k, same in _SUBSCHEMAS:
-            sub, flag = out.get(k), inner if same == "inner" else same
-            if isinstance(sub, dict) and k in ("properties", "patternProperties", "dependentSchemas"):
-                out[k] = {name: walk(v, flag) for name, v in sub.items()}
-            elif isinstance(sub, dict):
-                out[k] = walk(sub, flag)
-            elif isinstance(sub, list):
-                out[k] = [walk(v, flag) for v in sub]
-        for k in ("$defs", "definitions"):
-            if isinstance(out.get(k), dict):
-                out[k] = {n: walk(v, f"#/{k}/{n}" in shared_refs) for n, v in out[k].items()}
-        props = out.get("properties")
-        if isinstance(props, dict) and not shared and not any(k in out for k in _KEYS_FROM_ELSEWHERE):
-            required = out.get("required", [])
-            need = out.get("minProperties", 0)
-            if (isinstance(required, list) and all(r in props for r in required)
-                    and isinstance(need, int) and need <= len(props)):
-                out["additionalProperties"] = False
-        return out
-
-    walk(schema, False)  # first pass: which $ref targets are shared
-    return walk(schema, False)
+def _takes_no_arguments(schema: Any) -> bool:
+    """Whether the only arguments `schema` admits are {} (as generated: closed objects, see below)."""
+    closed = close_open_objects(schema)
+    if not isinstance(closed, dict) or set(closed) - _ANNOTATIONS - {"$ref", "type", "properties",
+                                                                     "additionalProperties", "required"}:
+        return False
+    return (closed.get("type", "object") == "object" and not closed.get("properties")
+            and closed.get("additionalProperties") is False and not closed.get("required"))
 
 
 def _hoist_defs(params: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +344,8 @@ class ToolCallConstraint:
         self.newline = tok("\n", special=False)
         self.eos = int(llm.llama.token_eos())
         self._pieces = llm._pieces
-        self._json = self._make()  # compiled now: a schema the engine cannot take fails before the prompt runs
+        self._json = self._make() if tools.names else None  # compiled now: a schema the engine cannot take
+        # fails before the prompt runs. No names: every function was withdrawn (Tools.for_turn), text only.
         self.phase = "open" if tools.choice == "required" and self.open_id is not None else \
             "call" if tools.choice == "required" else "free"
         self.calls = 0
@@ -376,7 +355,7 @@ class ToolCallConstraint:
         self._seen_tokens: list[tuple[int, int]] = []  # (character offset in _seen, token)
         self._tagged = False        # the current call was opened by <tool_call>
         self._after_tokens = 0
-        if not tools.constrain:  # measurement mode: the model's own output, nothing masked or forced
+        if not tools.constrain or not tools.names:  # measurement mode (nothing masked), or nothing to call
             self.phase, self._watching = "text", False
 
     # the Constraint protocol
@@ -387,6 +366,8 @@ class ToolCallConstraint:
             self._json.mask_logits(logits)
             return
         if self.phase in ("free", "text"):
+            if not self.tools.names and self.tools.constrain and self.open_id is not None:
+                logits[self.open_id] = -np.inf  # no function may be called now: no call may open
             return
         allowed = [self.open_id] if self.phase == "open" else self._after_allowed()
         keep = np.asarray([t for t in allowed if t is not None], dtype=np.int64)
@@ -407,7 +388,8 @@ class ToolCallConstraint:
         if self.phase == "call":
             forced = self._json.commit(tok)
             return self._after_json(forced)
-        if tok == self.open_id and self.open_id is not None and self.phase in ("free", "text", "open", "after"):
+        if (tok == self.open_id and self.open_id is not None and self.tools.names
+                and self.phase in ("free", "text", "open", "after")):
             self.start_kind = self.start_kind or "tag"
             return self._begin(tagged=True)
         if self.phase == "after":

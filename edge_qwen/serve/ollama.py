@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..errors import EdgeQwenError, ModelNotFoundError, RequestError
-from ..engine.tool_calls import close_open_objects
+from ..engine.json_normalize import close_open_objects
 from . import runner
 
 OLLAMA_VERSION = "0.9.0"  # the Ollama API level these endpoints follow
@@ -238,6 +238,7 @@ def router() -> APIRouter:
             kwargs = sampling(body, llm.n_ctx, runner.options(request).get("max_tokens_limit"))
             messages = _messages(body.get("messages"))
             tools = parse_tools(body.get("tools") or None)
+            tools = tools.for_turn(messages) if tools is not None else None
             if tools is not None and tools.active and "response_format" in kwargs:
                 raise RequestError("format cannot be combined with tools; send one of them")
         except EdgeQwenError as e:

@@ -219,54 +219,33 @@ async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, A
                   headers: dict[str, str] | None) -> Any:
     # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
     # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    state = {"n": 0, "cancelled": False}
 
-    def put(kind: str, item: Any) -> None:
+    def chunks_of_reply() -> Any:
+        chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
+        late = 0
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
-        except RuntimeError:  # the loop is gone (server shutting down)
-            cancel.set()
-
-    def produce() -> None:
-        # The whole generator lives in this one thread: it may hold locks that must be
-        # released by the thread that took them.
-        n, cancelled, late = 0, False, 0
-        try:
-            chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
-            try:
-                for chunk in chunks:
-                    usage = chunk.get("usage")
-                    if usage:  # the final chunk: the true token count and how it ended
-                        n = usage.get("completion_tokens", n)
-                        cancelled = chunk["choices"][0].get("finish_reason") == "cancelled"
-                    chunk["model"] = slot.name
-                    put("chunk", chunk)
-                    if usage and include_usage:
-                        put("chunk", {**chunk, "choices": [], "usage": usage})
-                    # The runtime ends with a "cancelled" chunk at the next token once `cancel`
-                    # is set; this only guards against a loop that would not listen.
-                    late += cancel.is_set()
-                    if late > 4:
-                        cancelled = True
-                        break
-            finally:
-                close = getattr(chunks, "close", None)
-                if close:
-                    close()
-        except EdgeQwenError as e:
-            put("error", e)
-        except Exception as e:  # never kill the thread silently: the client gets a 500-shaped event
-            log.exception("generation failed")
-            put("error", e)
+            for chunk in chunks:
+                usage = chunk.get("usage")
+                if usage:  # the final chunk: the true token count and how it ended
+                    state["n"] = usage.get("completion_tokens", state["n"])
+                    state["cancelled"] = chunk["choices"][0].get("finish_reason") == "cancelled"
+                chunk["model"] = slot.name
+                yield chunk
+                if usage and include_usage:
+                    yield {**chunk, "choices": [], "usage": usage}
+                # The runtime ends with a "cancelled" chunk at the next token once `cancel`
+                # is set; this only guards against a loop that would not listen.
+                late += cancel.is_set()
+                if late > 4:
+                    state["cancelled"] = True
+                    return
         finally:
-            put("end", None)
-            try:
-                loop.call_soon_threadsafe(slot.release, n, cancelled)
-            except RuntimeError:
-                pass
+            close = getattr(chunks, "close", None)
+            if close:
+                close()
 
-    threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
+    queue = runner.in_thread(slot.name, cancel, chunks_of_reply, lambda: slot.release(state["n"], state["cancelled"]))
     kind, first = await queue.get()
     if kind == "error":  # failed before the first token: a plain HTTP error, not a broken stream
         done()
@@ -276,7 +255,7 @@ async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, A
         try:
             k, item = kind, first
             while k != "end":
-                if k == "chunk":
+                if k == "item":
                     for event in shape.events(item):
                         yield event
                 else:

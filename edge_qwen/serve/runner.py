@@ -10,6 +10,7 @@ cancel it when the client disconnects, and give the place back however it ends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from fastapi import Request
 
 from ..errors import EdgeQwenError
+
+log = logging.getLogger("edge_qwen.serve.app")
 
 
 def options(request: Request) -> dict[str, Any]:
@@ -57,6 +60,49 @@ async def run(request: Request, slot: Any, work: Callable[[Any, threading.Event]
         slot.release(0, cancel.is_set())
 
 
+def in_thread(name: str, cancel: threading.Event, work: Callable[[], Iterator[Any]],
+              finish: Callable[[], None]) -> asyncio.Queue:
+    """Run the generator `work()` in a worker thread; what it yields arrives on the returned queue.
+
+    The queue gets ("item", x) per item, ("error", exc) if it raises, then ("end", None); `finish()`
+    runs on the event loop once the thread is done. The whole generator lives in that one thread:
+    it may hold locks that must be released by the thread that took them. If the loop is gone
+    (server shutting down), `cancel` is set so the generation stops.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(kind: str, item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        except RuntimeError:  # the loop is gone
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            gen = work()
+            try:
+                for item in gen:
+                    put("item", item)
+            finally:
+                close = getattr(gen, "close", None)
+                if close:
+                    close()
+        except Exception as e:  # every failure reaches the client as an error
+            if not is_user_error(e):
+                log.error("generation failed", exc_info=e)
+            put("error", e)
+        finally:
+            put("end", None)
+            try:
+                loop.call_soon_threadsafe(finish)
+            except RuntimeError:
+                pass
+
+    threading.Thread(target=produce, name=f"edge-qwen-{name}", daemon=True).start()
+    return queue
+
+
 async def stream(request: Request, slot: Any, work: Callable[[Any, threading.Event], Iterator[Any]]) -> Any:
     """Items of the generator `work(llm, cancel)`, produced in a worker thread, as an async iterator.
 
@@ -66,37 +112,20 @@ async def stream(request: Request, slot: Any, work: Callable[[Any, threading.Eve
     """
     cancel = threading.Event()
     await slot.acquire()
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
 
-    def put(kind: str, item: Any) -> None:
+    def items_until_cancelled() -> Iterator[Any]:
+        gen = work(slot.model(), cancel)
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
-        except RuntimeError:  # the loop is gone (server shutting down)
-            cancel.set()
-
-    def produce() -> None:
-        try:
-            gen = work(slot.model(), cancel)
-            try:
-                for item in gen:
-                    put("item", item)
-                    if cancel.is_set():
-                        break
-            finally:
-                close = getattr(gen, "close", None)
-                if close:
-                    close()
-        except Exception as e:  # noqa: BLE001 -- every failure reaches the client as an error
-            put("error", e)
+            for item in gen:
+                yield item
+                if cancel.is_set():
+                    return
         finally:
-            put("end", None)
-            try:
-                loop.call_soon_threadsafe(slot.release, 0, cancel.is_set())
-            except RuntimeError:
-                pass
+            close = getattr(gen, "close", None)
+            if close:
+                close()
 
-    threading.Thread(target=produce, name=f"edge-qwen-{slot.name}", daemon=True).start()
+    queue = in_thread(slot.name, cancel, items_until_cancelled, lambda: slot.release(0, cancel.is_set()))
     kind, first = await queue.get()
     if kind == "error":
         await _drain(queue)
