@@ -139,6 +139,31 @@ def test_running_conversation_shares_its_prefix(eq):
         stream.close()
 
 
+def test_idle_slot_between_running_ones_gets_placeholders_and_keeps_its_cache(default_model):
+    # Slots 0 and 2 generate while slot 1 sits idle with a cached conversation: llama.cpp would
+    # split the batch in two passes at the gap, so slot 1 gets a placeholder token each step,
+    # removed after the step (or the next step's placeholder would not fit its positions).
+    from edge_qwen import EdgeQwen
+
+    counts = [user(f"Count from {k} to {k + 30}, separated by commas. Only the numbers.") for k in (1, 40, 70)]
+    kw = {"temperature": 0, "max_tokens": 24, "reuse_prefix": True}
+    with EdgeQwen(default_model, n_ctx=512, parallel=3) as m:
+        alone = [m.chat(c, **{**kw, "reuse_prefix": False}) for c in counts]  # empty slots first: 0, 1, 2
+        assert all(a["usage"]["completion_tokens"] == 24 for a in alone)
+        answers: dict[int, dict] = {}
+
+        def again(i: int) -> None:
+            answers[2 * i] = m.chat(counts[2 * i], **kw)  # slots 0 and 2, where their prompts are cached
+
+        run_threads(again, 2)
+        assert m.engine.stats["placeholders"] >= 10
+        for i in (0, 2):
+            assert answers[i]["choices"][0]["message"] == alone[i]["choices"][0]["message"]
+        r = m.chat(counts[1], **kw)  # slot 1's cache survived its placeholders
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == r["usage"]["prompt_tokens"] - 1
+        assert r["choices"][0]["message"] == alone[1]["choices"][0]["message"]
+
+
 def test_cancelled_and_abandoned_sequences_free_slots_within_one_step(eq):
     prompt = eq.tokenize(eq.render(user("Write a very long essay about the history of bridges.")))
     eng = eq.engine
