@@ -91,6 +91,18 @@ def _server(name: str, cmd: list[str], port: int, log: Path, env: dict[str, str]
 
 
 async def _one(client: Any, url: str, messages: list[dict], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    import httpx
+
+    try:
+        return await _one_try(client, url, messages, max_tokens, **extra)
+    except httpx.RemoteProtocolError:
+        # A kept-alive connection the server closed as the request went out (seen once from
+        # llama-server): sent again on a fresh connection, and counted.
+        r = await _one_try(client, url, messages, max_tokens, **extra)
+        return {**r, "resent": 1}
+
+
+async def _one_try(client: Any, url: str, messages: list[dict], max_tokens: int, **extra: Any) -> dict[str, Any]:
     body = {"model": "qwen2.5", "messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens,
             **extra}
     t0 = time.perf_counter()
@@ -147,7 +159,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, float]:
             "ttft_p50_s": _percentile([r["ttft"] for r in reqs], 50),
             "ttft_p95_s": _percentile([r["ttft"] for r in reqs], 95),
             "latency_p50_s": _percentile([r["latency"] for r in reqs], 50),
-            "latency_p99_s": _percentile([r["latency"] for r in reqs], 99)}
+            "latency_p99_s": _percentile([r["latency"] for r in reqs], 99), "resent": sum(r.get("resent", 0) for r in reqs)}
 
 
 async def _mixed(url: str, clients: int, max_tokens: int) -> dict[str, Any]:
@@ -200,7 +212,8 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
                   n_ctx: int = 2048, n_threads: int | None = None, parallel: int | None = None,
                   requests_per_client: int = 2, rounds: int = 1, llama_server: str | None = None,
                   batched_bench_bin: str | None = None, baseline_src: str | None = None, mixed_clients: int = 8,
-                  log_dir: str | Path | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+                  log_dir: str | Path | None = None, skip: tuple[str, ...] = (),
+                  serve_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run every server over `levels`; return {"config", "servers": {name: [per level]}, ...}."""
     import tempfile
 
@@ -215,7 +228,7 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
     p = _free_port()
     cmds["edge-qwen"] = ([sys.executable, "-c", "from edge_qwen.cli import main; main()", "serve", path, "--port",
                           str(p), "--ctx", str(n_ctx), "--threads", str(threads), "--parallel", str(np_),
-                          "--max-queue", str(max(levels) * 2), "--quiet"], p, None)
+                          "--max-queue", str(max(levels) * 2), "--quiet", *serve_args], p, None)
     if baseline_src:  # the same command on an older checkout: the single-sequence engine it replaced
         p = _free_port()
         cmds["edge-qwen before"] = ([sys.executable, "-c", "from edge_qwen.cli import main; main()", "serve", path,
@@ -235,7 +248,7 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
         cmds.pop(name, None)
     out: dict[str, Any] = {"config": {"model": path, "max_tokens": max_tokens, "n_ctx_per_slot": n_ctx,
                                       "parallel": np_, "n_threads": threads, "levels": list(levels),
-                                      "rounds": rounds, "requests_per_client": requests_per_client,
+                                      "rounds": rounds, "requests_per_client": requests_per_client, "serve_args": list(serve_args),
                                       "cpu_count": os.cpu_count(), "load_before": os.getloadavg()},
                            "servers": {name: [] for name in cmds}}
     with ExitStack() as stack:
@@ -320,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-src", default=None, help="an older edge-qwen source tree to compare with (PYTHONPATH)")
     ap.add_argument("--mixed-clients", type=int, default=8, help="clients of the mixed JSON/free batch (0: skip)")
     ap.add_argument("--skip", default="", help="comma-separated servers to leave out (e.g. llama_cpp.server)")
+    ap.add_argument("--serve-args", default="", help="extra arguments of edge-qwen serve, e.g. '--flash-attn'")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     ap.add_argument("--force", action="store_true", help="overwrite --out")
     args = ap.parse_args(argv)
     result = run_benchmark(args.model, tuple(int(x) for x in args.levels.split(",")), args.max_tokens, args.ctx,
                            args.threads, args.parallel, args.requests_per_client, args.rounds, args.llama_server,
                            args.batched_bench, args.baseline_src, args.mixed_clients,
-                           skip=tuple(x for x in args.skip.split(",") if x))
+                           skip=tuple(x for x in args.skip.split(",") if x), serve_args=tuple(args.serve_args.split()))
     print(format_table(result))
     if args.out:
         from edge_qwen.files import atomic_output
