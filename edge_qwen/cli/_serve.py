@@ -43,8 +43,9 @@ from .options import quiet_option
               help="Seconds a request (head and body) may take to arrive; an idle or trickling connection gets 408.")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
-@click.option("--flash-attn/--no-flash-attn", default=None,
-              help="Flash attention (default: on with a quantized --kv-type, which needs it; off with f16).")
+@click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
+              help="Flash attention (as llama-server's default): faster batched decoding and long prompts; "
+                   "--no-flash-attn needs --kv-type f16.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
@@ -62,4 +63,4 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
           **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}),
-          **({"flash_attn": flash_attn} if flash_attn is not None else {}))
+          flash_attn=flash_attn)
