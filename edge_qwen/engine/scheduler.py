@@ -346,6 +346,15 @@ class Engine:
 
         prompt, key = seq.req.prompt, seq.req.cache_key
         limit = len(prompt) - 1  # at least one prompt token must be evaluated for logits
+        busy = [s.seq_id for s in self.slots if s.running is not None]
+
+        def holes(s: _Slot) -> int:
+            """Idle slots left between running ones if `s` runs too (each costs a placeholder per step)."""
+            if self.unified or not busy:
+                return 0
+            ids = [*busy, s.seq_id]
+            return max(ids) - min(ids) + 1 - len(ids)
+
         best_free, best_free_n = None, 0
         best_any, best_any_n = None, 0
         if seq.req.reuse_prefix and limit > 0:
@@ -353,14 +362,15 @@ class Engine:
                 if s.cache_key != key or not s.tokens:
                     continue  # never across cache scopes
                 n = min(_common_prefix(s.tokens, prompt), limit)
-                if s.running is None and n > best_free_n:
+                if s.running is None and (n > best_free_n or (n == best_free_n and n > 0 and best_free is not None
+                                                              and holes(s) < holes(best_free))):
                     best_free, best_free_n = s, n
                 if n > best_any_n:
                     best_any, best_any_n = s, n
         if best_free is not None and best_free_n >= best_any_n:
             return best_free, self._clear_slot(best_free, best_free_n)
-        # An empty slot, else the least recently used one (its cache is the oldest).
-        target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+        # Next to the running slots, then an empty slot, else the least recently used one.
+        target = min(free, key=lambda s: (holes(s), bool(s.tokens), s.last_used))
         self._clear_slot(target)
         if best_any is not None and best_any_n > 0:
             # Share the prefix's cells with the slot that holds them (a running conversation or a
