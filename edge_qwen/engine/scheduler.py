@@ -367,16 +367,10 @@ class Engine:
                     best_free, best_free_n = s, n
                 if n > best_any_n:
                     best_any, best_any_n = s, n
-        empty = [s for s in free if not s.tokens]
         if best_free is not None and best_free_n >= best_any_n:
-            if best_free_n >= len(best_free.tokens) or not empty:
-                return best_free, self._clear_slot(best_free, best_free_n)
-            # Only part of that slot's conversation is shared: copy the shared part into an empty
-            # slot rather than cut the rest (a later request may continue it, as llama-server's
-            # prompt cache would restore it).
-            best_any, best_any_n = best_free, best_free_n
+            return best_free, self._clear_slot(best_free, best_free_n)
         # Next to the running slots, then an empty slot, else the least recently used one.
-        target = min(empty or free, key=lambda s: (holes(s), bool(s.tokens), s.last_used))
+        target = min(free, key=lambda s: (holes(s), bool(s.tokens), s.last_used))
         self._clear_slot(target)
         if best_any is not None and best_any_n > 0:
             # Share the prefix's cells with the slot that holds them (a running conversation or a
