@@ -613,8 +613,9 @@ _SUBSCHEMAS = (("items", False), ("additionalItems", False), ("contains", False)
 _KEYS_FROM_ELSEWHERE = ("additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
                         "allOf", "anyOf", "oneOf", "$ref", "if", "dependentSchemas", "dependencies")
 _NOT_SUBSCHEMAS = ("not", "enum", "const", "default", "examples")  # values, or a subschema that must not narrow
-_NOT_CONSTRAINTS = {"$ref", "description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
-                    "writeOnly"}
+# Keywords that say something about a schema but constrain nothing.
+ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
+                         "writeOnly"})
 
 
 def close_open_objects(schema: Any) -> Any:
@@ -652,7 +653,7 @@ def _close(schema: Any) -> tuple[Any, int]:
             return node
         out = dict(node)
         ref = out.get("$ref")
-        if isinstance(ref, str) and (shared or set(out) - _NOT_CONSTRAINTS):
+        if isinstance(ref, str) and (shared or set(out) - ANNOTATIONS - {"$ref"}):
             shared_refs.add(ref)
         inner = shared or isinstance(out.get("properties"), dict)
         for k, same in _SUBSCHEMAS:
@@ -762,12 +763,8 @@ def _merge_all_of(out: dict) -> dict:
     return out
 
 
-_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "deprecated", "readOnly",
-                          "writeOnly"})
-
-
 def _without_annotations(schema: dict) -> dict:
-    return {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    return {k: v for k, v in schema.items() if k not in ANNOTATIONS}
 
 
 def _type_set(value: Any) -> set[str] | None:

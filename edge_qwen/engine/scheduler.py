@@ -426,55 +426,48 @@ class Engine:
             plan[seq.slot] = (seq, toks, len(toks) == len(seq.pending))
         if not plan:
             return
-        placeholders: list[tuple[_Slot, int]] = []  # (slot, position) of placeholder tokens to remove
         ids = sorted(plan)
-        room_for_fill = self.n_batch - used - sum(len(t) for sid, (q, t, _) in plan.items() if q.prefilling)
+        fill: dict[int, int] = {}  # slot -> position of its placeholder token (removed after the step)
+        room = self.n_batch - sum(len(toks) for _, toks, _ in plan.values())
         for sid in range(ids[0], ids[-1] + 1) if not self.unified else ():
-            if sid in plan or room_for_fill <= 0:
-                continue
-            slot = self.slots[sid]
-            if len(slot.tokens) < self.n_ctx:  # a free cell in its stream for the placeholder
-                placeholders.append((slot, len(slot.tokens)))
-                room_for_fill -= 1
-        fill = {slot.seq_id: pos for slot, pos in placeholders}
+            if sid not in plan and room > 0 and len(self.slots[sid].tokens) < self.n_ctx:  # a free cell there
+                fill[sid] = len(self.slots[sid].tokens)
+                room -= 1
         self.stats["placeholders"] += len(fill)
+
+        def put(sid: int, tok: int, pos: int) -> None:
+            nonlocal n
+            batch.token[n] = tok
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = sid
+            batch.logits[n] = 0
+            n += 1
+
         for sid in range(ids[0], ids[-1] + 1):
             if sid in fill:
-                batch.token[n] = 0
-                batch.pos[n] = fill[sid]
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = sid
-                batch.logits[n] = 0
-                n += 1
-                continue
-            if sid not in plan:
-                continue
-            seq, toks, want_logits = plan[sid]
-            slot = self.slots[sid]
-            pos = len(slot.tokens)
-            for k, t in enumerate(toks):
-                batch.token[n] = t
-                batch.pos[n] = pos + k
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = sid
-                batch.logits[n] = 0
-                n += 1
-            if want_logits:
-                batch.logits[n - 1] = 1
-                rows.append((seq, n - 1))
-            fed.append((seq, toks))
+                put(sid, 0, fill[sid])
+            elif sid in plan:
+                seq, toks, want_logits = plan[sid]
+                pos = len(self.slots[sid].tokens)
+                for k, t in enumerate(toks):
+                    put(sid, t, pos + k)
+                if want_logits:
+                    batch.logits[n - 1] = 1
+                    rows.append((seq, n - 1))
+                fed.append((seq, toks))
         if n == 0:
             return
         batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, batch)
-        if rc == 1 and not placeholders:  # no room for the batch in the KV cache: drop every idle cache, retry once
+        if rc == 1 and not fill:  # no room for the batch in the KV cache: drop every idle cache, retry once
             with self._cv:
                 for s in self.slots:
                     if s.running is None and s.tokens:
                         self._clear_slot(s)
             rc = llama_cpp.llama_decode(self.ctx, batch)
-        for slot, pos in placeholders:  # the placeholders' cells go; the slot's own cells stay
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, pos, -1)
+        for sid, pos in fill.items():  # the placeholders' cells go; the slot's own cells stay
+            llama_cpp.llama_memory_seq_rm(self.mem, sid, pos, -1)
         if rc != 0:
             with self._cv:
                 for seq, _ in fed:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConstraintViolation, RequestError, SchemaError
-from .json_normalize import close_open_objects
+from .json_normalize import ANNOTATIONS, close_open_objects
 from .json_schema import check_schema, validate_output
 
 OPEN_TAG = "<tool_call>"
@@ -40,7 +40,6 @@ CLOSE_TAG = "</tool_call>"
 TOOL_CHOICES = ("none", "auto", "required")
 _NAME = re.compile(r'^[^\s"\\<>]{1,64}$')
 _ANY_OBJECT = {"type": "object"}
-_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
 
 # -- request side: tools, tool_choice, history ---------------------------------------------------
@@ -107,7 +106,7 @@ class Tools:
 def _takes_no_arguments(schema: Any) -> bool:
     """Whether the only arguments `schema` admits are {} (as generated: closed objects, see below)."""
     closed = close_open_objects(schema)
-    if not isinstance(closed, dict) or set(closed) - _ANNOTATIONS - {"$ref", "type", "properties",
+    if not isinstance(closed, dict) or set(closed) - ANNOTATIONS - {"$ref", "type", "properties",
                                                                      "additionalProperties", "required"}:
         return False
     return (closed.get("type", "object") == "object" and not closed.get("properties")
