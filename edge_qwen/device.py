@@ -135,6 +135,68 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+AMX_ENV = "EDGE_QWEN_CPU_AMX"  # "1": let llama.cpp keep its AMX weight buffers (a build known to work)
+_cpu_guard: dict[str, Any] = {}
+
+
+def guard_cpu_kernels() -> dict[str, Any]:
+    """Keep llama.cpp's AMX weight buffers out of model loading, once per process; returns what was done.
+
+    llama.cpp built with GCC (`-march=native`) on an Intel CPU with AMX (Sapphire Rapids and later,
+    common in cloud VMs) segfaults in the first matrix product: the tile configuration it keeps on
+    the stack is optimized away, and `ldtilecfg` loads garbage (ggml-org/llama.cpp#20824, fix
+    proposed in #26954). Each load picks a weight buffer from the CPU device's extra buffer types,
+    AMX first, then the repacked-weights type; this removes AMX from that list (the list is
+    llama.cpp's own, read at every model load), so weights are repacked as on any AVX2/AVX-512
+    CPU: no crash, nothing else lost. Set EDGE_QWEN_CPU_AMX=1 to keep AMX with a build known to work.
+    Must run before the first model load; a no-op where the build has no AMX buffers.
+    """
+    if _cpu_guard:
+        return _cpu_guard
+    _cpu_guard["amx"] = "absent"
+    try:
+        bufts, names = cpu_extra_buffers()
+    except (ImportError, AttributeError, OSError, ValueError) as e:  # another build layout: nothing to guard
+        _cpu_guard["amx"] = f"not checked ({type(e).__name__}: {e})"
+        return _cpu_guard
+    _cpu_guard["extra_buffers"] = [name for _, name in names]
+    if "AMX" not in _cpu_guard["extra_buffers"]:
+        return _cpu_guard
+    if os.environ.get(AMX_ENV) == "1":
+        _cpu_guard["amx"] = f"kept ({AMX_ENV}=1)"
+        return _cpu_guard
+    kept = [b for b, name in names if name != "AMX"]
+    for i, b in enumerate(kept + [None] * (len(names) - len(kept))):
+        bufts[i] = b
+    _cpu_guard["amx"] = f"disabled (llama.cpp#20824; {AMX_ENV}=1 keeps it)"
+    return _cpu_guard
+
+
+def cpu_extra_buffers() -> tuple[Any, list[tuple[int, str]]]:
+    """The CPU device's extra weight-buffer types, as llama.cpp lists them: (the array, [(type, name)])."""
+    import ctypes
+
+    from llama_cpp import _ggml
+
+    lib = _ggml.libggml
+    for fn, res, args in (("ggml_backend_dev_by_type", ctypes.c_void_p, [ctypes.c_int]),
+                          ("ggml_backend_dev_backend_reg", ctypes.c_void_p, [ctypes.c_void_p]),
+                          ("ggml_backend_reg_get_proc_address", ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
+                          ("ggml_backend_buft_name", ctypes.c_char_p, [ctypes.c_void_p])):
+        getattr(lib, fn).restype, getattr(lib, fn).argtypes = res, args
+    dev = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = lib.ggml_backend_dev_backend_reg(dev) if dev else None
+    fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn:
+        return None, []
+    bufts = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn)(dev)
+    names: list[tuple[int, str]] = []
+    while bufts and bufts[len(names)]:
+        b = bufts[len(names)]
+        names.append((b, (lib.ggml_backend_buft_name(b) or b"").decode()))
+    return bufts, names
+
+
 def select_device(device: str = "auto", n_threads: int | None = None,
                   n_gpu_layers: int | None = None) -> DevicePlan:
     """Decide where to run.
@@ -152,6 +214,7 @@ def select_device(device: str = "auto", n_threads: int | None = None,
     if n_gpu_layers is not None and (not isinstance(n_gpu_layers, int) or n_gpu_layers < -1):
         raise RequestError(f"n_gpu_layers={n_gpu_layers!r} must be -1 (all), 0 or a positive integer",
                            param="n_gpu_layers")
+    guard_cpu_kernels()  # before any model load: every load site asks select_device first
     threads = n_threads or physical_cores()
     can_offload = gpu_offload_supported()
     if device == "cpu":
@@ -195,6 +258,7 @@ class DoctorReport:
     offload_check: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
     kv_cache: str | None = None  # KV memory of `serve`'s default slots for the default model
+    cpu_weights: str = ""  # the CPU weight buffers llama.cpp may use, and what guard_cpu_kernels did
 
     def _model_state(self) -> str:
         if self.default_model_present:
@@ -211,6 +275,7 @@ class DoctorReport:
             f"CPU features       {' '.join(self.cpu_features) or '(none reported)'}",
             f"cores              {self.physical_cores} physical, {self.logical_cores} logical",
             f"threads            {self.threads}",
+            f"CPU weight buffers {self.cpu_weights or '-'}",
             f"device=auto        {self.auto_device}",
             f"default model      {self.default_model or '-'} ({self._model_state()})",
         ]
@@ -268,6 +333,7 @@ def offload_check(model_path: str) -> dict[str, Any]:
     try:
         from llama_cpp import Llama
 
+        guard_cpu_kernels()
         Llama(model_path=str(model_path), n_gpu_layers=-1, n_ctx=256, verbose=False).close()
     finally:
         # Hand logging back to llama-cpp-python's own (quiet) callback.
@@ -300,6 +366,8 @@ def doctor(check_offload: bool = True) -> DoctorReport:
         auto_device=f"{plan.device} ({'all layers offloaded' if plan.n_gpu_layers == -1 else 'no offload'}, "
                     f"{plan.n_threads} threads)",
         default_model=str(model), default_model_present=present, default_model_parts_installed=parts)
+    guard = guard_cpu_kernels()
+    report.cpu_weights = f"{', '.join(guard.get('extra_buffers', [])) or 'plain'}; AMX {guard['amx']}"
     if present:
         try:
             from .gguf_file import check_gguf

@@ -183,6 +183,9 @@ class VisionChat:
                 _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
             mtmd.mtmd_log_set(_QUIET, None)
             mtmd.mtmd_helper_log_set(_QUIET, None)
+        from .device import guard_cpu_kernels
+
+        guard_cpu_kernels()
         self.llama = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=n_threads or min(4, os.cpu_count() or 1),
                                      verbose=verbose)
         params = mtmd.mtmd_context_params_default()

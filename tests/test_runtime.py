@@ -451,6 +451,23 @@ def test_doctor_only_looks_at_the_store(isolated_home):
     assert list((isolated_home / "models").glob("*.gguf")) == []  # a doctor never writes the 491 MB file
 
 
+def test_amx_weight_buffers_never_reach_model_loading(monkeypatch):
+    # llama.cpp's AMX kernels crash when built by GCC (llama.cpp#20824): every load site runs the
+    # guard first, which leaves the other weight buffers (repacked weights) as they were.
+    from edge_qwen.device import cpu_extra_buffers, guard_cpu_kernels, select_device
+
+    monkeypatch.delenv("EDGE_QWEN_CPU_AMX", raising=False)
+    select_device("auto")
+    done = guard_cpu_kernels()
+    _, now = cpu_extra_buffers()
+    names = [name for _, name in now]
+    assert "AMX" not in names
+    assert names == [n for n in done.get("extra_buffers", []) if n != "AMX"]  # nothing else removed
+    assert ("AMX" in done.get("extra_buffers", [])) == done["amx"].startswith("disabled")
+    report = json.loads(CliRunner().invoke(main, ["doctor", "--json", "--no-offload-check"]).output)
+    assert "AMX" in report["cpu_weights"]
+
+
 def test_device_selection_on_this_cpu_machine():
     from edge_qwen.device import DeviceError, physical_cores, select_device
 

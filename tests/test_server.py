@@ -540,9 +540,13 @@ def test_serve_subprocess_ctrl_c(default_model, tmp_path):
         assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k"}).json()["data"][0]["id"] == stem
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key came from EDGE_QWEN_API_KEY
         # Ctrl-C while a stream runs: the stream ends properly (final chunk, [DONE]) right away.
+        # The reply cannot end by itself (its end-of-turn tokens are banned), so only the Ctrl-C can
+        # end it before max_tokens: a short answer must not race the signal.
         events: list[str] = []
+        never_ends = {str(t): -100 for t in (151643, 151645)}  # <|endoftext|>, <|im_end|>
         with httpx.stream("POST", f"{url}/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=60,
-                          json={"messages": ask("Count from 1 to 1000."), "stream": True, "max_tokens": 900}) as r:
+                          json={"messages": ask("Count from 1 to 1000."), "stream": True, "max_tokens": 900,
+                                "temperature": 0, "logit_bias": never_ends}) as r:
             for line in r.iter_lines():
                 if not line:
                     continue

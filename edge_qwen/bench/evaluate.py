@@ -45,9 +45,11 @@ class LogitsModel:
     def __init__(self, path: str | os.PathLike, n_ctx: int = 512, n_threads: int | None = None):
         from llama_cpp import Llama
 
+        from ..device import guard_cpu_kernels
         from ..gguf_file import check_gguf
 
         check_gguf(path)
+        guard_cpu_kernels()
         self.path = Path(path)
         self.n_ctx = n_ctx
         try:

@@ -195,10 +195,12 @@ def collect(model: str | os.PathLike, calibration: str | os.PathLike | None = "d
     """`edge_qwen.quant.imatrix.compute_imatrix`: load the model, tokenize, decode chunk by chunk."""
     import llama_cpp
 
+    from ..device import guard_cpu_kernels
     from ..gguf_file import check_gguf
     from ..progress import progress
 
     check_gguf(model)
+    guard_cpu_kernels()
     text, label = calibration_text(calibration)
     if n_ctx < 16:
         raise ImatrixError(f"context {n_ctx} is too small; use at least 16 tokens per chunk (default {DEFAULT_CTX})")

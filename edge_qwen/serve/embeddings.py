@@ -33,6 +33,9 @@ def _context(llm: Any) -> tuple[Any, threading.Lock]:
         if found is None:
             import llama_cpp
 
+            from ..device import guard_cpu_kernels
+
+            guard_cpu_kernels()
             ctx = llama_cpp.Llama(model_path=key, embedding=True, n_ctx=EMBED_CTX, n_batch=EMBED_CTX,
                                   n_ubatch=EMBED_CTX, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                                   n_threads=getattr(llm, "n_threads", None), n_gpu_layers=getattr(llm, "n_gpu_layers", 0),
