@@ -239,7 +239,11 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
         cmds["llama-server"] = ([llama_server, "-m", path, "--port", str(p), "-c", str(n_ctx * np_), "-np", str(np_),
                                  "-t", str(threads), "-tb", str(threads), "--no-webui"], p, None)
     p = _free_port()
-    cmds["llama_cpp.server"] = ([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(p),
+    # Through our CPU guard (edge_qwen.device.guard_cpu_kernels): on an AMX CPU their server would
+    # otherwise crash in llama.cpp's AMX kernels, as anything built by GCC does (llama.cpp#20824).
+    cmds["llama_cpp.server"] = ([sys.executable, "-c", "import runpy, sys; from edge_qwen.device import "
+                                 "guard_cpu_kernels; guard_cpu_kernels(); sys.argv[0] = 'llama_cpp.server'; "
+                                 "runpy.run_module('llama_cpp.server', run_name='__main__')", "--model", path, "--port", str(p),
                                  "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
                                  # Their default interrupts a running stream when a new request arrives; the
                                  # comparison needs every request answered in full, as ours does.

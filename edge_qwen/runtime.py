@@ -706,10 +706,12 @@ class EdgeQwen:
             raise EdgeQwenError(f"this EdgeQwen ({self.model_name}) was closed; create a new one")
 
     def engine_health(self) -> dict[str, Any]:
-        """The batched engine's part of /health: {"kv_cache": {cells, reserved, cached, mib}, "engine_steps"}."""
+        """The batched engine's part of /health: {"kv_cache": {cells, reserved, cached, mib, host_cached,
+        host_cached_mib}, "engine_steps"}."""
         st = self.engine.status()
         return {"kv_cache": {"cells": st["kv_cells"], "reserved": st["kv_reserved"], "cached": st["kv_cached"],
-                             "mib": round(self.kv_cache_bytes / 2**20, 1)},
+                             "mib": round(self.kv_cache_bytes / 2**20, 1), "host_cached": st["host_cached"],
+                             "host_cached_mib": st["host_cached_mib"]},
                 "engine_steps": st["steps"]}
 
     def close(self) -> None:

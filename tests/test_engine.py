@@ -164,6 +164,47 @@ def test_idle_slot_between_running_ones_gets_placeholders_and_keeps_its_cache(de
         assert r["choices"][0]["message"] == alone[1]["choices"][0]["message"]
 
 
+def test_a_conversation_cut_from_its_slot_is_restored_from_host_memory(default_model):
+    # One slot: B shares only the system prompt with A, so A's conversation is cut to make room;
+    # it goes to the host cache first, and A's next request restores it instead of evaluating it
+    # again (llama-server's RAM prompt cache), with the same answer. Never across cache keys.
+    from edge_qwen import EdgeQwen
+
+    system = [{"role": "system", "content": "You are a terse assistant for a hardware shop. Answer in one line."}]
+    a, b = system + user("Do you sell hammers?"), system + user("When do you open on Sundays?")
+    kw = {"temperature": 0, "max_tokens": 8, "reuse_prefix": True}
+    with EdgeQwen(default_model, n_ctx=512, parallel=1) as m:
+        first = m.chat(a, cache_key="shop", **kw)
+        rb = m.chat(b, cache_key="shop", **kw)
+        assert rb["usage"]["prompt_tokens_details"]["cached_tokens"] >= 20  # the system prompt, kept in the slot
+        assert m.engine.stats["host_saves"] == 1 and m.engine.status()["host_cached"] == 1
+        ra = m.chat(a, cache_key="shop", **kw)
+        assert ra["usage"]["prompt_tokens_details"]["cached_tokens"] == ra["usage"]["prompt_tokens"] - 1
+        assert m.engine.stats["host_restores"] == 1
+        assert ra["choices"][0]["message"] == first["choices"][0]["message"]
+        # B was cut in turn and saved; another key sees none of it, from a slot or from host memory.
+        probe = m.chat(b, cache_key="mallory", **kw)
+        assert probe["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert m.engine.stats["host_restores"] == 1
+        m.engine.host_cache_bytes = 0  # off: nothing is saved any more
+        saves = m.engine.stats["host_saves"]
+        m.chat(a, cache_key="shop", **kw)
+        assert m.engine.stats["host_saves"] == saves
+    with EdgeQwen(default_model, n_ctx=512, parallel=2) as m:
+        # Restored into another slot than the one it was cut from: slot 0 keeps generating B.
+        first = m.chat(a, cache_key="shop", **kw)  # slot 0
+        m.chat(b, cache_key="shop", **kw)          # slot 0 again (it shares the system prompt): A saved
+        stream = m.generate(b, temperature=0, max_tokens=200, cache_key="shop", reuse_prefix=True)
+        try:
+            next(stream)  # B runs in slot 0
+            ra = m.chat(a, cache_key="shop", **kw)  # the empty slot 1, restored from host memory
+        finally:
+            stream.close()
+        assert ra["usage"]["prompt_tokens_details"]["cached_tokens"] == ra["usage"]["prompt_tokens"] - 1
+        assert m.engine.stats["host_restores"] == 1
+        assert ra["choices"][0]["message"] == first["choices"][0]["message"]
+
+
 def test_cancelled_and_abandoned_sequences_free_slots_within_one_step(eq):
     prompt = eq.tokenize(eq.render(user("Write a very long essay about the history of bridges.")))
     eng = eq.engine

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +60,19 @@ class _Slot:
     running: Sequence | None = None
 
 
+@dataclass
+class _Saved:
+    """A conversation cut from a slot, kept in host memory (llama_state_seq_get_data) to restore later."""
+
+    tokens: list[int]
+    cache_key: str
+    data: Any  # ctypes byte array
+
+
+HOST_CACHE_MB = 512   # default bound of the host prompt cache (llama-server's --cache-ram)
+MIN_SAVED = 16        # conversations shorter than this are cheaper to evaluate again than to save
+
+
 def _common_prefix(a: Seq[int], b: Seq[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -82,11 +95,12 @@ class Engine:
     n_batch: tokens per llama_decode (the step's budget).
     prefill_chunk: prompt tokens per step while other sequences are generating (default
         n_batch // 4): bounds how long a new prompt delays the streams.
+    host_cache_mb: host memory for conversations cut from their slot (0: none), see `_save`.
     """
 
     def __init__(self, llama: Any, *, parallel: int = 1, n_ctx: int | None = None, n_batch: int | None = None,
                  kv_cells: int | None = None, prefill_chunk: int | None = None,
-                 pieces: TokenPieces | None = None):
+                 pieces: TokenPieces | None = None, host_cache_mb: int = HOST_CACHE_MB):
         import llama_cpp
         from llama_cpp import _internals
 
@@ -134,11 +148,15 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
 
         self.slots = [_Slot(i) for i in range(parallel)]
+        self.host_cache_bytes = max(0, int(host_cache_mb)) << 20
+        self._saved: OrderedDict[int, _Saved] = OrderedDict()  # least recently used first
+        self._saved_bytes = 0
+        self._saved_id = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
         self.stats = {"requests": 0, "cancelled": 0, "prompt_tokens": 0, "cached_tokens": 0, "placeholders": 0,
-                      "completion_tokens": 0}
+                      "completion_tokens": 0, "host_saves": 0, "host_restores": 0}
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="edge-qwen-engine", daemon=True)
@@ -214,6 +232,7 @@ class Engine:
             return {"slots": self.parallel, "busy": busy, "free": self.parallel - busy, "waiting": len(self.waiting),
                     "kv_cells": self.kv_cells, "kv_reserved": sum(s.reservation for s in self.running),
                     "kv_cached": sum(len(s.tokens) for s in self.slots if s.running is None),
+                    "host_cached": len(self._saved), "host_cached_mib": round(self._saved_bytes / 2**20, 1),
                     "steps": self.steps, **self.stats}
 
     def idle(self) -> bool:
@@ -263,7 +282,7 @@ class Engine:
                 log.exception("engine step failed")
                 with self._cv:
                     for seq in list(self.running):
-                        self._clear_slot(self.slots[seq.slot])
+                        self._clear_slot(self.slots[seq.slot], save=False)  # its cells are in doubt
                         self._release(seq, error=EdgeQwenError(f"generation failed ({type(e).__name__}: {e})"))
 
     def _drop_cancelled(self) -> None:
@@ -296,10 +315,15 @@ class Engine:
         self.stats["completion_tokens"] += seq.n_completion
         self._cv.notify_all()
 
-    def _clear_slot(self, slot: _Slot, keep: int = 0) -> int:
-        """Remove the slot's cells from position `keep` on; returns how many stay."""
+    def _clear_slot(self, slot: _Slot, keep: int = 0, save: bool = True) -> int:
+        """Remove the slot's cells from position `keep` on; returns how many stay.
+
+        With `save`, a conversation losing MIN_SAVED tokens or more is first kept in the host cache.
+        """
         import llama_cpp
 
+        if save and len(slot.tokens) - max(keep, 0) >= MIN_SAVED:
+            self._save(slot)
         if keep <= 0:
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             slot.tokens = []
@@ -340,6 +364,67 @@ class Engine:
                 total -= len(s.tokens)
                 self._clear_slot(s)
 
+    def _save(self, slot: _Slot) -> None:
+        """Copy the slot's KV cells to host memory before they are cut (llama-server's RAM prompt cache).
+
+        A later prompt that continues this conversation further than any slot's cache restores it
+        (`_restore`) instead of evaluating those tokens again: one memcpy in place of a prefill.
+        Bounded by `host_cache_bytes`, least recently used out first; only within one cache_key.
+        """
+        import ctypes
+
+        import llama_cpp
+
+        if not self.host_cache_bytes:
+            return
+        for k, e in list(self._saved.items()):  # one it extends (or repeats) is no longer needed
+            if e.cache_key == slot.cache_key and len(e.tokens) <= len(slot.tokens) \
+                    and _common_prefix(e.tokens, slot.tokens) == len(e.tokens):
+                self._drop_saved(k)
+        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, slot.seq_id))
+        if not 0 < size <= self.host_cache_bytes:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if int(llama_cpp.llama_state_seq_get_data(self.ctx, data, size, slot.seq_id)) != size:
+            return
+        while self._saved and self._saved_bytes + size > self.host_cache_bytes:
+            self._drop_saved(next(iter(self._saved)))
+        self._saved_id += 1
+        self._saved[self._saved_id] = _Saved(list(slot.tokens), slot.cache_key, data)
+        self._saved_bytes += size
+        self.stats["host_saves"] += 1
+
+    def _drop_saved(self, key: int) -> None:
+        e = self._saved.pop(key)
+        self._saved_bytes -= len(e.data)
+
+    def _restore(self, prompt: list[int], key: str, limit: int, better_than: int, target: _Slot) -> int:
+        """Restore into `target` the saved conversation sharing the longest prefix with `prompt`, if it
+        shares more than `better_than` tokens; returns the cached tokens (0: nothing restored)."""
+        import llama_cpp
+
+        best, best_n = None, better_than
+        for k, e in self._saved.items():
+            if e.cache_key == key:
+                n = min(_common_prefix(e.tokens, prompt), limit)
+                if n > best_n:
+                    best, best_n = k, n
+        if best is None:
+            return 0
+        e = self._saved[best]
+        self._clear_slot(target)
+        if int(llama_cpp.llama_state_seq_set_data(self.ctx, e.data, len(e.data), target.seq_id)) == 0:
+            log.warning("could not restore a cached conversation into slot %d; evaluating it again", target.seq_id)
+            self._drop_saved(best)
+            self._clear_slot(target, save=False)
+            return 0
+        self._saved.move_to_end(best)
+        target.tokens = list(e.tokens)
+        if best_n >= len(e.tokens):
+            self._drop_saved(best)  # wholly in the slot again
+        self.stats["host_restores"] += 1
+        return self._clear_slot(target, best_n, save=False)
+
     def _place(self, seq: Sequence, free: list[_Slot]) -> tuple[_Slot, int]:
         """Choose a free slot for `seq` and set up its cached prefix; returns (slot, cached tokens)."""
         import llama_cpp
@@ -367,10 +452,16 @@ class Engine:
                     best_free, best_free_n = s, n
                 if n > best_any_n:
                     best_any, best_any_n = s, n
-        if best_free is not None and best_free_n >= best_any_n:
-            return best_free, self._clear_slot(best_free, best_free_n)
-        # Next to the running slots, then an empty slot, else the least recently used one.
-        target = min(free, key=lambda s: (holes(s), bool(s.tokens), s.last_used))
+        # Continue an idle slot's conversation; else next to the running slots, then an empty
+        # slot, else the least recently used one.
+        resume = best_free is not None and best_free_n >= best_any_n
+        target = best_free if resume else min(free, key=lambda s: (holes(s), bool(s.tokens), s.last_used))
+        if seq.req.reuse_prefix and limit > 0 and self._saved:
+            restored = self._restore(prompt, key, limit, max(best_free_n, best_any_n) + 1, target)
+            if restored:
+                return target, restored
+        if resume:
+            return target, self._clear_slot(target, best_free_n)
         self._clear_slot(target)
         if best_any is not None and best_any_n > 0:
             # Share the prefix's cells with the slot that holds them (a running conversation or a
