@@ -148,8 +148,10 @@ def _peer_worker(max_tokens: int) -> None:
 
     from llama_cpp import Llama, llama_grammar
 
+    from edge_qwen.device import guard_cpu_kernels
     from edge_qwen.store import default_model_path
 
+    guard_cpu_kernels()  # their plain Llama crashes in llama.cpp's AMX kernels on an AMX CPU (llama.cpp#20824)
     with contextlib.redirect_stderr(open(os.devnull, "w")):
         llm = Llama(str(default_model_path()), n_ctx=4096, n_threads=2, verbose=False)
     for line in sys.stdin:

@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_sessionstart(session):
+    # Tests that load a model with llama_cpp.Llama directly get the package's CPU guard too, in
+    # whatever order they run (llama.cpp's AMX kernels crash on AMX CPUs: edge_qwen.device).
+    from edge_qwen.device import guard_cpu_kernels
+
+    guard_cpu_kernels()
+
 # Nothing in the tests may reach the network; the store is isolated from the user's.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

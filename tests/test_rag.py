@@ -203,8 +203,9 @@ def test_summarize_60k_tokens_and_ask_middle_fact(default_model, count, tmp_path
     from edge_qwen.rag.answer import ask_files
 
     # The 4K window with flash attention: 1.7x faster prompt evaluation at 3K tokens deep on a CPU
-    # (the map step reads all 60K tokens), same window.
-    with EdgeQwen(default_model, n_ctx=4096, flash_attn=True) as llm:
+    # (the map step reads all 60K tokens), same window; 4 slots, so chunks' summaries are written
+    # while the next chunk is read.
+    with EdgeQwen(default_model, n_ctx=4096, flash_attn=True, parallel=4) as llm:
         _summarize_and_ask(llm, count, tmp_path)
 
 

@@ -67,7 +67,10 @@ def summarize(llm: Any, text: str, *, max_tokens: int = 400, map_tokens: int = 2
 
     Chunks are at most `chunk_tokens` (default: what the window leaves after the prompt and
     `map_tokens`); each is summarized in at most `map_tokens`; partial summaries are merged in
-    groups until one remains. Greedy decoding, so the same text gives the same summary.
+    groups until one remains. Greedy decoding, so the same text gives the same summary. On a model
+    with several slots (`EdgeQwen(parallel=N)`) up to N chunks are summarized at once: one chunk's
+    prompt is read while the others' summaries are written in the same batches (batched logits can
+    tip a greedy near-tie, so the text may differ from a one-slot model's).
     `on_progress(done, total)` is called after each model call (total is an estimate until the
     last level); a tqdm bar shows on a terminal unless `quiet`.
     """
@@ -126,11 +129,32 @@ def summarize(llm: Any, text: str, *, max_tokens: int = 400, map_tokens: int = 2
             if on_progress:
                 on_progress(calls, max(estimate, calls))
 
-        partial = []
-        for i, piece in enumerate(pieces, start=1):
-            partial.append(ask(p["map"].format(i=i, n=len(pieces), text=piece, words=_words(map_tokens, lang)),
-                               map_tokens))
-            step()
+        def ask_all(prompts: list[str], limit: int) -> list[str]:
+            """Every prompt answered, in order; at once on a model with several slots (`parallel`), so
+            one chunk's prompt is read while others' summaries are written in the same batches."""
+            workers = max(1, min(int(getattr(llm, "parallel", 1) or 1), len(prompts)))
+            if workers == 1:
+                out = []
+                for q in prompts:
+                    out.append(ask(q, limit))
+                    step()
+                return out
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            with ThreadPoolExecutor(workers, thread_name_prefix="edge-qwen-summarize") as pool:
+                futures = [pool.submit(ask, q, limit) for q in prompts]
+                try:
+                    for f in as_completed(futures):
+                        f.result()
+                        step()
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+                return [f.result() for f in futures]
+
+        partial = ask_all([p["map"].format(i=i, n=len(pieces), text=piece, words=_words(map_tokens, lang))
+                           for i, piece in enumerate(pieces, start=1)], map_tokens)
         levels.append(partial)
         # Merge level by level: groups of partial summaries that fit the window.
         while True:
@@ -151,11 +175,9 @@ def summarize(llm: Any, text: str, *, max_tokens: int = 400, map_tokens: int = 2
             if len(groups) == len(partial):  # no group holds two summaries: they cannot shrink further
                 raise RequestError(f"the partial summaries do not fit the context window n_ctx={n_ctx} two at a "
                                    "time; lower map_tokens or load the model with a larger n_ctx", param="map_tokens")
-            partial = []
-            for g in groups:
-                partial.append(g[0] if len(g) == 1 else
-                               ask(p["merge"].format(text="\n\n".join(g), words=_words(map_tokens, lang)), map_tokens))
-                step()
+            merged = iter(ask_all([p["merge"].format(text="\n\n".join(g), words=_words(map_tokens, lang))
+                                   for g in groups if len(g) > 1], map_tokens))
+            partial = [g[0] if len(g) == 1 else next(merged) for g in groups]
             levels.append(partial)
     return Summary(final, total_tokens, len(pieces), len(levels), calls, levels)
 
