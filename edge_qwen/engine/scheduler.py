@@ -411,17 +411,17 @@ class Engine:
                     best, best_n = k, n
         if best is None:
             return 0
-        e = self._saved[best]
+        e = self._saved.pop(best)  # taken out first: saving the target's own cells may evict entries
+        self._saved_bytes -= len(e.data)
         self._clear_slot(target)
         if int(llama_cpp.llama_state_seq_set_data(self.ctx, e.data, len(e.data), target.seq_id)) == 0:
             log.warning("could not restore a cached conversation into slot %d; evaluating it again", target.seq_id)
-            self._drop_saved(best)
             self._clear_slot(target, save=False)
             return 0
-        self._saved.move_to_end(best)
         target.tokens = list(e.tokens)
-        if best_n >= len(e.tokens):
-            self._drop_saved(best)  # wholly in the slot again
+        if best_n < len(e.tokens) and self._saved_bytes + len(e.data) <= self.host_cache_bytes:
+            self._saved[best] = e  # its tail is still only here; most recently used now
+            self._saved_bytes += len(e.data)
         self.stats["host_restores"] += 1
         return self._clear_slot(target, best_n, save=False)
 
