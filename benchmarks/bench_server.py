@@ -231,7 +231,9 @@ def run_benchmark(model: str | Path | None = None, levels: tuple[int, ...] = (1,
                           "--max-queue", str(max(levels) * 2), "--quiet", *serve_args], p, None)
     if baseline_src:  # the same command on an older checkout: the single-sequence engine it replaced
         p = _free_port()
-        cmds["edge-qwen before"] = ([sys.executable, "-c", "from edge_qwen.cli import main; main()", "serve", path,
+        # -P: `python -c` would put the working directory (this checkout, when run from its root)
+        # ahead of PYTHONPATH, and the "before" server would run today's code.
+        cmds["edge-qwen before"] = ([sys.executable, "-P", "-c", "from edge_qwen.cli import main; main()", "serve", path,
                                      "--port", str(p), "--ctx", str(n_ctx), "--threads", str(threads),
                                      "--max-queue", str(max(levels) * 2), "--quiet"], p, {"PYTHONPATH": baseline_src})
     if llama_server:
