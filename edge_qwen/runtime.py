@@ -159,13 +159,16 @@ class EdgeQwen:
         slot may hold n_ctx tokens, so the KV cache is n_ctx * parallel cells (`kv_cache_bytes`).
         Batched logits are not bit-identical to single-sequence ones: a seed reproduces an answer
         exactly only when the request runs alone (see docs/runtime.md).
+    host_cache_mb: host memory for conversations cut from their slot (restored when a later
+        prompt continues them, llama-server's --cache-ram); default 512, 0 turns it off.
     """
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
                  n_threads: int | None = None, n_gpu_layers: int | None = None,
                  context_overflow: str = "error", verbose: bool = False, n_batch: int = 512,
                  reuse_prefix: bool = False, parallel: int = 1, kv_type: str = "f16",
-                 flash_attn: bool | None = None, rope_scaling: str | None = None):
+                 flash_attn: bool | None = None, rope_scaling: str | None = None,
+                 host_cache_mb: int | None = None):
         from .device import select_device
         from .gguf_file import check_gguf
         from .store import resolve_model
@@ -207,7 +210,8 @@ class EdgeQwen:
 
         try:
             self.engine = Engine(self.llama, parallel=parallel, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx),
-                                 pieces=self._pieces)
+                                 pieces=self._pieces,
+                                 **({} if host_cache_mb is None else {"host_cache_mb": host_cache_mb}))
         except EdgeQwenError:
             self.llama.close()
             raise

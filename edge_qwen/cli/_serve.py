@@ -33,6 +33,9 @@ from .options import quiet_option
                    "with the same API key and cache_salt. "
                    "Requests with a seed are always evaluated afresh and reproduce exactly; --no-prompt-cache "
                    "does that for every request.")
+@click.option("--cache-ram", "cache_ram", default=512, show_default=True, type=click.IntRange(0, 1 << 20),
+              metavar="MIB", help="Host memory per model for conversations cut from their slot, restored when a "
+                                  "later prompt continues them (llama-server's --cache-ram); 0 turns it off.")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages from ORIGIN (e.g. http://localhost:5173; * for any) call the API from a browser. "
                    "Repeatable; none by default.")
@@ -49,7 +52,7 @@ from .options import quiet_option
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
-                  prompt_cache: bool, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
+                  prompt_cache: bool, cache_ram: int, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
                   read_timeout: float, kv_type: str, flash_attn: bool | None, quiet: bool) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
@@ -63,4 +66,4 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
           **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}),
-          flash_attn=flash_attn)
+          flash_attn=flash_attn, host_cache_mb=cache_ram if prompt_cache else 0)
