@@ -561,3 +561,4 @@ def test_serve_subprocess_ctrl_c(default_model, tmp_path):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "cancelled"
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "server stopped" in err, err
+    assert "KV cache" in err and "host prompt cache up to 512 MiB" in err, err  # what memory it holds, at startup

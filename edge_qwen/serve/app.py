@@ -489,7 +489,8 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
     for name, slot in app.state.models.slots.items():
         llm = slot.llm
         print(f"edge-qwen: {name}: {slot.parallel} parallel slot{'s' if slot.parallel != 1 else ''} x {llm.n_ctx} "
-              f"tokens, KV cache {getattr(llm, 'kv_cache_bytes', 0) / 2**20:.0f} MiB ({llm.engine.kv_cells} cells)",
+              f"tokens, KV cache {getattr(llm, 'kv_cache_bytes', 0) / 2**20:.0f} MiB ({llm.engine.kv_cells} cells), "
+              f"host prompt cache up to {llm.engine.host_cache_bytes >> 20} MiB",
               file=sys.stderr, flush=True)
     print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "
           f"POST /api/v1/qwen/predict, GET /v1/models, /health, /docs){'  API key required' if api_key else ''}\n"
