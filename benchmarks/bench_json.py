@@ -159,6 +159,7 @@ def compare(llm, rounds: int = ROUNDS, only: str = "") -> dict:
     names = [n for n in SIDES if any(o in n for o in only.split(","))]
     rates: dict[str, list[float]] = {n: [] for n in names}
     last: dict[str, dict] = {}
+    load_before = os.getloadavg()[0]  # reported beside the rates: a busy machine moves them
     ours(llm, RECORD_PROMPT, RECORD_SCHEMA)  # warm-up: page in weights, build the tokenizer tables
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -168,7 +169,8 @@ def compare(llm, rounds: int = ROUNDS, only: str = "") -> dict:
             print(f"  round {r + 1}/{rounds} {name}: {out['tokens']} tokens, {rates[name][-1]:.1f} tok/s",
                   file=sys.stderr, flush=True)
     tps = {n: statistics.median(v) for n, v in rates.items()}
-    out: dict = {"tps": tps, "best": {n: max(v) for n, v in rates.items()}, "last": last, "rounds": rounds,
+    out: dict = {"load": load_before, "load_after": os.getloadavg()[0], "tps": tps,
+                 "best": {n: max(v) for n, v in rates.items()}, "last": last, "rounds": rounds,
                  "paired": {}, "overhead": {}}
     for key, side, base in RATIOS:
         if side in tps and base in tps:
@@ -213,7 +215,8 @@ def setup_times(llm, n: int = 50) -> dict:
 
 
 def report(r: dict, s: dict) -> str:
-    lines = [f"greedy, max {MAX_TOKENS} tokens, {r['rounds']} rotating rounds (shared, busy machine)",
+    lines = [f"greedy, max {MAX_TOKENS} tokens, {r['rounds']} rotating rounds; load average "
+             f"{r['load']:.2f} before, {r['load_after']:.2f} after, on {os.cpu_count()} CPUs",
              (f"{'decoding':40s} {'tokens':>6s} {'forced':>6s} {'median tok/s':>12s} {'best tok/s':>10s} "
               f"{'JSON engine ms/token':>20s}")]
     for name, tps in r["tps"].items():
