@@ -143,6 +143,13 @@ def test_bad_response_format_is_request_error(bad):
      ["not at /properties/x/items/not", "uniqueItems at /properties/x/uniqueItems"]),
     (obj({"a": NAME, "b": NAME}, required=["a"], maxProperties=1), ["maxProperties beside optional properties"]),
     ({"type": "string", "pattern": "(?=a)b"}, ["pattern with look-around at /pattern"]),
+    # int64 bounds: llguidance's range regexes overflow on them; they exclude only numbers no model writes
+    (obj({"v": {"type": "integer", "minimum": -2 ** 63, "maximum": 2 ** 63 - 1}}),
+     ["minimum -9223372036854775808 (beyond the grammar's number ranges) at /properties/v/minimum",
+      "maximum 9223372036854775807 (beyond the grammar's number ranges) at /properties/v/maximum"]),
+    ({"type": "number", "minimum": 0, "exclusiveMaximum": 1e19}, ["exclusiveMaximum 1e+19"]),
+    ({"$schema": "http://json-schema.org/draft-04/schema#", "type": "integer", "minimum": -2 ** 63,
+      "exclusiveMinimum": True}, ["exclusiveMinimum -9223372036854775808"]),
 ])
 def test_keywords_the_grammar_cannot_express_are_left_to_validation(schema, named):
     plan = plan_schema(schema)
@@ -350,6 +357,8 @@ def test_chat_refuses_unsupported_schema_before_generating(llm, response_format)
     ({"allOf": [{"type": "string"}, {"type": "integer"}]}, "Unsatisfiable", "fix the keywords that contradict"),
     ({"type": "object", "patternProperties": {"^a": {"type": "integer"}, "^ab": {"type": "string"}}}, "disjoint",
      "make the patternProperties patterns disjoint"),
+    # a huge bound on the restrictive side stays in the grammar, which cannot build its range
+    ({"type": "integer", "minimum": 2 ** 60}, "integer range", "keep numeric bounds"),
 ])
 def test_engine_errors_become_schema_errors(llm, schema, fragment, advice):
     # These pass jsonschema's metaschema; llguidance itself refuses them: the message says what failed

@@ -31,6 +31,20 @@ def test_multiple_of_cents_is_answered(llm):
     assert json.loads(r["choices"][0]["message"]["content"])["price"] == 19.99
 
 
+def test_int64_and_uint64_fields_are_answered(llm):
+    # Real schemas (protobuf and Go generators) bound integers by their machine range, and list
+    # uint64 values in enums: neither may turn a schema away.
+    s = {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": -2 ** 63, "maximum": 2 ** 63 - 1},
+        "size": {"type": "integer", "minimum": 0, "maximum": 2 ** 64 - 1},
+        "mask": {"enum": [2 ** 64 - 1, 0]}},
+        "required": ["id", "size", "mask"], "additionalProperties": False}
+    r = ask(llm, "Give a record with id 42, size 1024 and mask 0 as JSON.", s)
+    assert r["choices"][0]["finish_reason"] == "stop"
+    v = json.loads(r["choices"][0]["message"]["content"])
+    assert isinstance(v["id"], int) and 0 <= v["size"] < 2 ** 64 and v["mask"] in (2 ** 64 - 1, 0)
+
+
 def test_date_is_a_real_date(llm):
     s = {"type": "object", "properties": {"d": {"type": "string", "format": "date"}}, "required": ["d"],
          "additionalProperties": False}

@@ -101,8 +101,11 @@ class _ModelTables:
         from llguidance import LLMatcher
 
         try:
+            # As JSON text: llguidance converts a dict through 64-bit numbers and fails on an
+            # integer beyond them (an `enum` of uint64 values); its JSON parser takes any.
             grammar = LLMatcher.grammar_from_json_schema(
-                grammar_schema, defaults={"whitespace_pattern": whitespace}, overrides=options or None)
+                json.dumps(grammar_schema, allow_nan=False), defaults={"whitespace_pattern": whitespace},
+                overrides=options or None)
         except ValueError as exc:
             raise engine_error(str(exc), param) from None
         template = LLMatcher(self.tokenizer, grammar, log_level=0)

@@ -89,6 +89,13 @@ MAX_REF_CHAIN = 100  # $refs followed one inside another at one value
 
 _X_GUIDANCE_KEYS = ("item_separator", "key_separator", "whitespace_pattern", "whitespace_flexible")
 _LOOKAROUND = ("(?=", "(?!", "(?<=", "(?<!")
+# llguidance turns numeric bounds into regexes through 64-bit arithmetic, and fails on the int64
+# range itself (`minimum: -9223372036854775808`) or a float bound such as 1e19. A bound of this
+# magnitude or more on the permissive side (a minimum far below zero, a maximum far above) only
+# excludes numbers a model never writes: it is left to validation. 2^53: where doubles stop being
+# exact integers.
+HUGE_BOUND = 2 ** 53
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
 @dataclass
@@ -382,11 +389,14 @@ class _Walk:
                 continue
             if key in ("exclusiveMinimum", "exclusiveMaximum") and isinstance(value, bool):
                 bound = node.get("minimum" if key == "exclusiveMinimum" else "maximum")
-                if value and isinstance(bound, (int, float)):
-                    out[key] = bound  # draft-04: the bound itself becomes exclusive
+                if value and isinstance(bound, (int, float)) and not isinstance(bound, bool):
+                    self._bound(key, bound, where(key), out)  # draft-04: the bound itself becomes exclusive
                 continue
             if key in ("minimum", "maximum") and node.get("exclusiveM" + key[1:]) is True:
                 continue  # replaced by the exclusive bound above
+            if key in _BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._bound(key, value, where(key), out)
+                continue
             if key in ("minProperties", "maxProperties"):
                 self._count(node, key, value, where(key), out)
                 continue
@@ -478,6 +488,14 @@ class _Walk:
                 sets = [self._types_of(b, depth + 1) for b in branches]
                 return None if any(t is None for t in sets) else set().union(*sets)
         return None
+
+    def _bound(self, key: str, value: float, where: str, out: dict) -> None:
+        """A numeric bound into the grammar, unless it is a huge one on the permissive side (HUGE_BOUND)."""
+        lower = key in ("minimum", "exclusiveMinimum")
+        if (value <= -HUGE_BOUND) if lower else (value >= HUGE_BOUND):
+            self.validated.append(f"{key} {value} (beyond the grammar's number ranges) at {where}")
+        else:
+            out[key] = value
 
     def _format(self, node: dict, fmt: str, may_be_string: bool, where: str, out: dict) -> None:
         if not may_be_string:

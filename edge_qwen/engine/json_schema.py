@@ -75,6 +75,9 @@ def _advice(text: str) -> str:
         return "use anyOf if either branch may match"
     if "$ref" in lower or "pointer" in lower or "reference" in lower:
         return "point every $ref at a subschema inside this document (#/$defs/...)"
+    if "integer range" in lower or "float range" in lower:
+        return (f"keep numeric bounds (minimum, maximum, exclusive...) between -{2 ** 53} and {2 ** 53}, "
+                "or drop the ones that exclude only numbers no answer needs")
     if "regex" in lower or "pattern" in lower or "lookaround" in lower:
         return "simplify the pattern (no look-around, back-references or unbounded nested repeats)"
     if "limit" in lower or "too large" in lower or "too many" in lower:
