@@ -221,6 +221,41 @@ def test_every_blocker_is_named_in_one_message():
     assert "not at" not in msg  # `not` is not a blocker: validation guarantees it
 
 
+def test_remote_refs_into_one_document_are_one_line_with_every_path():
+    props = {f"p{i}": {"$ref": f"http://json-schema.org/draft-04/schema#/properties/k{i}"} for i in range(12)}
+    with pytest.raises(SchemaError) as e:
+        check_schema({"type": "object", "properties": props})
+    msg = str(e.value)
+    assert "12 remote $refs into 'http://json-schema.org/draft-04/schema'" in msg, msg
+    assert all(f"/properties/p{i}/$ref" in msg for i in range(12)) and msg.count("inline them under $defs") == 1
+
+
+def test_refs_into_keys_that_are_no_keywords_are_planned_too():
+    # Real schemas keep subschemas under their own keys (`#/refs/...`, `#/$defs/group/item`) and
+    # point $refs there: what those subschemas hold must be planned like any other.
+    s = {"type": "object", "refs": {"input": {"type": "string", "not": {"enum": ["x"]}}},
+         "$defs": {"group": {"type": "object", "item": {"type": "array", "items": {"type": "integer"},
+                                                         "uniqueItems": True}}},
+         "properties": {"a": {"$ref": "#/refs/input"}, "b": {"$ref": "#/$defs/group/item"}},
+         "x-note": {"not": "an annotation nobody points at"}}
+    plan = plan_schema(s)
+    listed = "; ".join(plan.validated)
+    assert "not at /refs/input/not" in listed and "uniqueItems at /$defs/group/item/uniqueItems" in listed
+    grammar = json.dumps(plan.grammar)
+    assert '"uniqueItems"' not in grammar and '"not": {' not in grammar
+    assert plan.grammar["x-note"] == {"not": "an annotation nobody points at"}  # kept as it was
+
+
+@pytest.mark.slow
+def test_refs_into_keys_that_are_no_keywords_compile(llm):
+    # llguidance follows the $ref into `refs`; a `not` left there would be "Unimplemented keys".
+    s = {"type": "object", "refs": {"input": {"type": "string", "not": {"enum": ["x"]}}},
+         "properties": {"a": {"$ref": "#/refs/input"}, "n": {"type": "integer", "minimum": -2 ** 63}},
+         "required": ["a", "n"]}
+    c = make_constraint(llm, {"type": "json_object", "schema": s})
+    assert c.needs_validation
+
+
 @pytest.mark.parametrize("xg, ok", [
     ({"item_separator": ", ", "key_separator": ": "}, True),
     ({"item_separator": r"\s{0,2},\s{0,2}"}, False),  # \s is Unicode whitespace: not JSON's

@@ -28,6 +28,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from ..errors import SchemaError
 
@@ -80,6 +81,8 @@ _SUB = ("additionalProperties", "items", "additionalItems", "contains", "not", "
         "propertyNames", "unevaluatedProperties", "unevaluatedItems")
 _SUB_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SUB_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# Keywords whose values are data, never subschemas.
+_LITERALS = frozenset({"enum", "const", "default", "examples", "required"})
 # Applicators whose subschemas apply to the same instance value (validation work adds up).
 _SAME_PLACE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else")
 
@@ -141,6 +144,21 @@ def depth_problem(schema: Any, limit: int = MAX_SCHEMA_DEPTH) -> str | None:
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
     return None
+
+
+def _local_refs(root: Any) -> list[str]:
+    """Every local "#/..." $ref string in `root` (iteratively: schemas can be deep)."""
+    refs, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/"):
+                refs.append(ref)
+            stack.extend(v for k, v in node.items() if k not in _LITERALS and isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return refs
 
 
 def resolve_local(root: Any, ref: str) -> Any:
@@ -341,6 +359,40 @@ class _Walk:
         self.validated: list[str] = []
         self.dropped: list[str] = []
         self.one_of: list[str] = []
+        self.remote: dict[str, list[tuple[str, str]]] = {}  # document -> ($ref, where), for one line each
+        # Where local $refs point, and every prefix of those places: a $ref may point into any key
+        # (`#/refs/element`, `#/$defs/plugins/extractor_shared`), not only into $defs.
+        self.targets: set[tuple[str, ...]] = set()
+        self.prefixes: set[tuple[str, ...]] = set()
+        for ref in _local_refs(root):
+            parts = tuple(p.replace("~1", "/").replace("~0", "~") for p in unquote(ref[2:]).split("/"))
+            self.targets.add(parts)
+            self.prefixes.update(parts[:i] for i in range(len(parts)))
+
+    def _container(self, value: Any, path: list[str]) -> Any:
+        """The value of a key that is no keyword (an annotation, or a folder of subschemas that
+        $refs point into): the subschemas a $ref targets take their grammar form, the rest is kept."""
+        place = tuple(path)
+        if place in self.targets and isinstance(value, dict):
+            return self.schema(value, path)
+        if place not in self.prefixes:
+            return value
+        if isinstance(value, dict):
+            return {k: self._container(v, path + [k]) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._container(v, path + [str(i)]) for i, v in enumerate(value)]
+        return value
+
+    def remote_blockers(self) -> list[str]:
+        """One line per remote document: every $ref into it named by path, the advice once."""
+        lines = []
+        for doc, refs in self.remote.items():
+            if len(refs) == 1:
+                lines.append(f"remote $ref {refs[0][0]!r} at {refs[0][1]}; inline it under $defs")
+                continue
+            wheres = ", ".join(w for _, w in refs[:40]) + (f" and {len(refs) - 40} more" if len(refs) > 40 else "")
+            lines.append(f"{len(refs)} remote $refs into {doc!r} at {wheres}; inline them under $defs")
+        return lines
 
     def schema(self, node: Any, path: list[str]) -> Any:
         """The grammar form of subschema `node` at `path` (booleans and non-dicts pass as they are)."""
@@ -373,7 +425,7 @@ class _Walk:
                 self.blockers.append(f"{key} at {where(key)}: {BLOCKED_KEYWORDS[key]}")
                 continue
             if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
-                self.blockers.append(f"remote $ref {value!r} at {where(key)}; inline it under $defs")
+                self.remote.setdefault(value.split("#")[0], []).append((value, where(key)))
                 continue
             if key == "format" and isinstance(value, str):
                 self._format(node, value, may_be_string, where(key), out)
@@ -411,8 +463,10 @@ class _Walk:
                 out[key] = {k: self.schema(v, path + [key, k]) for k, v in value.items()}
             elif key in _SUB_LISTS and isinstance(value, list):
                 out[key] = [self.schema(v, path + [key, str(i)]) for i, v in enumerate(value)]
-            else:
+            elif key in _LITERALS:
                 out[key] = value
+            else:
+                out[key] = self._container(value, path + [key])
         self._drop_implied_type(node, out, path)
         self._drop_implied_properties(out, path)
         return _required_first(_merge_all_of(out))
@@ -841,7 +895,7 @@ def plan_schema(schema: Any, param: str = "response_format", relax_circular: boo
     grammar = walk.schema(copy.deepcopy(schema), [])
     if "x-guidance" in schema:
         blockers += x_guidance_problems(schema["x-guidance"])
-    blockers += walk.blockers
+    blockers += walk.blockers + walk.remote_blockers()
     if blockers:
         listed = "; ".join(blockers[:20]) + (f"; and {len(blockers) - 20} more" if len(blockers) > 20 else "")
         raise SchemaError(f"{param}: the schema cannot be enforced: {listed}. Fix or remove these "
