@@ -615,9 +615,13 @@ def generation_order(grammar: Any, value: Any) -> Any:
         if not isinstance(node, dict) or id(node) in seen:
             return []
         seen = seen | {id(node)}
-        out = [node]
+        # llguidance intersects a schema's keywords in the order they are written: the
+        # properties of an applicator written before `properties` come first.
+        out = [] if "properties" in node else [node]
         for key, sub in node.items():
-            if key == "$ref" and isinstance(sub, str):
+            if key == "properties":
+                out.append(node)
+            elif key == "$ref" and isinstance(sub, str):
                 out += schemas_at(resolve_local(root, sub), v, seen)
             elif key == "allOf" and isinstance(sub, list):
                 for branch in sub:
