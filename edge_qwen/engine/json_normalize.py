@@ -161,6 +161,11 @@ def _local_refs(root: Any) -> list[str]:
     return refs
 
 
+def _ref_parts(ref: str) -> list[str]:
+    """The keys of a local "#/a/b" $ref, JSON-pointer escapes (~1, ~0) undone."""
+    return [part.replace("~1", "/").replace("~0", "~") for part in ref[2:].split("/")]
+
+
 def resolve_local(root: Any, ref: str) -> Any:
     """The subschema a local "#/a/b" (or "#") $ref points at, or None."""
     if ref == "#":
@@ -168,8 +173,7 @@ def resolve_local(root: Any, ref: str) -> Any:
     if not ref.startswith("#/"):
         return None
     node = root
-    for part in ref[2:].split("/"):
-        part = part.replace("~1", "/").replace("~0", "~")
+    for part in _ref_parts(ref):
         if isinstance(node, dict) and part in node:
             node = node[part]
         elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -365,7 +369,7 @@ class _Walk:
         self.targets: set[tuple[str, ...]] = set()
         self.prefixes: set[tuple[str, ...]] = set()
         for ref in _local_refs(root):
-            parts = tuple(p.replace("~1", "/").replace("~0", "~") for p in unquote(ref[2:]).split("/"))
+            parts = tuple(_ref_parts(unquote(ref)))
             self.targets.add(parts)
             self.prefixes.update(parts[:i] for i in range(len(parts)))
 

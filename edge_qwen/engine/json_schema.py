@@ -76,7 +76,7 @@ def _advice(text: str) -> str:
     if "$ref" in lower or "pointer" in lower or "reference" in lower:
         return "point every $ref at a subschema inside this document (#/$defs/...)"
     if "integer range" in lower or "float range" in lower:
-        return (f"keep numeric bounds (minimum, maximum, exclusive...) between -{2 ** 53} and {2 ** 53}, "
+        return (f"keep numeric bounds (minimum, maximum, exclusive...) between -{_n.HUGE_BOUND} and {_n.HUGE_BOUND}, "
                 "or drop the ones that exclude only numbers no answer needs")
     if "regex" in lower or "pattern" in lower or "lookaround" in lower:
         return "simplify the pattern (no look-around, back-references or unbounded nested repeats)"
