@@ -82,18 +82,21 @@ def test_installed_versions_lie_inside_the_declared_bounds():
 
 
 def test_hypothesis_pair_works_together():
-    # The incompatibility the bounds exist for: hypothesis-jsonschema draws arrays with
+    # The incompatibility the bounds exist for: hypothesis-jsonschema draws objects with
     # hypothesis' internal `many(...).more()`, which hypothesis 6.170.10 removed.
     from hypothesis import given, settings
     from hypothesis_jsonschema import from_schema
 
     seen = []
 
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name"], "maxProperties": 2}
+
     @settings(max_examples=10, database=None, deadline=None)
-    @given(from_schema({"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 4}))
+    @given(from_schema(schema))
     def draw(value):
         seen.append(value)
-        assert isinstance(value, list) and 1 <= len(value) <= 4
+        assert isinstance(value, dict) and isinstance(value["name"], str) and len(value) <= 2
 
     draw()
     assert seen
