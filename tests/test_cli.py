@@ -60,6 +60,8 @@ def test_usage_errors_exit_2_and_failures_exit_1(tmp_path):
     assert r.exit_code == 1 and "no edge-qwen server answered at http://127.0.0.1:1" in r.output
     r = CliRunner().invoke(main, ["chat", "a.gguf", "-m", "b.gguf", "hi"])
     assert r.exit_code == 2 and "two models given" in r.output
+    r = CliRunner().invoke(main, ["run"])
+    assert r.exit_code == 2 and "give the MODEL to run" in r.output
 
 
 def test_old_flag_meanings_print_one_line_notices(tmp_path):
@@ -162,6 +164,8 @@ def test_run_default_and_llamacpp_flags(default_model):
     r = CliRunner().invoke(main, ["chat", "-m", str(default_model), "-n", "16", "--temp", "0", "-p", "hi"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() and r.stderr == ""
+    again = CliRunner().invoke(main, ["chat", "-m", str(default_model), "-n", "4", "--temp", "0", "hi"])
+    assert again.exit_code == 0 and r.stdout.startswith(again.stdout.strip())  # with -m, one argument is the prompt
 
 
 @pytest.mark.slow

@@ -172,20 +172,31 @@ def chat(model: str | None, prompt: str | None, **kw: Any) -> None:
     MODEL may be left out: a single argument that is clearly a question is the PROMPT for the
     default model. With --mmproj and --image: one reply about the images (Qwen2.5-VL).
     """
-    model, prompt = _split_model_prompt(pick_model(model, kw.pop("model_opt")), prompt)
+    model, prompt = _with_model_option(model, prompt, kw.pop("model_opt"))
+    model, prompt = _split_model_prompt(model, prompt)
     _chat(model, prompt, **kw)
 
 
 @main.command("run")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.argument("prompt", required=False)
 @chat_options
-def run_command(model: str, prompt: str | None, **kw: Any) -> None:
+def run_command(model: str | None, prompt: str | None, **kw: Any) -> None:
     """Run MODEL: one reply to PROMPT, or an interactive chat without it (Ollama's `run`).
 
     MODEL is a GGUF path, a store name (edge-qwen list), a pulled repo id, or `default`.
     """
-    _chat(pick_model(model, kw.pop("model_opt")), prompt, **kw)
+    model, prompt = _with_model_option(model, prompt, kw.pop("model_opt"))
+    if model is None:
+        raise click.UsageError("give the MODEL to run (a path, a name from `edge-qwen list`, or default)")
+    _chat(model, prompt, **kw)
+
+
+def _with_model_option(model: str | None, prompt: str | None, model_opt: str | None) -> tuple[str | None, str | None]:
+    """With -m MODEL, a single positional argument is the prompt (`chat -m x.gguf "hi"`)."""
+    if model_opt is not None and model is not None and prompt is None and model != model_opt:
+        return model_opt, model
+    return pick_model(model, model_opt), prompt
 
 
 def _chat(model: str | None, prompt: str | None, *, prompt_opt: str | None, system: str | None, as_json: bool,
