@@ -49,6 +49,8 @@ def test_unknown_command_suggests_the_nearest_and_exits_2():
     assert r.exit_code == 2 and "Did you mean 'list'?" in r.output
     r = CliRunner().invoke(main, ["serv", "x.gguf"])
     assert r.exit_code == 2 and "Did you mean 'serve'?" in r.output
+    r = CliRunner().invoke(main, ["index", "lst"])
+    assert r.exit_code == 2 and "Did you mean 'ls'?" in r.output and "index --help` lists the commands" in r.output
 
 
 def test_usage_errors_exit_2_and_failures_exit_1(tmp_path):

@@ -39,17 +39,23 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-class EdgeQwenGroup(click.Group):
-    """A group that turns user mistakes into one-line errors instead of tracebacks."""
+class SuggestingGroup(click.Group):
+    """A group whose unknown command is a usage error (exit 2) naming the nearest command."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         if args and not args[0].startswith("-") and self.get_command(ctx, args[0]) is None:
             import difflib
 
-            names = self.list_commands(ctx)
-            near = difflib.get_close_matches(args[0], names, n=1, cutoff=0.5)
+            near = difflib.get_close_matches(args[0], self.list_commands(ctx), n=1, cutoff=0.5)
             hint = f" Did you mean '{near[0]}'?" if near else ""
-            ctx.fail(f"No such command '{args[0]}'.{hint} `edge-qwen --help` lists the commands.")
+            ctx.fail(f"No such command '{args[0]}'.{hint} `{ctx.command_path} --help` lists the commands.")
+        return super().resolve_command(ctx, args)
+
+
+class EdgeQwenGroup(SuggestingGroup):
+    """A group that turns user mistakes into one-line errors instead of tracebacks."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
         name, cmd, rest = super().resolve_command(ctx, args)
         import signal
         import threading

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from . import main
+from . import SuggestingGroup, main
 from .options import quiet_option
 
 KV_TYPES = ["f16", "q8_0", "q4_0"]
@@ -109,7 +109,7 @@ def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model,
         click.echo(f"[{c['n']}] {c['path']} ({c['location']})")
 
 
-@main.group("index")
+@main.group("index", cls=SuggestingGroup)
 def index_group():
     """Indexes of your files for `edge-qwen ask --index` (stored in $EDGE_QWEN_HOME/indexes)."""
 
