@@ -91,13 +91,15 @@ def bench_cmd(f16_gguf, model_opt, types, out_dir, quick, imatrix, no_resume, ke
               help="Context length the model will be loaded with.")
 @quiet_option
 def recommend_cmd(source, max_ram, n_ctx, quiet):
-    """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF."""
+    """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF model."""
     from pathlib import Path
 
     from ..bench.sweep import recommend
     from ..errors import EdgeQwenError
     from ..files import missing_path_note
 
+    if not Path(source).exists():
+        source = model_path(source)  # a store name or pulled repo id of an f16 GGUF
     if not Path(source).exists():
         raise EdgeQwenError(f"{source} does not exist ({missing_path_note(source)}); give a bench --out folder or "
                             "an f16 GGUF")
