@@ -17,11 +17,15 @@ from pathlib import Path
 from .errors import CheckpointError, DiskSpaceError, EdgeQwenError, ModelNotFoundError, OutputWriteError
 from .store import hf_cache_dir
 
-# What conversion needs from a checkpoint repo; nothing else is fetched (no *.bin, onnx, gguf...).
+# What conversion needs from a checkpoint repo of any supported family; nothing else is fetched
+# (no *.bin, onnx, gguf...). Vision models (Qwen2.5-VL) need the image preprocessor's settings
+# for `convert --mmproj`; newer repos keep the chat template apart, in chat_template.jinja/.json.
 ALLOW_PATTERNS = [
     "config.json", "generation_config.json",
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
     "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
     "*.safetensors", "model.safetensors.index.json",
     "LICENSE*", "README.md",
 ]

@@ -127,12 +127,21 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     """Turn a CLI/API model argument into a GGUF path.
 
     None (or "default") means $EDGE_QWEN_MODEL if set, else the default model. A name that is
-    not a path is looked up in the store's models folder (with or without `.gguf`).
+    not a path is looked up in the store's models folder (with or without `.gguf`), then among
+    pulled GGUF repos (`ORG/NAME`, or `ORG/NAME:QUANT` when several quantizations are pulled).
+    An error about the model $EDGE_QWEN_MODEL names says it came from there.
     """
     if model is None or str(model) in ("", "default"):
         env = os.environ.get("EDGE_QWEN_MODEL")
-        if env:
-            return resolve_model(env)
+        if env and env != "default":
+            from .errors import EdgeQwenError
+
+            try:
+                return resolve_model(env)
+            except EdgeQwenError as e:
+                e.message = f"EDGE_QWEN_MODEL={env}: {e.message} (unset EDGE_QWEN_MODEL for the default model)"
+                e.args = (e.message,)
+                raise
         return default_model_path()
     p = Path(model).expanduser()
     if p.exists():
@@ -141,11 +150,83 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     for cand in (store / str(model), store / f"{model}.gguf"):
         if cand.is_file():
             return cand
+    pulled = pulled_gguf(str(model))
+    if pulled is not None:
+        return pulled
     from .errors import ModelNotFoundError
     from .files import missing_path_note
 
     # Say what is missing on disk first (a mistyped path is the likelier mistake), then the store.
     raise ModelNotFoundError(
         f"model {str(model)!r} is neither a file nor a model in the store: {missing_path_note(p)}, and {store} "
-        "has no model of that name; give a GGUF path or run `edge-qwen models` to list the store"
+        "has no model of that name; give a GGUF path or run `edge-qwen list` to see the store"
     )
+
+
+def pulled_gguf(name: str) -> Path | None:
+    """The GGUF of a pulled repo named `ORG/NAME` or `ORG/NAME:QUANT` (`pull REPO --quant Q`), or None.
+
+    A checkpoint repo (safetensors) is not runnable: ModelNotFoundError says to convert it. Several
+    quantizations pulled and none chosen: ModelNotFoundError lists them.
+    """
+    import re
+
+    repo, _, quant = name.partition(":")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        return None
+    folder = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+    snaps = folder / "snapshots"
+    if not snaps.is_dir():
+        return None
+    ref = folder / "refs" / "main"
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+    dirs = [d for d in snaps.iterdir() if d.is_dir()]
+    if not dirs:
+        return None
+    snap = snaps / commit if commit and (snaps / commit).is_dir() else max(dirs, key=lambda d: d.stat().st_mtime)
+    ggufs = sorted(f for f in snap.glob("*.gguf") if not re.search(r"-0000[2-9]-of-|-000[1-9]\d-of-", f.name))
+    if quant:
+        ggufs = [f for f in ggufs if quant.lower() in f.name.lower()]
+    from .errors import ModelNotFoundError
+
+    if not ggufs:
+        if (snap / "config.json").is_file() and not quant:
+            raise ModelNotFoundError(f"{repo} is a pulled checkpoint, not a GGUF model; convert it first: "
+                                     f"edge-qwen convert {repo} --type Q4_K_M")
+        raise ModelNotFoundError(f"{name}: the store has no such GGUF; pull it with "
+                                 f"edge-qwen pull {repo} --quant {quant or 'Q4_K_M'}")
+    if len(ggufs) > 1:
+        raise ModelNotFoundError(f"{repo} has several GGUF files in the store ({', '.join(f.name for f in ggufs)}); "
+                                 f"name one as {repo}:QUANT, e.g. {repo}:q4_k_m")
+    return ggufs[0]
+
+
+_PROMPT_MARKS = set("?？!！。，,;；:：\"'“”‘’()（）")
+
+
+def model_or_prompt(text: str) -> str:
+    """How to read a single word a user gave where MODEL or PROMPT may stand: "model", "prompt" or "ambiguous".
+
+    A model: an existing path, "default", a store name, a pulled repo, or a name ending in .gguf.
+    A prompt: anything else with a space, punctuation of a sentence, or a character beyond ASCII
+    (Chinese, say). What is left (one plain word that names nothing) could be either.
+    """
+    import re
+
+    from .errors import EdgeQwenError
+
+    if text == "default" or text.endswith(".gguf") or Path(text).expanduser().exists():
+        return "model"
+    store = home() / "models"
+    if (store / text).is_file() or (store / f"{text}.gguf").is_file():
+        return "model"
+    try:
+        if pulled_gguf(text) is not None:
+            return "model"
+    except EdgeQwenError:
+        return "model"  # a pulled repo that needs a word more: resolving it says which
+    if any(c.isspace() or c in _PROMPT_MARKS or ord(c) > 127 for c in text):
+        return "prompt"
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", text) or "\\" in text or text.startswith(("./", "../", "~", "/")):
+        return "model"
+    return "ambiguous"

@@ -101,6 +101,24 @@ def test_cli_pull_quant(hub):
     assert r.exit_code != 0 and r.output.startswith("Error: ") and "q8_0" in r.output, r.output
 
 
+def test_pulled_gguf_runs_by_its_repo_id(hub):
+    """`run`, `show`, `list` take a pulled GGUF repo by its id, and ID:QUANT once two are pulled (issue 28)."""
+    from edge_qwen.catalog import list_models
+    from edge_qwen.store import resolve_model
+
+    r = pull_gguf(REPO, "q8_0", quiet=True)
+    assert resolve_model(REPO) == r.path
+    out = CliRunner().invoke(main, ["show", REPO])
+    assert out.exit_code == 0 and "Q8_0" in out.output, out.output
+    s = pull_gguf(REPO, "f16", quiet=True)
+    with pytest.raises(ModelNotFoundError, match=f"name one as {REPO}:QUANT"):
+        resolve_model(REPO)
+    assert resolve_model(f"{REPO}:f16") == s.path and resolve_model(f"{REPO}:q8_0") == r.path
+    assert {m.name for m in list_models()} >= {f"{REPO}:q8_0", f"{REPO}:f16"}  # split parts listed once
+    out = CliRunner().invoke(main, ["run", f"{REPO}:q8_0", "hi", "-n", "2", "--temp", "0"])
+    assert out.exit_code == 0, out.output
+
+
 def test_quant_file_choice():
     names = ["a-Q4_K_M.gguf", "a-q8_0-00002-of-00002.gguf", "a-q8_0-00001-of-00002.gguf", "mmproj-a-f16.gguf",
              "b-f16-00001-of-00003.gguf", "b-f16-00003-of-00003.gguf"]

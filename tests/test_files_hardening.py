@@ -92,7 +92,7 @@ def _writers(d: Path, ckpt: Path, f16: Path) -> dict[str, tuple[list, dict]]:
         "convert": (["convert", ckpt, "-o", d / "m.gguf"], {}),
         "convert --type": (["convert", ckpt, "--type", "Q8_0", "-o", d / "q.gguf"], {}),
         "convert into the store": (["convert", ckpt], home),
-        "quantize": (["quantize", f16, "-t", "Q8_0", "-o", d / "q.gguf"], {}),
+        "quantize": (["quantize", f16, "--type", "Q8_0", "-o", d / "q.gguf"], {}),
         "imatrix": (["imatrix", f16, "-o", d / "m.imatrix.gguf", "--chunks", "1"], {}),
         "rebuild": (["rebuild", f16, d / "ckpt"], {}),
         "bench": (["bench", f16, "--quick", "--out", d / "bench"], {}),
@@ -144,7 +144,7 @@ def test_disk_filling_up_during_quantize(tmp_path, tiny_f16):
     from edge_qwen.quant.types import quant_types
 
     probe = tmp_path / "probe.gguf"
-    r = run_cli("quantize", tiny_f16, "-t", "Q4_K_M", "-o", probe, "-q")
+    r = run_cli("quantize", tiny_f16, "--type", "Q4_K_M", "-o", probe, "-q")
     assert r.returncode == 0, r.stderr
     actual = probe.stat().st_size
     estimate = int(check_gguf(tiny_f16).n_params * quant_types("Q4_K_M")[0].bits_per_weight / 8) + SPACE_MARGIN
@@ -155,7 +155,7 @@ def test_disk_filling_up_during_quantize(tmp_path, tiny_f16):
     with tmpfs(d, str(pages * 4096)) as mounted:
         if mounted is None:
             pytest.skip("needs root to mount a small tmpfs (the file-size-limit test covers full writes everywhere)")
-        one_error(run_cli("quantize", tiny_f16, "-t", "Q4_K_M", "-o", d / "q.gguf"),
+        one_error(run_cli("quantize", tiny_f16, "--type", "Q4_K_M", "-o", d / "q.gguf"),
                   f"cannot write {d / 'q.gguf'}: no space left on the device")
         assert leftovers(d) == []
 
@@ -410,7 +410,7 @@ def test_quantize_of_a_gguf_with_nan_says_what_is_wrong(tmp_path, tiny_f16):
     with open(bad, "r+b") as f:
         f.seek(start + off + 2 * 1000)
         f.write(b"\x00\x7e")  # an f16 NaN
-    r = run_cli("quantize", bad, "-t", "Q8_0", "-o", tmp_path / "q.gguf")
+    r = run_cli("quantize", bad, "--type", "Q8_0", "-o", tmp_path / "q.gguf")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     # ggml prints its own line straight to stderr before ours (ggml_validate_row_data uses fprintf)
     last = r.stderr.strip().splitlines()[-1]
@@ -707,27 +707,27 @@ EIO_FILE = "/proc/self/mem"  # a file whose read fails (EIO); chmod cannot make 
 PATH_CASES = [
     # (arguments, what the one line must say); {dir} a folder, {missing} a missing file, {eio} an
     # unreadable file, {f16} a good GGUF, {ckpt} a good checkpoint, {exists} an existing file
-    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{dir}"],
+    (["quantize", "{f16}", "--type", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{dir}"],
      "calibration file {dir} is a folder, not a file"),
     (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{dir}"], "calibration file {dir} is a folder"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--calibration", "{dir}"],
      "calibration file {dir} is a folder"),
     (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{missing}"],
      "calibration file {missing} does not exist"),
-    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{eio}"],
+    (["quantize", "{f16}", "--type", "Q8_0", "-o", "{out}/q.gguf", "--calibration", "{eio}"],
      "cannot read calibration file {eio}: input/output error"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--calibration", "{f16}"],
      "calibration file {f16} is not UTF-8 text"),
     (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{zip}"],
      "calibration file {zip} is not text (it holds NUL bytes"),
-    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
+    (["quantize", "{f16}", "--type", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--imatrix", "{dir}"],
      "imatrix file {dir} is a folder"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{out}/c.gguf", "--imatrix", "{missing}"],
      "imatrix file {missing} does not exist"),
     (["bench", "{f16}", "--quick", "--out", "{out}/b", "--imatrix", "{missing}"], "imatrix file {missing} does not exist"),
     (["bench", "{f16}", "--quick", "--out", "{out}/b", "--imatrix", "{dir}"], "imatrix file {dir} is a folder"),
-    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{eio}"], "cannot read imatrix file {eio}"),
+    (["quantize", "{f16}", "--type", "Q8_0", "-o", "{out}/q.gguf", "--imatrix", "{eio}"], "cannot read imatrix file {eio}"),
     (["inspect", "{dir}"], "{dir} is a folder, not a GGUF file"),
     (["inspect", "{fifo}"], "{fifo} is not a regular file"),  # used to block forever
     (["imatrix", "{f16}", "-o", "{out}/i.gguf", "--calibration", "{fifo}"],
@@ -749,7 +749,7 @@ PATH_CASES = [
     (["convert", "{ckpt}", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["convert", "{copy}", "-o", "{copy}/config.json", "--force"], "is a file of the checkpoint being converted"),
     (["convert", "{ckpt}", "--type", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
-    (["quantize", "{f16}", "-t", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
+    (["quantize", "{f16}", "--type", "Q8_0", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["imatrix", "{f16}", "-o", "{exists}"], "{exists} already exists; pass --force"),
     (["imatrix", "{f16}", "-o", "{dir}"], "{dir} is a folder; give a file name"),
     (["imatrix", "{f16copy}", "-o", "{f16copy}", "--force"], "output {f16copy} is the model itself"),

@@ -151,7 +151,7 @@ def test_bad_imatrix_files(tiny_f16, tiny_im, tmp_path):
     with pytest.raises(ImatrixError, match="does not exist"):
         load_imatrix(tmp_path / "nope.gguf")
     before = set(tmp_path.iterdir())
-    r = CliRunner().invoke(main, ["quantize", str(tiny_f16), "-t", "IQ2_XS", "--imatrix", str(junk),
+    r = CliRunner().invoke(main, ["quantize", str(tiny_f16), "--type", "IQ2_XS", "--imatrix", str(junk),
                                   "-o", str(tmp_path / "o.gguf")])
     assert r.exit_code != 0 and "not an imatrix file" in r.output and "Traceback" not in r.output
     assert set(tmp_path.iterdir()) == before
@@ -170,7 +170,7 @@ def test_calibration_errors_and_cli(tiny_f16, tmp_path):
             compute_imatrix(tiny_f16, cal, n_ctx=64, quiet=True)
     out = tmp_path / "cli.imatrix.gguf"
     r = CliRunner().invoke(main, ["imatrix", str(tiny_f16), "--calibration", "default", "-o", str(out),
-                                  "--chunks", "1", "--ctx", "64", "-q"])
+                                  "--chunks", "1", "--chunk-size", "64", "-q"])
     assert r.exit_code == 0, r.output
     assert re.search(r"wrote .*cli\.imatrix\.gguf\s+\(14 tensors, 1 chunks = 64 tokens of default", r.output)
     assert load_imatrix(out).counts["blk.0.attn_q.weight"].tolist() == [64.0]

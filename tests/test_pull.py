@@ -370,3 +370,33 @@ def test_damaged_pulled_gguf_is_named_and_pull_force_replaces_it(hub, online, ti
     assert p.returncode == 0, p.stderr
     assert blob.read_bytes() == q8.read_bytes()
     _no_partials(online)
+
+
+def test_pull_then_convert_mmproj_and_a_separate_chat_template(hub, online, tmp_path, monkeypatch):
+    """A Qwen2.5-VL repo whose chat template lives in chat_template.jinja (as newer repos keep it):
+    pull fetches the image preprocessor's settings and the template, so `convert --mmproj` and the
+    text model's template both work offline afterwards (issue 28)."""
+    from click.testing import CliRunner
+    from family_models import make_family_checkpoint
+
+    from edge_qwen.cli import main
+    from edge_qwen.gguf_file import check_gguf
+
+    ckpt = make_family_checkpoint(tmp_path / "vl", "qwen2vl")
+    files = {p.name: p.read_bytes() for p in ckpt.iterdir() if p.is_file()}
+    cfg = json.loads(files["tokenizer_config.json"])
+    template = cfg.pop("chat_template")
+    files["tokenizer_config.json"] = json.dumps(cfg).encode()
+    files["chat_template.jinja"] = template.encode()
+    repo = "Qwen/Qwen2.5-VL-Tiny-Random"
+    hub.add_commit(repo, files)
+    r = pull(repo, quiet=True)
+    assert {"preprocessor_config.json", "chat_template.jinja"} <= set(r.fetched)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mmproj, text = tmp_path / "mmproj.gguf", tmp_path / "text.gguf"
+    out = CliRunner().invoke(main, ["convert", repo, "--mmproj", "-o", str(mmproj), "--outtype", "f16", "-q"])
+    assert out.exit_code == 0, out.output
+    assert check_gguf(mmproj, architectures=None).architecture == "clip"
+    out = CliRunner().invoke(main, ["convert", repo, "-o", str(text), "--outtype", "f16", "-q"])
+    assert out.exit_code == 0, out.output
+    assert check_gguf(text).metadata["tokenizer.chat_template"] == template

@@ -238,15 +238,15 @@ def test_bad_input(tiny_f16, default_model, tmp_path):
     cut = work / "cut.gguf"
     cut.write_bytes(tiny_f16.read_bytes()[: tiny_f16.stat().st_size // 2])
     before = set(work.iterdir())
-    _cli_fails(["quantize", str(not_gguf), "-t", "Q4_K_M"], "not a GGUF file")
-    _cli_fails(["quantize", str(cut), "-t", "Q4_K_M"], "truncated")
-    _cli_fails(["quantize", str(tiny_f16), "-t", "Q4_K_Z", "-o", str(work / "o.gguf")],
+    _cli_fails(["quantize", str(not_gguf), "--type", "Q4_K_M"], "not a GGUF file")
+    _cli_fails(["quantize", str(cut), "--type", "Q4_K_M"], "truncated")
+    _cli_fails(["quantize", str(tiny_f16), "--type", "Q4_K_Z", "-o", str(work / "o.gguf")],
                r"unknown quantization type 'Q4_K_Z'; valid types: .*Q4_K_M")
-    _cli_fails(["quantize", str(tiny_f16), "-t", "IQ2_XXS", "-o", str(work / "o.gguf")],
+    _cli_fails(["quantize", str(tiny_f16), "--type", "IQ2_XXS", "-o", str(work / "o.gguf")],
                r"IQ2_XXS needs an importance matrix.*--imatrix")
-    _cli_fails(["quantize", str(default_model), "-t", "Q3_K_S", "-o", str(work / "o.gguf")],
+    _cli_fails(["quantize", str(default_model), "--type", "Q3_K_S", "-o", str(work / "o.gguf")],
                r"already quantized .*--allow-requantize")
-    _cli_fails(["quantize", str(tiny_f16), "-t", "Q8_0", "--embedding-type", "Q4_K_M", "-o", str(work / "o.gguf")],
+    _cli_fails(["quantize", str(tiny_f16), "--type", "Q8_0", "--embedding-type", "Q4_K_M", "-o", str(work / "o.gguf")],
                "unknown tensor type")
     _cli_fails(["quantize"], "give the GGUF model")
     assert set(work.iterdir()) == before  # nothing left behind
@@ -263,7 +263,7 @@ def test_imatrix_for_another_model_is_refused(tiny_f16, default_model, tmp_path)
     im = compute_imatrix(default_model, "default", n_ctx=32, chunks=1, quiet=True)  # 24 blocks, 896-wide rows
     path = im.save(tmp_path / "big.imatrix.gguf")
     before = set(tmp_path.iterdir())
-    _cli_fails(["quantize", str(tiny_f16), "-t", "IQ3_XXS", "--imatrix", str(path), "-o", str(tmp_path / "o.gguf")],
+    _cli_fails(["quantize", str(tiny_f16), "--type", "IQ3_XXS", "--imatrix", str(path), "-o", str(tmp_path / "o.gguf")],
                r"made for another model: \d+ of its 168 tensors .* are not in .*tiny-f16.gguf")
     # same names (blocks 0 and 1 exist in both), wrong row lengths
     im.sums = {k: v for k, v in im.sums.items() if k.startswith(("blk.0.", "blk.1."))}

@@ -387,7 +387,7 @@ def test_constraint_masks_and_forced_tokens_are_emitted(llm):
 # -- CLI and devices -----------------------------------------------------------------------------
 
 def test_cli_chat_one_shot(default_model):
-    r = CliRunner().invoke(main, ["chat", str(default_model), "What is the capital of France?", "-t", "0",
+    r = CliRunner().invoke(main, ["chat", str(default_model), "What is the capital of France?", "--temp", "0",
                                   "-n", "20"])
     assert r.exit_code == 0, r.output
     assert "Paris" in r.output
@@ -395,13 +395,13 @@ def test_cli_chat_one_shot(default_model):
 
 def test_cli_chat_repl_multi_turn(default_model):
     lines = "My name is Ana.\nWhat is my name?\n/reset\n/exit\nnever read\n"
-    r = CliRunner().invoke(main, ["chat", str(default_model), "-t", "0", "-n", "20"], input=lines)
+    r = CliRunner().invoke(main, ["chat", str(default_model), "--temp", "0", "-n", "20"], input=lines)
     assert r.exit_code == 0, r.output
     assert r.output.count("Ana") >= 2 and "(conversation reset)" in r.output
 
 
 def test_cli_chat_json(default_model):
-    r = CliRunner().invoke(main, ["chat", str(default_model), "--json", "-t", "0", "-n", "200",
+    r = CliRunner().invoke(main, ["chat", str(default_model), "--json-object", "--temp", "0", "-n", "200",
                                   "Describe the student Li Lei as a JSON object with name and age."])
     assert r.exit_code == 0, r.output
     assert isinstance(json.loads(r.output), dict)
@@ -415,7 +415,7 @@ def test_cli_chat_schema(default_model, tmp_path):
               "required": ["name", "age"], "additionalProperties": False}
     path = tmp_path / "student.json"
     path.write_text(json.dumps(schema))
-    r = CliRunner().invoke(main, ["chat", str(default_model), "--schema", str(path), "-t", "0", "-n", "60",
+    r = CliRunner().invoke(main, ["chat", str(default_model), "--schema", str(path), "--temp", "0", "-n", "60",
                                   "Describe Li Lei, a 12-year-old student."])
     assert r.exit_code == 0, r.output
     jsonschema.validate(json.loads(r.output), schema)

@@ -7,7 +7,7 @@ import re
 import click
 
 from . import main
-from .options import quiet_option
+from .options import model_option, model_path, pick_model, quiet_option
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -38,11 +38,12 @@ class SizeType(click.ParamType):
 
 
 @main.command("bench")
-@click.argument("f16_gguf", type=click.Path())
-@click.option("--types", "types", default=None, metavar="T1,T2,...",
+@click.argument("f16_gguf", type=click.Path(), required=False)
+@model_option
+@click.option("--types", "--type", "types", default=None, metavar="T1,T2,...",
               help="Quantization types to measure [default: Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q4_0,Q3_K_M,Q2_K,IQ4_XS; "
                    "with --quick: Q8_0,Q4_K_M].")
-@click.option("--out", "out_dir", default="bench", show_default=True, type=click.Path(),
+@click.option("-o", "--out", "out_dir", default="bench", show_default=True, type=click.Path(),
               help="Folder for results.md/.csv/.json, the plots and per-type results.")
 @click.option("--quick", is_flag=True, help="A small run for CI and smoke tests (2 chunks of 256 tokens, 3 tasks).")
 @click.option("--imatrix", type=click.Path(), default=None,
@@ -52,7 +53,7 @@ class SizeType(click.ParamType):
 @click.option("--force", is_flag=True, help="Write into an --out folder that holds other files (not an earlier "
                                             "bench run, which is resumed).")
 @quiet_option
-def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, force, quiet):
+def bench_cmd(f16_gguf, model_opt, types, out_dir, quick, imatrix, no_resume, keep_models, force, quiet):
     """Quantize F16_GGUF to each type and measure size, speed, memory and quality against it."""
     from pathlib import Path
 
@@ -74,7 +75,10 @@ def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, 
         check_input_file(imatrix, "imatrix file", "make one with `edge-qwen imatrix MODEL`")
 
     chosen = types or ",".join(QUICK_TYPES if quick else DEFAULT_TYPES)
-    rows = run_sweep(f16_gguf, chosen, out_dir, quick=quick, imatrix=imatrix, resume=not no_resume,
+    f16_gguf = pick_model(f16_gguf, model_opt)
+    if f16_gguf is None:
+        raise click.UsageError("give the f16 GGUF to measure (F16_GGUF or -m)")
+    rows = run_sweep(model_path(f16_gguf), chosen, out_dir, quick=quick, imatrix=imatrix, resume=not no_resume,
                      quiet=quiet, keep_models=keep_models)
     click.echo(markdown_table(rows))
     click.echo(f"Results in {out_dir}/ (results.md, results.csv, results.json, quality_vs_size.png, speed_vs_size.png)")
@@ -87,13 +91,15 @@ def bench_cmd(f16_gguf, types, out_dir, quick, imatrix, no_resume, keep_models, 
               help="Context length the model will be loaded with.")
 @quiet_option
 def recommend_cmd(source, max_ram, n_ctx, quiet):
-    """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF."""
+    """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF model."""
     from pathlib import Path
 
     from ..bench.sweep import recommend
     from ..errors import EdgeQwenError
     from ..files import missing_path_note
 
+    if not Path(source).exists():
+        source = model_path(source)  # a store name or pulled repo id of an f16 GGUF
     if not Path(source).exists():
         raise EdgeQwenError(f"{source} does not exist ({missing_path_note(source)}); give a bench --out folder or "
                             "an f16 GGUF")

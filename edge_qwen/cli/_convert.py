@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from . import main
-from .options import force_option, quiet_option
+from .options import force_option, model_option, model_path, pick_model, quiet_option
 
 
 @main.command()
@@ -58,15 +58,19 @@ def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix:
 
 
 @main.command()
-@click.argument("file", type=click.Path())
+@click.argument("file", type=click.Path(), required=False, metavar="MODEL")
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(file: str, as_json: bool) -> None:
-    """Show a GGUF file's metadata, tensor types, size, bits per weight and provenance."""
+def inspect(file: str | None, model_opt: str | None, as_json: bool) -> None:
+    """Show a GGUF model's metadata, tensor types, size, bits per weight and provenance.
+
+    MODEL is a GGUF path, a store name, a pulled repo id, or `default`.
+    """
     import json
 
     from ..convert.writer import inspect_gguf
 
-    info = inspect_gguf(file)
+    info = inspect_gguf(model_path(pick_model(file, model_opt)))
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False, indent=2))
         return
@@ -84,7 +88,8 @@ def inspect(file: str, as_json: bool) -> None:
 @main.command()
 @click.argument("gguf_file", metavar="GGUF", type=click.Path())
 @click.argument("outdir", type=click.Path())
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True)
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16"]), default="f16", show_default=True,
+              help="Type of the rebuilt weights.")
 @click.option("--shard-size", type=int, default=None, metavar="BYTES", help="Split weights into shards of at most BYTES.")
 @force_option
 @quiet_option
@@ -92,6 +97,6 @@ def rebuild(gguf_file: str, outdir: str, dtype: str, shard_size: int | None, for
     """Rebuild a Hugging Face checkpoint folder from a qwen2 GGUF (dequantized)."""
     from ..convert.rebuild import rebuild_checkpoint
 
-    path = rebuild_checkpoint(gguf_file, outdir, dtype=dtype, max_shard_bytes=shard_size, force=force, quiet=quiet)
+    path = rebuild_checkpoint(model_path(gguf_file), outdir, dtype=dtype, max_shard_bytes=shard_size, force=force, quiet=quiet)
     if not quiet:
         click.echo(f"wrote {path}")

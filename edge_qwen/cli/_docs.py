@@ -7,7 +7,7 @@ import os
 
 import click
 
-from . import main
+from . import SuggestingGroup, main
 from .options import quiet_option
 
 KV_TYPES = ["f16", "q8_0", "q4_0"]
@@ -67,7 +67,8 @@ def summarize_cmd(files, model, n_ctx, kv_type, max_tokens, map_tokens, quiet):
 @click.option("--steps", is_flag=True, help="Reason step by step first (the reasoning goes to stderr).")
 @click.option("--embed-model", type=click.Path(), default=None,
               help="The embedding GGUF the index was built with (dense + BM25 retrieval).")
-@click.option("--max-tokens", "-n", type=click.IntRange(16), default=256, show_default=True)
+@click.option("--max-tokens", "-n", type=click.IntRange(16), default=256, show_default=True,
+              help="Length of the answer in tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print answer, citations and sources as JSON.")
 @_model_options
 def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model, n_ctx, kv_type):
@@ -108,7 +109,7 @@ def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model,
         click.echo(f"[{c['n']}] {c['path']} ({c['location']})")
 
 
-@main.group("index")
+@main.group("index", cls=SuggestingGroup)
 def index_group():
     """Indexes of your files for `edge-qwen ask --index` (stored in $EDGE_QWEN_HOME/indexes)."""
 
@@ -163,7 +164,7 @@ def index_add(name, paths, model, chunk_tokens, embed_model, skip_errors, quiet)
 
 @index_group.command("ls")
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def index_ls(name, as_json):
     """List the indexes, or the files of index NAME."""
     from ..rag.index import DocIndex, list_indexes

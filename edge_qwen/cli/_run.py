@@ -1,4 +1,4 @@
-"""`edge-qwen chat` and `edge-qwen doctor`: thin shells over EdgeQwen and edge_qwen.device.
+"""`edge-qwen chat`, `run` and `doctor`: thin shells over EdgeQwen, edge_qwen.chat_session and edge_qwen.device.
 
 `one_shot` and `repl` are plain functions (an EdgeQwen, text in, a write callback out) so
 desktop apps and tests drive the same code the command runs.
@@ -10,78 +10,47 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import click
 
 from . import main
-from .options import model_argument, sampling_options
+from .options import (deprecated, gpu_layers_option, model_argument, model_option, pick_model, read_temperature,
+                      sampling_options, short_threads_option)
 
-REPL_HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) quits."
-
-
-def _stream_reply(llm, messages: list[dict], write: Callable[[str], None], **kw: Any) -> tuple[str, str]:
-    """Stream one reply through `write`; return (text, finish_reason). Ctrl-C cancels the reply only."""
-    parts, finish = [], "stop"
-    stream = llm.generate(messages, **kw)
-    try:
-        for chunk in stream:
-            if chunk.text:
-                write(chunk.text)
-                parts.append(chunk.text)
-            if chunk.finish_reason:
-                finish = chunk.finish_reason
-    except KeyboardInterrupt:
-        finish = "cancelled"
-    finally:
-        stream.close()  # releases the model even when interrupted
-    return "".join(parts), finish
+REPL_HELP = 'Type a message and press Enter ("""  for several lines). /? for help, /bye (or Ctrl-D) quits.'
 
 
 def one_shot(llm, prompt: str, write: Callable[[str], None], *, system: str | None = None,
-             **kw: Any) -> tuple[str, str]:
-    """Answer one prompt, streaming the text through `write`; return (text, finish_reason)."""
+             **kw: Any) -> tuple[str, str, Any]:
+    """Answer one prompt, streaming the text through `write`; return (text, finish_reason, timings)."""
+    from ..chat_session import stream_reply
+
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text, finish = _stream_reply(llm, messages, write, **kw)
+    text, finish, timings = stream_reply(llm, messages, write, **kw)
     write("\n")
-    return text, finish
+    return text, finish, timings
 
 
 def repl(llm, lines: Iterable[str], write: Callable[[str], None], *, system: str | None = None,
-         prompt: Callable[[], None] | None = None, **kw: Any) -> list[dict]:
-    """Multi-turn chat over input `lines`; return the final conversation.
+         prompt: Callable[[], None] | None = None, verbose: bool = False,
+         note: Callable[[str], None] | None = None, **kw: Any) -> list[dict]:
+    """Multi-turn chat over input `lines` (edge_qwen.chat_session: /help, /set, /save ...); the final conversation."""
+    from ..chat_session import ChatSession
 
-    "/exit" ends, "/reset" forgets the conversation (keeping the system prompt). Each reply is
-    streamed through `write` and appended to the history, so later turns see earlier ones.
-    """
-    head = [{"role": "system", "content": system}] if system else []
-    history = list(head)
-    if prompt:
-        prompt()
-    for raw in lines:
-        line = raw.rstrip("\r\n")
-        cmd = line.strip()
-        if cmd in ("/exit", "/quit", "/bye"):
-            break
-        if cmd == "/reset":
-            history = list(head)
-            write("(conversation reset)\n")
-        elif cmd:
-            history.append({"role": "user", "content": line})
-            text, finish = _stream_reply(llm, history, write, **kw)
-            write("\n")
-            if finish == "length":
-                write("(reply cut at --max-tokens)\n")
-            elif finish == "cancelled":
-                write("(cancelled)\n")
-            history.append({"role": "assistant", "content": text})
-        if prompt:
-            prompt()
-    return history
+    session = ChatSession(llm, write, system=system, verbose=verbose, note=note, info=lambda: _model_lines(llm),
+                          **kw)
+    return session.feed(lines, prompt)
 
 
-def _response_format(as_json: bool, schema: str | None) -> dict | None:
+def _model_lines(llm) -> list[str]:
+    """`/show info` in a chat: the model's details, as `edge-qwen show` prints them."""
+    from ..catalog import info_rows, model_info
+
+    return [f"{k:<16}{v}" for k, v in info_rows(model_info(str(llm.model_path)))]
+
+
+def _response_format(json_object: bool, schema: str | None) -> dict | None:
     if schema is not None:
         from ..files import check_input_file
 
@@ -109,25 +78,27 @@ def _response_format(as_json: bool, schema: str | None) -> dict | None:
         except SchemaError as e:
             raise click.ClickException(e.message) from None
         return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": data, "strict": True}}
-    if as_json:
+    if json_object:
         return {"type": "json_object"}
     return None
 
 
 def _split_model_prompt(model: str | None, prompt: str | None) -> tuple[str | None, str | None]:
-    """With one positional argument, decide whether it names a model or is the prompt.
+    """With one positional argument, decide whether it names a model or is the prompt (store.model_or_prompt).
 
-    It is a model when it ends in .gguf, contains a path separator, is an existing file or a
-    name in the store; anything else is the prompt for the default model.
+    A clear prompt goes to the default model; one plain word that names no model is refused with
+    both readings spelled out.
     """
     if model is None or prompt is not None:
         return model, prompt
-    from ..store import models_dir
+    from ..store import model_or_prompt
 
-    p = Path(model).expanduser()
-    looks_like_model = (model.endswith(".gguf") or "/" in model or "\\" in model or p.exists()
-                        or (models_dir() / f"{model}.gguf").is_file() or (models_dir() / model).is_file())
-    return (model, None) if looks_like_model else (None, model)
+    kind = model_or_prompt(model)
+    if kind == "ambiguous":
+        raise click.UsageError(f"{model!r} is not a model in the store nor a file. To ask the default model, "
+                               f"write: edge-qwen chat -p {model!r} (or chat default {model!r}); to use a model, "
+                               "give its GGUF path or a name from `edge-qwen list`")
+    return (model, None) if kind == "model" else (None, model)
 
 
 def _image_chat(model: str | None, prompt: str | None, system: str | None, mmproj: str | None,
@@ -157,47 +128,111 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
     click.echo()
 
 
+def chat_options(f):
+    """Every option of `chat` (and `run`, which is chat with MODEL first, as Ollama's run)."""
+    for opt in reversed([
+        model_option,
+        click.option("-p", "--prompt", "prompt_opt", metavar="PROMPT", default=None,
+                     help="The prompt (llama.cpp's -p); the same as giving PROMPT."),
+        click.option("--system", "-s", help="System prompt."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Print the reply as machine-readable JSON (content, finish reason, token counts)."),
+        click.option("--json-object", is_flag=True, help="Constrain the answer to a JSON object."),
+        click.option("--schema", type=click.Path(), help="Answer with JSON valid against this schema file."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto",
+                     show_default=True, help="Where to run the model."),
+        gpu_layers_option,
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: one per physical core)."),
+        short_threads_option("threads", legacy="temperature", legacy_read=read_temperature,
+                             legacy_flag="--temperature"),
+        click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
+                     "(edge-qwen convert --mmproj); needed for --image."),
+        click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable)."),
+        click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise)."),
+        click.option("--steps", is_flag=True,
+                     help="Reason step by step first (reasoning on stderr, the answer on stdout)."),
+        click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
+                     help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on)."),
+        click.option("--verbose", is_flag=True, help="After each answer, print token counts and tokens per second "
+                                                     "(prompt and generation) on stderr."),
+        sampling_options,
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @model_argument()
 @click.argument("prompt", required=False)
-@click.option("--system", "-s", help="System prompt.")
-@click.option("--json", "as_json", is_flag=True, help="Answer with a JSON object.")
-@click.option("--schema", type=click.Path(), help="Answer with JSON valid against this schema file.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
-              help="Where to run the model.")
-@click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
-              "(edge-qwen convert --mmproj); needed for --image.")
-@click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable).")
-@click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise).")
-@click.option("--steps", is_flag=True, help="Reason step by step first (reasoning on stderr, the answer on stdout).")
-@click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
-              help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
-@sampling_options
-def chat(model: str | None, prompt: str | None, system: str | None, as_json: bool, schema: str | None,
-         device: str, mmproj: str | None, images: tuple[str, ...], allow_http_images: bool, steps: bool, kv_type: str,
-         temperature: float, top_p: float, max_tokens: int, seed: int | None,
-         stop: tuple[str, ...], n_ctx: int) -> None:
+@chat_options
+def chat(model: str | None, prompt: str | None, **kw: Any) -> None:
     """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
 
-    With --mmproj and --image: one reply about the images (Qwen2.5-VL).
+    MODEL may be left out: a single argument that is clearly a question is the PROMPT for the
+    default model. With --mmproj and --image: one reply about the images (Qwen2.5-VL).
     """
+    model, prompt = _with_model_option(model, prompt, kw.pop("model_opt"))
+    model, prompt = _split_model_prompt(model, prompt)
+    _chat(model, prompt, **kw)
+
+
+@main.command("run")
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@chat_options
+def run_command(model: str | None, prompt: str | None, **kw: Any) -> None:
+    """Run MODEL: one reply to PROMPT, or an interactive chat without it (Ollama's `run`).
+
+    MODEL is a GGUF path, a store name (edge-qwen list), a pulled repo id, or `default`.
+    """
+    model, prompt = _with_model_option(model, prompt, kw.pop("model_opt"))
+    if model is None:
+        raise click.UsageError("give the MODEL to run (a path, a name from `edge-qwen list`, or default)")
+    _chat(model, prompt, **kw)
+
+
+def _with_model_option(model: str | None, prompt: str | None, model_opt: str | None) -> tuple[str | None, str | None]:
+    """With -m MODEL, a single positional argument is the prompt (`chat -m x.gguf "hi"`)."""
+    if model_opt is not None and model is not None and prompt is None and model != model_opt:
+        return model_opt, model
+    return pick_model(model, model_opt), prompt
+
+
+def _chat(model: str | None, prompt: str | None, *, prompt_opt: str | None, system: str | None, as_json: bool,
+          json_object: bool, schema: str | None, device: str, n_gpu_layers: int | None, threads: int | None,
+          mmproj: str | None, images: tuple[str, ...], allow_http_images: bool, steps: bool, kv_type: str,
+          verbose: bool, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None,
+          stop: tuple[str, ...], n_ctx: int) -> None:
     from ..runtime import EdgeQwen
 
-    model, prompt = _split_model_prompt(model, prompt)
+    if prompt_opt is not None:
+        if prompt is not None and prompt != prompt_opt:
+            raise click.UsageError(f"two prompts given: {prompt!r} and -p {prompt_opt!r}; give one")
+        prompt = prompt_opt
+    if as_json:
+        deprecated("chat --json prints the reply as machine-readable JSON now, as --json does elsewhere; "
+                   "to constrain the answer to a JSON object write --json-object")
+        if prompt is None:
+            raise click.UsageError("--json prints one reply: give a PROMPT")
     if images or mmproj:
-        _image_chat(model, prompt, system, mmproj, images, allow_http_images, as_json or bool(schema) or bool(stop),
+        _image_chat(model, prompt, system, mmproj, images, allow_http_images, json_object or bool(schema) or bool(stop),
                     temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n_ctx=n_ctx)
         return
-    fmt = _response_format(as_json, schema)
+    fmt = _response_format(json_object, schema)
     kw = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
-              "stop": list(stop) or None, "response_format": fmt}
+          "stop": list(stop) or None, "response_format": fmt, **({"top_k": top_k} if top_k else {})}
 
     def write(text: str) -> None:
         click.echo(text, nl=False)
 
+    def note(text: str) -> None:
+        click.echo(text, nl=False, err=True)
+
     # Interactive turns extend the previous prompt: reuse its KV cache there.
-    with _schema_errors(schema, as_json), EdgeQwen(model, n_ctx=n_ctx, device=device, kv_type=kv_type,
-                                                   reuse_prefix=prompt is None) as llm:
+    with _schema_errors(schema, json_object), EdgeQwen(model, n_ctx=n_ctx, device=device, kv_type=kv_type,
+                                                       n_threads=threads, n_gpu_layers=n_gpu_layers,
+                                                       reuse_prefix=prompt is None) as llm:
         if steps:
             if prompt is None:
                 raise click.UsageError("--steps answers one PROMPT; give it on the command line")
@@ -211,29 +246,48 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
             click.echo()
             return
         if prompt is not None:
-            _, finish = one_shot(llm, prompt, write, system=system, **kw)
-            if finish == "length":
-                click.echo(f"(reply cut at --max-tokens {max_tokens})", err=True)
+            _answer_once(llm, prompt, system, as_json, verbose, max_tokens, write, kw)
             return
         stdin = sys.stdin
         interactive = stdin.isatty()
         if interactive:
             click.echo(f"{llm.model_name} on {llm.device}. {REPL_HELP}", err=True)
-        repl(llm, stdin, write, system=system,
+        repl(llm, stdin, write, system=system, verbose=verbose, note=note,
              prompt=(lambda: click.echo(">>> ", nl=False, err=True)) if interactive else None, **kw)
 
 
+def _answer_once(llm, prompt: str, system: str | None, as_json: bool, verbose: bool, max_tokens: int,
+                 write: Callable[[str], None], kw: dict[str, Any]) -> None:
+    """One reply: streamed as text, or (--json) one JSON object once it is complete."""
+    import time
+
+    from ..chat_session import timing_lines
+
+    start = time.perf_counter()
+    text, finish, timings = one_shot(llm, prompt, (lambda _t: None) if as_json else write, system=system, **kw)
+    if as_json:
+        out = {"model": llm.model_name, "content": text, "finish_reason": finish}
+        if timings is not None:
+            out["usage"] = {"prompt_tokens": timings.prompt_tokens, "completion_tokens": timings.completion_tokens,
+                            "prompt_ms": round(timings.prompt_ms, 1), "generation_ms": round(timings.gen_ms, 1)}
+        click.echo(json.dumps(out, ensure_ascii=False))
+    elif finish == "length":
+        click.echo(f"(reply cut at --max-tokens {max_tokens})", err=True)
+    if verbose and timings is not None:
+        click.echo("\n".join(timing_lines(timings, time.perf_counter() - start)), err=True)
+
+
 @contextlib.contextmanager
-def _schema_errors(schema: str | None, as_json: bool):
+def _schema_errors(schema: str | None, json_object: bool):
     """JSON-engine errors worded for the CLI: the option and file the user gave, not `response_format`."""
     from ..errors import EdgeQwenError
 
     try:
         yield
     except EdgeQwenError as e:
-        if e.param != "response_format" or not (schema or as_json):
+        if e.param != "response_format" or not (schema or json_object):
             raise
-        where = f"--schema {schema}" if schema else "--json"
+        where = f"--schema {schema}" if schema else "--json-object"
         raise click.ClickException(e.message.replace("response_format", where, 1)) from None
 
 

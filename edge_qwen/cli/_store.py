@@ -118,3 +118,96 @@ def models(known: bool, as_json: bool) -> None:
         click.echo(_table(rows, ["NAME", "TYPE", "ARCH", "SIZE", "PATH"]))
     else:
         click.echo("  none")
+
+
+def _ago(ts: float) -> str:
+    import time
+
+    s = max(0, time.time() - ts)
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s >= n:
+            k = int(s // n)
+            return f"{k} {unit}{'s' if k != 1 else ''} ago"
+    return "just now"
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def list_cmd(as_json: bool) -> None:
+    """List the runnable models in the store: name, type, size, modified (Ollama's `list`)."""
+    from ..catalog import list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps([m.to_dict() for m in rows], ensure_ascii=False, indent=2))
+        return
+    if not rows:
+        click.echo("no models in the store yet; `edge-qwen demo` assembles the default model, "
+                   "`edge-qwen pull REPO --quant Q4_K_M` fetches one")
+        return
+    table = [[m.name, m.file_type or "?", m.architecture or "?", _size(m.size), _ago(m.modified),
+              f"-> {m.alias_of}" if m.alias_of else (f"DAMAGED: {m.error}" if m.error else "")] for m in rows]
+    click.echo(_table(table, ["NAME", "TYPE", "ARCH", "SIZE", "MODIFIED", ""]))
+
+
+main.add_command(list_cmd, "ls")
+
+
+@main.command("show")
+@click.argument("model", required=False)
+@click.option("-m", "--model", "model_opt", metavar="MODEL", default=None,
+              help="The model (same as MODEL): a path, store name, pulled repo id, or 'default'.")
+@click.option("--template", is_flag=True, help="Print only the chat template.")
+@click.option("--parameters", is_flag=True, help="Print only the default parameters (as in a Modelfile).")
+@click.option("--modelfile", is_flag=True, help="Print an Ollama Modelfile for the model.")
+@click.option("--license", "license_", is_flag=True, help="Print only the license.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def show_cmd(model, model_opt, template, parameters, modelfile, license_, as_json) -> None:
+    """Show a model: architecture, parameters, context, quantization, license (Ollama's `show`)."""
+    from ..catalog import info_rows, model_info
+    from .options import pick_model
+
+    info = model_info(pick_model(model, model_opt))
+    params = "\n".join(f"{k:<12}{json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+                       for k, v in info["defaults"].items())
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False, indent=2))
+    elif template:
+        click.echo(info["template"] or "(the file has no chat template)")
+    elif parameters:
+        click.echo(params)
+    elif license_:
+        click.echo(info["license"] or "(no license recorded in the file)")
+    elif modelfile:
+        click.echo(f"FROM {info['path']}")
+        if info["template"]:
+            click.echo(f'TEMPLATE """{info["template"]}"""')
+        for line in params.splitlines():
+            click.echo(f"PARAMETER {line}")
+    else:
+        click.echo("\n".join(f"  {k:<18}{v}" for k, v in info_rows(info)))
+
+
+@main.command("cp")
+@click.argument("src")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Replace a store model already named NAME.")
+def cp_cmd(src: str, name: str, force: bool) -> None:
+    """Give the model SRC a second name NAME in the store (an alias, no copy of the file)."""
+    from ..catalog import copy_model
+
+    dest = copy_model(src, name, force=force)
+    click.echo(f"copied {src} to {name} ({dest})")
+
+
+@main.command("rm")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm_cmd(names: tuple[str, ...], yes: bool) -> None:
+    """Delete models from the store (an alias: only the alias; files outside the store: never)."""
+    from ..catalog import remove_model
+
+    for name in names:
+        path = remove_model(name, None if yes else
+                            (lambda p: click.confirm(f"delete {name} ({p}) from the store?", err=True)))
+        click.echo(f"deleted {name} ({path})" if path else f"kept {name}")

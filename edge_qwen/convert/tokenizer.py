@@ -191,6 +191,8 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
         raise CheckpointError(f"{folder}: tokenizer_config.json or special_tokens_map.json is damaged "
                               f"({type(e).__name__}: {str(e)[:80]}); {fetch_again(folder)}") from None
     template = special.chat_template
+    if template is None:  # gguf-py before 0.18 reads only tokenizer_config.json's template
+        template = _separate_chat_template(folder)
     if template is not None and not isinstance(template, str):
         raise CheckpointError(f"{folder}: several named chat templates are not supported; keep one "
                               "'chat_template' string in tokenizer_config.json")
@@ -203,6 +205,26 @@ def read_vocab(folder: str | Path, vocab_size: int) -> GGUFVocab:
     return GGUFVocab(tokens=tokens, token_types=types, merges=merges,
                      special_ids=dict(special.special_token_ids), add_special=add_special,
                      chat_template=template)
+
+
+def _separate_chat_template(folder: Path) -> str | None:
+    """The chat template a repository keeps apart from tokenizer_config.json (chat_template.jinja, or
+    chat_template.json's "chat_template"), as transformers and llama.cpp's converter read it."""
+    from .checkpoint import fetch_again, read_json_file
+
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{jinja} is not UTF-8 text; {fetch_again(folder)}") from None
+    js = folder / "chat_template.json"
+    if js.is_file():
+        data = read_json_file(js)
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise CheckpointError(f"{js} must hold {{\"chat_template\": \"...\"}}; {fetch_again(folder)}")
+        return data["chat_template"]
+    return None
 
 
 def add_vocab(writer: Any, vocab: GGUFVocab) -> None:

@@ -22,8 +22,9 @@ bit-identical across batch shapes, so a reused prefix can tip a greedy near-tie;
 sets `seed` is therefore evaluated afresh, and reproduces exactly when it runs alone.
 
 Every error is OpenAI-shaped: {"error": {"message", "type", "param", "code"}}. Request
-validation failures (malformed JSON, wrong types, missing fields) are 400, never FastAPI's
-422, because OpenAI clients expect 400 for a bad request.
+validation failures (malformed JSON, wrong types, missing fields) are 400, not FastAPI's 422,
+because OpenAI clients expect 400 for a bad request (the one 422 is a valid JSON request whose
+answer failed schema validation on every retry, engine/json_retry.py).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class _Slot:
         self.name, self.path, self.max_queue = name, path, max_queue
         self.llm_options = llm_options
         self.llm: Any = None
+        self.owned = True  # False for an EdgeQwen the caller handed in (not closed here)
         self._load_lock = threading.Lock()
         self._places: asyncio.Semaphore | None = None  # one per engine slot; FIFO for waiters
         self.pending = 0  # generating + waiting
@@ -139,6 +141,25 @@ class _Slot:
                                                            check_gguf(self.path).metadata)
                 self.llm = EdgeQwen(self.path, **options)
             return self.llm
+
+    def unload(self) -> bool:
+        """Free the loaded model (Ollama's keep_alive 0, `edge-qwen stop`); it loads again on the next request.
+
+        False if it was not loaded. A model answering requests is not unloaded (BusyError). A model
+        the caller handed in already loaded is let go, not closed: it belongs to the caller.
+        """
+        if self.pending:
+            raise BusyError(f"model {self.name!r} is answering {self.pending} request"
+                            f"{'s' if self.pending != 1 else ''}; stop it when they are done")
+        with self._load_lock:
+            if self.llm is None:
+                return False
+            llm, self.llm = self.llm, None
+            # loaded again as it was: the same number of slots the request queue was sized for
+            self.llm_options = {**self.llm_options, "parallel": int(getattr(llm, "parallel", 1))}
+            if self.owned:
+                llm.close()
+        return True
 
     async def acquire(self) -> None:
         if self._places is None:
@@ -188,6 +209,7 @@ class _Models:
             if hasattr(model, "chat") and hasattr(model, "model_path"):  # an EdgeQwen already loaded
                 self.slots[name] = _Slot(name, Path(model.model_path), max_queue, llm_options)
                 self.slots[name].llm = model
+                self.slots[name].owned = False
                 continue
             check_gguf(model)  # a bad file fails here with a clear message, before llama.cpp sees it
             self.slots[name] = _Slot(name, Path(model), max_queue, llm_options)

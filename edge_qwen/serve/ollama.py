@@ -5,7 +5,7 @@ POST /api/chat, /api/generate (NDJSON streaming by default), /api/embed, /api/em
 Ollama does (a browser, asking for text/html, gets the chat page instead). Errors are Ollama's shape, {"error": "..."},
 with a 4xx status. `options` map onto our sampling: temperature, top_p, top_k, num_predict,
 stop, seed, frequency_penalty, presence_penalty; num_ctx is accepted up to the server's context
-window (`serve --n-ctx`), since one loaded model serves every request. `format` is "json" or a
+window (`serve --ctx`), since one loaded model serves every request. `format` is "json" or a
 JSON schema, enforced by the JSON constraint engine, with objects that list properties closed to
 them as Ollama does; `tools` go through engine/tool_calls.py.
 """
@@ -94,7 +94,7 @@ def sampling(body: dict[str, Any], n_ctx: int, max_tokens_limit: int | None = No
     if num_ctx is not None and num_ctx > n_ctx:
         raise RequestError(f"option num_ctx={num_ctx} is larger than this server's context window of {n_ctx} tokens "
                            "(one loaded model serves every request); lower num_ctx or restart the server with "
-                           "`edge-qwen serve --n-ctx N`")
+                           "`edge-qwen serve --ctx N`")
     fmt = body.get("format")
     if fmt == "json":
         out["response_format"] = {"type": "json_object"}
@@ -232,6 +232,8 @@ def router() -> APIRouter:
         try:
             body = await _body(request)
             slot = runner.slot_for(request, body.get("model"))
+            if _unload_request(body, "messages"):
+                return _unload(slot)
             if body.get("think"):
                 raise RequestError("think is not supported: Qwen2.5 models do not produce a thinking trace")
             llm = slot.model()
@@ -274,6 +276,8 @@ def router() -> APIRouter:
         try:
             body = await _body(request)
             slot = runner.slot_for(request, body.get("model"))
+            if _unload_request(body, "prompt"):  # Ollama's "unload the model" request (`ollama stop`)
+                return _unload(slot)
             llm = slot.model()
             prompt = body.get("prompt") or ""
             if not isinstance(prompt, str):
@@ -364,6 +368,20 @@ def router() -> APIRouter:
         return error(400, "pulling models through the API is not supported; run `edge-qwen pull NAME` and serve it")
 
     return r
+
+
+def _unload_request(body: dict[str, Any], field: str) -> bool:
+    """Ollama's unload request: keep_alive 0 (or "0s", "0m") and nothing to answer."""
+    return body.get("keep_alive") in (0, "0", "0s", "0m") and not body.get(field) and not body.get("suffix")
+
+
+def _unload(slot: Any) -> JSONResponse:
+    try:
+        slot.unload()
+    except EdgeQwenError as e:
+        return _fail(e)
+    return JSONResponse({"model": slot.name, "created_at": _now(), "response": "", "done": True,
+                         "done_reason": "unload"})
 
 
 def _has_fim(md: dict[str, Any], slot: Any) -> bool:

@@ -201,3 +201,30 @@ def log_accept_errors_once(loop: Any) -> None:
             lp.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The start-up warning for a server other machines can reach with no API key (None when there is none)."""
+    if api_key:
+        return None
+    ip = _is_ip(_split_host(host)) if host else None
+    if host in ("", "localhost") or (ip is not None and ip.is_loopback):
+        return None
+    return (f"--host {host} without an API key: anyone who can reach this machine on the network can use the "
+            "models, fill the queue, and see the model paths; add --api-key-file FILE (or set EDGE_QWEN_API_KEY)")
+
+
+def read_api_key_file(path: str) -> str:
+    """The API key in `path` (first line, stripped), so it stays out of `ps` output and shell history."""
+    from ..errors import RequestError
+    from ..files import check_input_file
+
+    p = check_input_file(path, "API key file (--api-key-file)", "give a file that holds the key on its first line")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RequestError(f"API key file {p} is not UTF-8 text; write the key as plain text", param="api_key") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise RequestError(f"API key file {p} is empty; write the key on its first line", param="api_key")
+    return key
