@@ -165,7 +165,7 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
 @click.option("--schema", type=click.Path(), help="Answer with JSON valid against this schema file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "metal", "cuda"]), default="auto", show_default=True,
               help="Where to run the model.")
-@click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
+@click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 MODEL "
               "(edge-qwen convert --mmproj); needed for --image.")
 @click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable).")
 @click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise).")
@@ -179,7 +179,7 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
          stop: tuple[str, ...], n_ctx: int) -> None:
     """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
 
-    With --mmproj and --image: one reply about the images (Qwen2.5-VL).
+    With --mmproj and --image: one reply about the images (Qwen2.5-VL, Qwen3-VL, Qwen3.5).
     """
     from ..runtime import EdgeQwen
 
