@@ -70,8 +70,9 @@ def _vision(model_type: str, deepstack: list[int] | None) -> dict[str, Any]:
 
 
 def _text(model_type: str, **extra: Any) -> dict[str, Any]:
+    # four layers: llama.cpp adds the deepstack features after the first ones, never after the last
     return {"model_type": model_type, "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 512,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
             "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 5_000_000.0,
             "rope_scaling": {"rope_type": "default", "mrope_section": [12, 10, 10], "mrope_interleaved": True},
             "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 151643,

@@ -14,7 +14,7 @@ tests/data/llamacpp_reference_vl.json:
 - "image_tokens": with BIN, llama.cpp's `llama-mtmd-cli` (built from the same tree:
   `cmake --build build --target llama-mtmd-cli`) run on llama.cpp's f16 text model and mmproj of
   each checkpoint, one image of each size in IMAGE_SIZES; the image-token count is the sum of
-  the "n_tokens_batch = N" lines it logs while decoding the image.
+  the "n_tokens_batch = N" lines it logs (with -v) while decoding the image.
 
 Needs torch and transformers (the test extra).
 """
@@ -42,7 +42,7 @@ REFERENCE = HERE / "data" / "llamacpp_reference_vl.json"
 IMAGE_SIZES = ((84, 56), (200, 120), (640, 480))
 
 
-def test_image(path: Path, size: tuple[int, int], seed: int = 1) -> Path:
+def make_image(path: Path, size: tuple[int, int], seed: int = 1) -> Path:
     """A random RGB PNG of `size` (the tests make the same images)."""
     import numpy as np
     from PIL import Image
@@ -54,9 +54,9 @@ def test_image(path: Path, size: tuple[int, int], seed: int = 1) -> Path:
 
 
 def mtmd_image_tokens(cli: Path, model: Path, mmproj: Path, image: Path) -> int:
-    """Image tokens llama-mtmd-cli decodes for `image` (sum of its "n_tokens_batch = N" lines)."""
+    """Image tokens llama-mtmd-cli decodes for `image` (sum of the "n_tokens_batch = N" lines it logs with -v)."""
     proc = subprocess.run([str(cli), "-m", str(model), "--mmproj", str(mmproj), "--image", str(image), "-p", "Describe",
-                           "-n", "1", "--temp", "0", "-t", "2", "-c", "4096"], capture_output=True, text=True)
+                           "-n", "1", "--temp", "0", "-t", "2", "-c", "4096", "-v"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"llama-mtmd-cli failed on {image}:\n{proc.stderr[-3000:]}")
     counts = [int(n) for n in re.findall(r"decoding image batch \d+/\d+, n_tokens_batch = (\d+)", proc.stderr)]
@@ -115,12 +115,12 @@ def main() -> None:
             model, mmproj = work / f"ref-{arch}-f16.gguf", work / f"ref-{arch}-mmproj-f16.gguf"
             counts = {}
             for size in IMAGE_SIZES:
-                image = test_image(work / f"image-{size[0]}x{size[1]}.png", size)
+                image = make_image(work / f"image-{size[0]}x{size[1]}.png", size)
                 counts[f"{size[0]}x{size[1]}"] = mtmd_image_tokens(args.mtmd_cli, model, mmproj, image)
             reference["image_tokens"][arch] = counts
             print(f"{arch}: llama-mtmd-cli image tokens {counts}", flush=True)
-    REFERENCE.parent.mkdir(exist_ok=True)
-    REFERENCE.write_text(json.dumps(reference, indent=1, sort_keys=True) + "\n")
+        REFERENCE.parent.mkdir(exist_ok=True)  # after each architecture: a long run keeps what it did
+        REFERENCE.write_text(json.dumps(reference, indent=1, sort_keys=True) + "\n")
     print(f"wrote {REFERENCE}; {failures} file(s) differ")
 
 

@@ -43,6 +43,21 @@ def _moe_hparams(w: Any, config: dict[str, Any], path: Path) -> None:
     w.add_num_deepstack_layers(len(_deepstack_indexes(config)))
 
 
+def _check_text(config: dict[str, Any], path: Path) -> None:
+    """Refuse deepstack layers that reach the last text layer: llama.cpp's qwen3vl graph adds them
+    after the output rows are picked there, and aborts the process on the first prompt."""
+    n, layers = len(_deepstack_indexes(config)), text_config(config).get("num_hidden_layers")
+    if isinstance(layers, int) and n >= layers:
+        raise CheckpointError(f"{path / 'config.json'}: {n} deepstack_visual_indexes for {layers} text layers; "
+                              "llama.cpp needs fewer deepstack layers than text layers (it would abort on the "
+                              "first prompt); fix vision_config.deepstack_visual_indexes")
+
+
+def _check_moe_text(config: dict[str, Any], path: Path) -> None:
+    check_moe(config, path)
+    _check_text(config, path)
+
+
 def _moe_sizes(config: dict[str, Any], path: Path) -> dict[str, int]:
     sizes = text_sizes(config, path, default_head_dim=128)
     if "E" not in sizes:
@@ -63,6 +78,7 @@ QWEN3VL = Architecture(
     sizes=lambda config, path: text_sizes(config, path, default_head_dim=128),
     hparams=_text_hparams,
     skipped=TEXT_SKIPPED,
+    check=_check_text,
     other_part_prefixes=_VISUAL,
 )
 
@@ -82,7 +98,7 @@ QWEN3VLMOE = Architecture(
     sizes=_moe_sizes,
     hparams=_moe_hparams,
     skipped=TEXT_SKIPPED,
-    check=check_moe,
+    check=_check_moe_text,
     other_part_prefixes=_VISUAL,
 )
 
