@@ -142,6 +142,15 @@ def test_text_model_quantizes_and_chats(converted, arch, tmp_path):
                 assert isinstance(json.loads(content)["a"], int)
             else:
                 assert content.lstrip().startswith("{")
+            if arch == "qwen3vl":  # the server with the openai client: the same greedy reply
+                import openai
+
+                from edge_qwen.serve.app import ServerThread, create_app
+
+                with ServerThread(create_app({"qwen3-vl": m})) as url:
+                    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+                    got = client.chat.completions.create(model="qwen3-vl", messages=msgs, **GREEDY)
+                    assert got.choices[0].message.content == text
         finally:
             m.close()
 
