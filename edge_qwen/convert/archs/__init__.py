@@ -1,6 +1,6 @@
 """One Hugging Face -> GGUF tensor table per Qwen architecture, and the registry that picks one.
 
-Each architecture module (qwen2, qwen3, qwen2moe, qwen3moe, qwen2vl) holds a readable table of
+Each architecture module (qwen2, qwen3, qwen2moe, qwen3moe, qwen2vl, qwen3vl) holds a readable table of
 `Row`s: the Hugging Face tensor name, the GGUF tensor (a `gguf.MODEL_TENSOR` member name, so
 the GGUF name comes from gguf-py's tables), and its shape in terms of the config's sizes. A
 row may gather many Hugging Face tensors into one GGUF tensor (MoE experts, `{xid}`) or take
