@@ -17,6 +17,9 @@ from .errors import ModelFileError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen2vl")  # the Qwen family (issue 14)
 
+# Qwen3-VL (issue 23): its text models, which take images with their --mmproj vision tower
+SUPPORTED_ARCHITECTURES += ("qwen3vl", "qwen3vlmoe")
+
 
 @dataclass
 class GGUFInfo:

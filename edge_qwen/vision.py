@@ -1,13 +1,15 @@
-"""Images for Qwen2.5-VL through libmtmd (llama_cpp.mtmd_cpp): reading image parts, checking
-images, and a chat that puts them in the prompt.
+"""Images for Qwen2.5-VL, Qwen3-VL and Qwen3.5 through libmtmd (llama_cpp.mtmd_cpp): reading image
+parts, checking images, and a chat that puts them in the prompt.
 
-A Qwen2.5-VL model is two GGUF files (`edge-qwen convert` and `edge-qwen convert --mmproj`):
-the text model and its vision tower. `VisionChat(model, mmproj)` loads both; `chat(messages)`
+A vision-language model is two GGUF files (`edge-qwen convert` and `edge-qwen convert --mmproj`):
+the text model and its vision tower (VISION_MODELS says which tower goes with which model;
+Qwen3-VL's also feeds "deepstack" features to the first text layers, which libmtmd handles). `VisionChat(model, mmproj)` loads both; `chat(messages)`
 takes OpenAI content parts (`{"type": "image_url", "image_url": {"url": ...}}`, `{"type":
 "text", ...}`) and the Qwen API's (`{"image": ...}`, `{"text": ...}`). An image is a `data:`
 URL (base64), a local file (only where the caller allows it, e.g. the CLI), or http(s) (refused
 unless `allow_http`: edge-qwen is offline by default). libmtmd turns each image into its
-tokens (Qwen2.5-VL: one per 28x28 pixels, wrapped in <|vision_start|>/<|vision_end|>) and
+tokens (Qwen2.5-VL: one per 28x28 pixels, Qwen3-VL and Qwen3.5: one per 32x32, wrapped in
+<|vision_start|>/<|vision_end|>) and
 evaluates them with their multimodal rope positions; llama-cpp-python's sampler then writes the
 reply (image requests do not run on the batched text engine yet).
 """
@@ -158,8 +160,35 @@ def split_images(messages: Any, marker: str, **read: bool) -> tuple[list[dict], 
     return out, images
 
 
+# text model architecture -> (the projector its vision tower must have, the family's name)
+VISION_MODELS: dict[str, tuple[str, str]] = {
+    "qwen2vl": ("qwen2.5vl_merger", "Qwen2.5-VL"),
+    "qwen3vl": ("qwen3vl_merger", "Qwen3-VL"),
+    "qwen3vlmoe": ("qwen3vl_merger", "Qwen3-VL-MoE"),
+    "qwen35": ("qwen3vl_merger", "Qwen3.5"),
+    "qwen35moe": ("qwen3vl_merger", "Qwen3.5-MoE"),
+}
+
+
+def _check_pair(model: Any, info: Any, mmproj: Any, proj: Any) -> None:
+    """Refuse a vision tower made for another model: its output width and deepstack layers must
+    match what the text model takes (libmtmd would otherwise fail or read past its embeddings)."""
+    md, arch = info.metadata, info.architecture
+    width, dim = md.get(f"{arch}.embedding_length"), proj.metadata.get("clip.vision.projection_dim")
+    if width is not None and dim is not None and int(width) != int(dim):
+        raise ModelFileError(f"{mmproj} gives {dim}-wide image embeddings but {model} takes {width}: they are not "
+                             "from the same checkpoint; convert both from one (edge-qwen convert, then --mmproj)")
+    layers = proj.metadata.get("clip.vision.is_deepstack_layers")
+    deepstack = sum(bool(x) for x in layers) if isinstance(layers, list) else 0
+    expected = int(md.get(f"{arch}.n_deepstack_layers") or 0)
+    if deepstack != expected:
+        raise ModelFileError(f"{mmproj} has {deepstack} deepstack layers but {model} expects {expected}: they are "
+                             "not from the same checkpoint; convert both from one (edge-qwen convert, then --mmproj)")
+
+
 class VisionChat:
-    """A Qwen2.5-VL text model GGUF with its mmproj GGUF, answering chats with images."""
+    """A vision-language text model GGUF (Qwen2.5-VL, Qwen3-VL, Qwen3.5) with its mmproj GGUF,
+    answering chats with images."""
 
     def __init__(self, model: str | os.PathLike, mmproj: str | os.PathLike, *, n_ctx: int = 4096,
                  n_threads: int | None = None, verbose: bool = False):
@@ -168,14 +197,17 @@ class VisionChat:
 
         from .gguf_file import check_gguf
 
-        info = check_gguf(model)
-        if info.architecture != "qwen2vl":
-            raise ModelFileError(f"{model} is a {info.architecture} model; images need a Qwen2.5-VL model "
-                                 "(architecture qwen2vl) with its --mmproj file")
+        info = check_gguf(model, architectures=None)
+        if info.architecture not in VISION_MODELS:
+            raise ModelFileError(f"{model} is a {info.architecture} model; images need a vision-language model "
+                                 f"({', '.join(f'{n} ({a})' for a, (_p, n) in VISION_MODELS.items())}) with its "
+                                 "--mmproj file")
+        projector, family = VISION_MODELS[info.architecture]
         proj = check_gguf(mmproj, architectures=("clip",))
-        if proj.metadata.get("clip.projector_type") != "qwen2.5vl_merger":
-            raise ModelFileError(f"{mmproj} is not a Qwen2.5-VL vision tower (projector "
-                                 f"{proj.metadata.get('clip.projector_type')!r})")
+        if proj.metadata.get("clip.projector_type") != projector:
+            raise ModelFileError(f"{mmproj} is not a {family} vision tower (projector "
+                                 f"{proj.metadata.get('clip.projector_type')!r}, {family} needs {projector!r})")
+        _check_pair(model, info, mmproj, proj)
         self._mtmd = mtmd
         if not verbose:  # libmtmd logs every image it encodes; keep the CLI and server output clean
             global _QUIET

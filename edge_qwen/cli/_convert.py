@@ -26,7 +26,7 @@ from .options import force_option, model_option, model_path, pick_model, quiet_o
 @click.option("--calibration", default=None, metavar="FILE|default",
               help="With --type: compute an importance matrix from this text first.")
 @click.option("--mmproj", is_flag=True,
-              help="Write the vision tower of a Qwen2.5-VL checkpoint (the mmproj GGUF for --mmproj) "
+              help="Write the vision tower of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 checkpoint (the mmproj GGUF for --mmproj) "
                    "instead of its text model.")
 @force_option
 @quiet_option
@@ -34,8 +34,8 @@ def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix:
             calibration: str | None, mmproj: bool, force: bool, quiet: bool) -> None:
     """Convert a Hugging Face Qwen checkpoint (folder or pulled repo id) to GGUF.
 
-    Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE and Qwen2.5-VL (text model; --mmproj for its
-    vision tower). With --type, quantize the converted model in the same step.
+    Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Qwen2.5-VL and Qwen3-VL (text model; --mmproj for
+    its vision tower, also of Qwen3.5). With --type, quantize the converted model in the same step.
     """
     if mmproj and qtype is not None:
         raise click.BadParameter("a vision tower (--mmproj) is not quantized; use --outtype f16 or q8_0",

@@ -146,7 +146,7 @@ def chat_options(f):
                      help="CPU threads (default: one per physical core)."),
         short_threads_option("threads", legacy="temperature", legacy_read=read_temperature,
                              legacy_flag="--temperature"),
-        click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL MODEL "
+        click.option("--mmproj", type=click.Path(), help="Vision tower GGUF of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 MODEL "
                      "(edge-qwen convert --mmproj); needed for --image."),
         click.option("--image", "images", multiple=True, metavar="FILE|URL", help="An image to ask about (repeatable)."),
         click.option("--allow-http-images", is_flag=True, help="Let --image fetch http(s) URLs (offline otherwise)."),
@@ -170,7 +170,7 @@ def chat(model: str | None, prompt: str | None, **kw: Any) -> None:
     """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
 
     MODEL may be left out: a single argument that is clearly a question is the PROMPT for the
-    default model. With --mmproj and --image: one reply about the images (Qwen2.5-VL).
+    default model. With --mmproj and --image: one reply about the images (Qwen2.5-VL, Qwen3-VL, Qwen3.5).
     """
     model, prompt = _with_model_option(model, prompt, kw.pop("model_opt"))
     model, prompt = _split_model_prompt(model, prompt)

@@ -152,6 +152,12 @@ class TensorSource:
                 i, n = (int(x) for x in take[5:].split("/"))
                 per = ref.shape[0] // n
                 yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per))
+            elif take.startswith("xT:"):  # each expert's column block, transposed (one expert at a time)
+                i, n = (int(x) for x in take[3:].split("/"))
+                width = ref.shape[2] // n
+                for e in range(ref.shape[0]):
+                    for block in ref.chunks(max_bytes, rows=(e, e + 1)):
+                        yield np.ascontiguousarray(block[0][:, i * width:(i + 1) * width].T)
             else:  # "t:i": a patch convolution, small enough to read whole
                 t = int(take[2:])
                 yield np.ascontiguousarray(ref.read()[:, :, t])
@@ -172,10 +178,6 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def _blocks(row: Any, sizes: dict[str, int], key: str) -> list[int | None]:
-    return list(range(sizes[key])) if "{bid}" in row.hf else [None]
-
-
 def expected_tensors(config: dict[str, Any], path: Path = Path("."), part: str = "model"
                      ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Hugging Face tensor name -> (GGUF tensor name, shape the checkpoint tensor must have).
@@ -188,10 +190,10 @@ def expected_tensors(config: dict[str, Any], path: Path = Path("."), part: str =
     sizes = arch.sizes(config, path)
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for row in arch.tensors:
-        for b in _blocks(row, sizes, arch.blocks_key):
+        for b, gb in arch.block_pairs(row, sizes, config, path):
             xids = range(sizes["E"]) if "{xid}" in row.hf else [None]
             for x in xids:
-                out.setdefault(row.hf.format(bid=b, xid=x), (row.gguf_name(b), row.hf_shape(sizes)))
+                out.setdefault(row.hf.format(bid=b, xid=x), (row.gguf_name(gb), row.hf_shape(sizes)))
     return out
 
 
@@ -205,7 +207,7 @@ def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
     sizes = arch.sizes(ckpt.config, ckpt.path)
     plan: list[tuple[int, TensorSource]] = []
     for order, row in enumerate(arch.tensors):
-        for b in _blocks(row, sizes, arch.blocks_key):
+        for b, gb in arch.block_pairs(row, sizes, ckpt.config, ckpt.path):
             name = row.hf.format(bid=b, xid="{xid}")
             if "{xid}" in row.hf:
                 refs = [ckpt.tensors[name.format(xid=x)] for x in range(sizes["E"])]
@@ -215,8 +217,8 @@ def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
                     continue
                 refs, label = [ckpt.tensors[name]], name
             shape = tuple(sizes[d] for d in row.shape.split(","))
-            src = TensorSource(label, row.gguf_name(b), shape, [Piece(r, row.take) for r in refs], row)
-            plan.append(((-1 if b is None else b), order, src))  # type: ignore[arg-type]
+            src = TensorSource(label, row.gguf_name(gb), shape, [Piece(r, row.take) for r in refs], row)
+            plan.append(((-1 if gb is None else gb), order, src))  # type: ignore[arg-type]
     plan.sort(key=lambda item: (item[0], item[1]))
     return [src for *_k, src in plan]
 
@@ -258,8 +260,9 @@ def read_json_file(file: Path) -> Any:
         raise CheckpointError(f"{file} is not valid JSON ({_short(e)}); {fetch_again(file.parent)}") from None
 
 
-def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """config.json of a checkpoint folder, refused unless it describes a supported architecture."""
+def read_config(path: str | os.PathLike, part: str = "model") -> dict[str, Any]:
+    """config.json of a checkpoint folder, refused unless it describes a supported architecture
+    (for `part="mmproj"`: one whose vision tower edge-qwen converts)."""
     from .archs import find_architecture
 
     folder = Path(path)
@@ -273,7 +276,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     config = read_json_file(cfg_file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object")
-    find_architecture(config, folder)
+    find_architecture(config, folder, part)
     return config
 
 
@@ -340,7 +343,7 @@ def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
     from .archs import find_architecture
 
     folder = Path(path)
-    config = read_config(folder)
+    config = read_config(folder, part)
     arch = find_architecture(config, folder, part)
     if arch.check is not None:
         arch.check(config, folder)
@@ -401,6 +404,10 @@ def _is_skipped(name: str, skipped: dict[str, str]) -> bool:
 def _validate(ckpt: Checkpoint) -> None:
     arch = ckpt.arch
     expected = expected_tensors(ckpt.config, ckpt.path, ckpt.part)
+    if ckpt.part == "mmproj" and not any(name in expected for name in ckpt.tensors):
+        raise CheckpointError(f"{ckpt.path} holds no vision tower weights (no {next(iter(expected)).split('.')[0]}.* "
+                              f"tensors) although config.json describes one: it is a text-only copy of a {arch.name} "
+                              "checkpoint; download the full repository for --mmproj, or convert without --mmproj")
     for name, ref in ckpt.tensors.items():
         if name.startswith(arch.other_part_prefixes):
             continue  # converted by the other part's table (the text model / the vision tower)

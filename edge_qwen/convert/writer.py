@@ -104,8 +104,8 @@ def _tensor_type(outtype: str, shape: tuple[int, ...], src: TensorSource | None 
 
     T = gguf.GGMLQuantizationType
     row = src.row if src is not None else None
-    if row is not None and part == "mmproj" and row.tensor == "V_ENC_EMBD_PATCH":
-        return T.F16 if outtype == "f16" else T.F32  # the patch convolution: f16 or f32 only
+    if row is not None and part == "mmproj" and row.tensor == "V_ENC_EMBD_PATCH" and row.suffix == "weight":
+        return T.F16 if outtype == "f16" else T.F32  # the patch convolution: f16 or f32 only (its bias: f32)
     if len(shape) < 2 or (src is not None and src.gguf_name.endswith("_norm.weight")):
         return T.F32  # norms and biases stay float32, as llama.cpp expects
     if row is not None and (row.tensor in _F32_TENSORS or not src.gguf_name.endswith(".weight")):

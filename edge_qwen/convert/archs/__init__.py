@@ -1,6 +1,6 @@
 """One Hugging Face -> GGUF tensor table per Qwen architecture, and the registry that picks one.
 
-Each architecture module (qwen2, qwen3, qwen2moe, qwen3moe, qwen2vl) holds a readable table of
+Each architecture module (qwen2, qwen3, qwen2moe, qwen3moe, qwen2vl, qwen3vl) holds a readable table of
 `Row`s: the Hugging Face tensor name, the GGUF tensor (a `gguf.MODEL_TENSOR` member name, so
 the GGUF name comes from gguf-py's tables), and its shape in terms of the config's sizes. A
 row may gather many Hugging Face tensors into one GGUF tensor (MoE experts, `{xid}`) or take
@@ -32,7 +32,12 @@ class Row:
     the GGUF tensor via gguf.TENSOR_NAMES; `shape` is the numpy-order shape of the GGUF tensor as
     config sizes ("E,IE,H"). `take` selects part of the Hugging Face tensor: "rows:i/n" is the
     i-th of n equal row blocks (a fused qkv), "t:i" the i-th slice of axis 2 (a 3-D patch
-    convolution split into 2-D ones). `gguf_suffix` is appended to the GGUF name (".1").
+    convolution split into 2-D ones), "xT:i/n" each expert's matrix of a fused 3-D expert tensor
+    transposed after taking the i-th of n column blocks (Qwen3-VL-MoE's `gate_up_proj` stores
+    (experts, hidden, 2 x ffn)). `gguf_suffix` is appended to the GGUF name (".1"). `blocks`
+    names the size that numbers this row's "{bid}" when it is not the architecture's
+    `blocks_key` (Qwen3-VL's deepstack mergers), and the architecture's `block_ids` then gives
+    the GGUF block number of each.
     """
 
     hf: str
@@ -42,6 +47,7 @@ class Row:
     take: str | None = None
     gguf_suffix: str = ""
     fixed_bid: int | None = None  # a numbered GGUF tensor outside the blocks ("mm.0", "mm.2")
+    blocks: str | None = None
 
     def gguf_name(self, bid: int | None = None) -> str:
         import gguf
@@ -60,6 +66,9 @@ class Row:
             return (shape[0] * n,) + shape[1:]
         if self.take and self.take.startswith("t:"):
             return shape[:2] + (sizes["T"],) + shape[2:]
+        if self.take and self.take.startswith("xT:"):
+            n = int(self.take.split("/")[1])
+            return (shape[0], shape[2], shape[1] * n)
         return shape
 
 
@@ -86,6 +95,19 @@ class Architecture:
     # model), left to that part's own conversion
     other_part_prefixes: tuple[str, ...] = ()
     blocks_key: str = "L"  # the size that numbers the "{bid}" rows
+    # for rows with `blocks`: that size's Hugging Face index -> GGUF block number (a deepstack
+    # merger is numbered after the vision block it reads)
+    block_ids: Callable[[dict[str, Any], Path], dict[str, tuple[int, ...]]] | None = None
+
+    def block_pairs(self, row: Row, sizes: dict[str, int], config: dict[str, Any], path: Path
+                    ) -> list[tuple[int | None, int | None]]:
+        """(Hugging Face block, GGUF block) for each tensor of `row` ((None, None) if unnumbered)."""
+        if "{bid}" not in row.hf:
+            return [(None, None)]
+        if row.blocks is None:
+            return [(b, b) for b in range(sizes[self.blocks_key])]
+        ids = self.block_ids(config, path)[row.blocks] if self.block_ids is not None else range(sizes[row.blocks])
+        return list(enumerate(ids))
 
     @property
     def arch_name(self) -> str:
@@ -262,15 +284,31 @@ EXPERT_ROWS: tuple[Row, ...] = (
 
 
 def _registry() -> dict[str, Architecture]:
-    from . import qwen2, qwen2moe, qwen2vl, qwen3, qwen3moe
+    from . import qwen2, qwen2moe, qwen2vl, qwen3, qwen3moe, qwen3vl
 
     archs = (qwen2.QWEN2, qwen3.QWEN3, qwen2moe.QWEN2MOE, qwen3moe.QWEN3MOE, qwen2vl.QWEN2VL)
+    archs += (qwen3vl.QWEN3VL, qwen3vl.QWEN3VLMOE)
     return {a.name: a for a in archs}
+
+
+def _vision_registry() -> dict[str, Architecture]:
+    """Hugging Face architecture name -> the table of its vision tower (the mmproj GGUF)."""
+    from . import qwen2vl, qwen3vl
+
+    return {**qwen2vl.VISION, **qwen3vl.VISION}
 
 
 def supported_architectures() -> tuple[str, ...]:
     """The Hugging Face architecture names edge-qwen converts."""
     return tuple(_registry())
+
+
+def _check_model_type(config: dict[str, Any], path: Path, found: Architecture) -> None:
+    model_type = config.get("model_type")
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in found.model_types):
+        raise CheckpointError(f"{path / 'config.json'}: model_type {json.dumps(model_type)[:80]} does not match "
+                              f"architecture {found.name} (expected {' or '.join(found.model_types)}); fix "
+                              "config.json or convert a checkpoint of a supported architecture")
 
 
 def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -> Architecture:
@@ -279,25 +317,29 @@ def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    supported = f"edge-qwen converts {', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL and fine-tunes)"
+    supported = f"edge-qwen converts {', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL, Qwen3-VL and fine-tunes)"
     if not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"{path / 'config.json'}: \"architectures\" must be a list of class names, got "
                               f"{json.dumps(config.get('architectures'))[:80]}; {supported}")
     model_type = config.get("model_type")
+    if part == "mmproj":
+        vision = _vision_registry()
+        tower = next((vision[a] for a in archs if a in vision), None)
+        if tower is not None:
+            _check_model_type(config, path, tower)
+            if not isinstance(config.get("vision_config"), dict):
+                raise CheckpointError(f"{path / 'config.json'} has no vision_config: this {tower.name} checkpoint "
+                                      "holds no vision tower (a text-only copy?); download the full repository "
+                                      "for --mmproj, or convert the text model without --mmproj")
+            return tower
     found = next((reg[a] for a in archs if a in reg), None)
     if found is None and not archs:  # some fine-tunes leave "architectures" out
         found = next((a for a in reg.values() if isinstance(model_type, str) and model_type in a.model_types), None)
     if found is None:
         what = ", ".join(archs) or (model_type if isinstance(model_type, str) else None) or "unknown"
         raise CheckpointError(f"{path / 'config.json'}: architecture {what} is not supported; {supported}")
-    if model_type is not None and (not isinstance(model_type, str) or model_type not in found.model_types):
-        raise CheckpointError(f"{path / 'config.json'}: model_type {json.dumps(model_type)[:80]} does not match "
-                              f"architecture {found.name} (expected {' or '.join(found.model_types)}); fix "
-                              "config.json or convert a checkpoint of a supported architecture")
+    _check_model_type(config, path, found)
     if part == "mmproj":
-        from .qwen2vl import VISION
-
-        if found.name not in VISION:
-            raise CheckpointError(f"{path}: {found.name} has no vision tower; --mmproj is for Qwen2.5-VL checkpoints")
-        return VISION[found.name]
+        raise CheckpointError(f"{path}: {found.name} has no vision tower; --mmproj is for the vision-language "
+                              f"checkpoints ({', '.join(_vision_registry())})")
     return found
