@@ -64,7 +64,7 @@ def refuse_chat(path: Path, metadata: dict[str, Any], architecture: str | None) 
     use = ("score documents with it through /v1/rerank or `edge-qwen ask --rerank-model`" if kind == "rerank"
            else "embed with it through /v1/embeddings or `edge-qwen index add --embed-model`")
     raise RequestError(f"{Path(path).name} is {what}, not a chat model: it cannot chat or complete text; {use}, "
-                       "and chat with a chat model (e.g. the default, `edge-qwen run`)", param="model",
+                       "and chat with a chat model (e.g. the default: `edge-qwen chat`)", param="model",
                        code="model_not_chat")
 
 
@@ -115,10 +115,10 @@ class Reranker:
                                  "(a Qwen3-Reranker converted with `edge-qwen convert`)", param="rerank_model")
         info = check_gguf(p)
         if pooling_type(info.metadata, info.architecture) != RANK:
-            kind = model_kind(info.metadata, info.architecture)
-            raise ModelFileError(f"{p.name} is {'a chat model' if kind == 'chat' else describe_kind(info.metadata, info.architecture)}"
-                                 ", not a reranker (its GGUF has no pooling type rank); give a Qwen3-Reranker GGUF",
-                                 param="rerank_model")
+            chat = model_kind(info.metadata, info.architecture) == "chat"
+            what = "a chat model" if chat else describe_kind(info.metadata, info.architecture)
+            raise ModelFileError(f"{p.name} is {what}, not a reranker (its GGUF has no pooling type rank); "
+                                 "give a Qwen3-Reranker GGUF", param="rerank_model")
         self.template = info.metadata.get("tokenizer.chat_template.rerank")
         self.path, self.name, self.n_ctx = p, p.name, n_ctx
         self.llama = load_pooled(p, n_ctx, n_threads, "reranker")

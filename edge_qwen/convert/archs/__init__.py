@@ -32,7 +32,8 @@ class Row:
     the GGUF tensor via gguf.TENSOR_NAMES; `shape` is the numpy-order shape of the GGUF tensor as
     config sizes ("E,IE,H"). `take` selects part of the Hugging Face tensor: "rows:i/n" is the
     i-th of n equal row blocks (a fused qkv), "t:i" the i-th slice of axis 2 (a 3-D patch
-    convolution split into 2-D ones). `gguf_suffix` is appended to the GGUF name (".1").
+    convolution split into 2-D ones), "pick:a,b" the rows a and b, in that order (a reranker's
+    classifier). `gguf_suffix` is appended to the GGUF name (".1").
     """
 
     hf: str
@@ -60,6 +61,8 @@ class Row:
             return (shape[0] * n,) + shape[1:]
         if self.take and self.take.startswith("t:"):
             return shape[:2] + (sizes["T"],) + shape[2:]
+        if self.take and self.take.startswith("pick:"):  # chosen rows of a (V, H) head (a reranker)
+            return (sizes["V"],) + shape[1:]
         return shape
 
 
@@ -86,6 +89,8 @@ class Architecture:
     # model), left to that part's own conversion
     other_part_prefixes: tuple[str, ...] = ()
     blocks_key: str = "L"  # the size that numbers the "{bid}" rows
+    # the checkpoint's flavour of this architecture (a Qwen3-Reranker), decided from its files
+    variant: Callable[[Architecture, dict[str, Any], Path], Architecture] | None = None
 
     @property
     def arch_name(self) -> str:
@@ -265,6 +270,7 @@ def _registry() -> dict[str, Architecture]:
     from . import qwen2, qwen2moe, qwen2vl, qwen3, qwen3moe
 
     archs = (qwen2.QWEN2, qwen3.QWEN3, qwen2moe.QWEN2MOE, qwen3moe.QWEN3MOE, qwen2vl.QWEN2VL)
+    archs += (qwen3.QWEN3_BASE,)  # Qwen3Model: Qwen3-Embedding saved without its head
     return {a.name: a for a in archs}
 
 
@@ -300,4 +306,6 @@ def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -
         if found.name not in VISION:
             raise CheckpointError(f"{path}: {found.name} has no vision tower; --mmproj is for Qwen2.5-VL checkpoints")
         return VISION[found.name]
+    if found.variant is not None:
+        found = found.variant(found, config, path)
     return found
