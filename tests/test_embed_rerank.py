@@ -80,6 +80,30 @@ def test_pooling_and_classifier_metadata(converted):
     assert "cls.output.weight" in untied and "output.weight" not in untied  # the lm_head is the classifier only
 
 
+def test_qwen3model_and_bad_reranker(ckpts, tmp_path):
+    """A checkpoint saved as the headless Qwen3Model converts like Qwen3ForCausalLM's; a reranker whose
+    tokenizer lacks "yes" is refused in one line, before anything is written."""
+    import shutil
+
+    from edge_qwen.convert.checkpoint import open_checkpoint
+
+    m = tmp_path / "qwen3model"
+    shutil.copytree(ckpts["qwen3-embedding"], m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen3Model"]}))
+    ck = open_checkpoint(m)
+    assert ck.arch.name == "Qwen3Model" and ck.tensors["model.layers.1.mlp.up_proj.weight"].name == "layers.1.mlp.up_proj.weight"
+    bad = tmp_path / "tiny-qwen3-reranker-bad"
+    shutil.copytree(ckpts["qwen3-reranker"], bad)
+    tok = json.loads((bad / "tokenizer.json").read_text(encoding="utf-8"))
+    del tok["model"]["vocab"]["yes"]
+    (bad / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "bad.gguf"
+    r = CliRunner().invoke(main, ["convert", str(bad), "-o", str(out), "-q"])
+    assert r.exit_code != 0 and "no token 'yes'" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not out.exists() and not list(tmp_path.glob("bad.gguf*"))
+
+
 def test_checkpoints_are_what_transformers_loads(ckpts):
     import torch
     import transformers
