@@ -127,6 +127,7 @@ class PullResult:
     architecture: str | None
     offline: bool
     warnings: list[str] = field(default_factory=list)
+    mmproj: Path | None = None  # a GGUF repo's vision tower, pulled with the model (pull_gguf)
 
 
 def _endpoint() -> str:
@@ -507,13 +508,52 @@ def gguf_files_for_quant(names: list[str], quant: str, repo_id: str) -> list[str
     return found
 
 
+def _quant_of(name: str) -> str:
+    stem = _SPLIT_RE.sub("", name) if _SPLIT_RE.search(name) else name[:-5]
+    return stem.rsplit("-", 1)[-1].lower().replace("-", "_") if "-" in stem else stem.lower()
+
+
+# the mmproj taken when the repo has none of the model's own quantization (llama.cpp's -hf prefers f16 too)
+_MMPROJ_PREFERENCE = ("f16", "bf16", "q8_0", "f32")
+
+
+def mmproj_for_quant(names: list[str], quant: str) -> str | None:
+    """The vision tower (mmproj-*.gguf) of a GGUF repo to keep with `quant`'s model file, or None.
+
+    The mmproj of the same quantization if the repo has one, else f16, bf16, q8_0, f32, else the first.
+    """
+    found = sorted(n for n in names if n.lower().endswith(".gguf") and "/" not in n and "mmproj" in n.lower())
+    if not found:
+        return None
+    for q in (quant.lower().replace("-", "_"), *_MMPROJ_PREFERENCE):
+        hit = [n for n in found if _quant_of(n) == q]
+        if hit:
+            return hit[0]
+    return found[0]
+
+
+def _user_snapshot(repo_id: str, revision: str) -> Path | None:
+    """The snapshot folder of `repo_id` at `revision` in the user's own HF cache (not the store's), or None."""
+    cache = user_hf_cache()
+    if not cache.is_dir() or cache.resolve() == hf_cache_dir().resolve():
+        return None
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    ref = folder / "refs" / revision
+    commit = revision if _COMMIT_RE.fullmatch(revision) else (ref.read_text().strip() if ref.is_file() else "")
+    snap = folder / "snapshots" / commit
+    return snap if commit and snap.is_dir() else None
+
+
 def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str | None = None,
               quiet: bool = False, force: bool = False) -> PullResult:
     """Download just one quantization of an official GGUF repo (`Qwen/Qwen2.5-7B-Instruct-GGUF`,
     `q4_k_m`), all of its split parts if it is split; `path` is the file to load (the first part).
 
     Offline, the files already in the store are used. Like llama.cpp's `-hf repo:quant`.
-    `force` downloads the files again even if the store has them.
+    `force` downloads the files again even if the store has them. A repo with a vision tower
+    (`mmproj-*.gguf`) gives its mmproj too, into the same snapshot (`PullResult.mmproj`). Files
+    already in the user's own Hugging Face cache (HF_HUB_CACHE / HF_HOME, where huggingface-cli
+    and llama.cpp's -hf put them) are used from there, not downloaded again.
     """
     _check_repo_id(repo_id)
     rev = revision or "main"
@@ -527,21 +567,31 @@ def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str 
     was_offline, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, offline
     bar = _tqdm_class(quiet)
     tok = token or os.environ.get("HF_TOKEN") or None
+    user_snap = None if force or _is_in_store(repo_id) else _user_snapshot(repo_id, rev)
+    from_user_cache = False
     try:
         if offline:
             ref = folder / "refs" / rev
             commit = rev if _COMMIT_RE.fullmatch(rev) else (ref.read_text().strip() if ref.is_file() else "")
             snap_dir = folder / "snapshots" / commit
             if not commit or not snap_dir.is_dir():
-                raise ModelNotFoundError(f"{repo_id} (revision {rev}) is not in the model store and the network is "
-                                         "off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to download it")
+                snap_dir = user_snap  # type: ignore[assignment]
+            if snap_dir is None:
+                raise ModelNotFoundError(f"{repo_id} (revision {rev}) is not in the model store nor in your Hugging "
+                                         f"Face cache ({user_hf_cache()}) and the network is off (HF_HUB_OFFLINE=1); "
+                                         "unset HF_HUB_OFFLINE to download it")
             names = [f.name for f in snap_dir.iterdir()]
         else:
             names = [f.path for f in HfApi(endpoint=_endpoint(), token=tok).list_repo_tree(repo_id, revision=rev)]
         wanted = gguf_files_for_quant(names, quant, repo_id)
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=wanted, token=tok,
-            local_files_only=offline, force_download=force, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
+        mmproj = mmproj_for_quant(names, quant)
+        wanted += [mmproj] if mmproj else []
+        if user_snap is not None and all((user_snap / n).is_file() for n in wanted):
+            path, from_user_cache = str(user_snap), True  # downloaded before by huggingface-cli or llama.cpp -hf
+        else:
+            path = huggingface_hub.snapshot_download(
+                repo_id, revision=rev, cache_dir=str(hf_cache_dir()), allow_patterns=wanted, token=tok,
+                local_files_only=offline, force_download=force, endpoint=_endpoint(), tqdm_class=bar, max_workers=4)
     except (OSError, ValueError, *_transport_errors()) as e:
         raise _translate(e, repo_id, rev, offline) from None
     finally:
@@ -554,7 +604,7 @@ def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str 
         f = snap / name
         size = f.stat().st_size
         total += size
-        if f.resolve().name not in blobs_before:
+        if not from_user_cache and f.resolve().name not in blobs_before:
             fetched.append(name)
             nbytes += size
     from .errors import ModelFileError
@@ -567,9 +617,11 @@ def pull_gguf(repo_id: str, quant: str, revision: str | None = None, token: str 
     except ModelFileError as e:
         raise ModelFileError(f"{e.message} (pulled from {repo_id}: `edge-qwen pull {repo_id} --quant {quant} "
                              "--force` downloads it again)") from None
+    warnings = [f"{repo_id} {quant} was found in your Hugging Face cache ({user_hf_cache()}); used from there, "
+                "nothing downloaded"] if from_user_cache else []
     return PullResult(repo_id=repo_id, revision=rev, commit=snap.name, path=snap / wanted[0], files=wanted,
                       fetched=fetched, bytes_fetched=nbytes, total_bytes=total, architecture=info.architecture,
-                      offline=offline)
+                      offline=offline, warnings=warnings, mmproj=snap / mmproj if mmproj else None)
 
 
 def user_hf_cache() -> Path:

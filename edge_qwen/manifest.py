@@ -1,4 +1,4 @@
-"""The model manifest (models/manifest.json): known Qwen2.5 repositories and the offline default."""
+"""The model manifest (models/manifest.json): known Qwen repositories (safetensors and GGUF) and the offline default."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def load_manifest() -> dict[str, Any]:
 
 
 def hub_models() -> list[dict[str, Any]]:
-    """The official Qwen2.5 repositories the manifest lists."""
+    """The official Qwen repositories the manifest lists (Qwen2.5 ... Qwen3.6, VL, Next, Embedding, Reranker)."""
     return list(load_manifest()["hub"])
 
 

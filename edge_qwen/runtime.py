@@ -178,6 +178,9 @@ class EdgeQwen:
                                param="context_overflow")
         path = resolve_model(model)
         info = check_gguf(path)  # before llama.cpp: it may abort the process on a damaged file
+        from .engine.pooled import refuse_chat
+
+        refuse_chat(path, info.metadata, info.architecture)  # an embedding model or reranker cannot chat
         train = info.metadata.get(f"{info.architecture}.context_length")
         self.n_ctx_train = int(train) if isinstance(train, int) else 32768
         from .long_context import context_options  # n_ctx past the trained length (YaRN), KV cache types

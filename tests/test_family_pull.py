@@ -17,9 +17,24 @@ from hubstub import HubStub  # noqa: E402
 
 from edge_qwen.cli import main
 from edge_qwen.errors import ModelNotFoundError
-from edge_qwen.hub import gguf_files_for_quant, pull, pull_gguf, snapshot_path
+from edge_qwen.hub import gguf_files_for_quant, mmproj_for_quant, pull, pull_gguf, snapshot_path
 
 REPO = "Qwen/Qwen2.5-Tiny-Instruct-GGUF"
+MMPROJ = "mmproj-qwen2.5-tiny-f16.gguf"
+
+
+def _tiny_mmproj(path: Path) -> Path:
+    """A small valid GGUF standing in for a vision tower (only its header is read by pull)."""
+    import gguf
+
+    w = gguf.GGUFWriter(path, "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_tensor("v.patch_embd.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def _split(src: Path, out_dir: Path, stem: str, max_tensors: int) -> list[Path]:
@@ -60,7 +75,7 @@ def hub(tiny_checkpoint, tmp_path, isolated_home, monkeypatch):
     files[q8.name] = q8.read_bytes()
     files.update({p.name: p.read_bytes() for p in parts})
     files["README.md"] = b"# tiny GGUF\n"
-    files["mmproj-qwen2.5-tiny-f16.gguf"] = b"not fetched"
+    files[MMPROJ] = _tiny_mmproj(tmp_path / "src" / MMPROJ).read_bytes()  # pulled with the model
     stub = HubStub().start()
     stub.add_commit(REPO, files)
     monkeypatch.setenv("HF_ENDPOINT", stub.endpoint)
@@ -76,10 +91,11 @@ def test_pull_one_quant_and_split_parts(hub, monkeypatch):
     import llama_cpp
 
     r = pull_gguf(REPO, "Q8_0", quiet=True)
-    assert r.files == ["qwen2.5-tiny-instruct-q8_0.gguf"] and r.path.name == r.files[0] and r.architecture == "qwen2"
-    assert len(hub.file_gets(REPO)) == 1  # that one file's download, nothing else of the repo
+    assert r.files == ["qwen2.5-tiny-instruct-q8_0.gguf", MMPROJ] and r.path.name == r.files[0]
+    assert r.architecture == "qwen2" and r.mmproj == r.path.parent / MMPROJ  # the mmproj beside its model
+    assert len(hub.file_gets(REPO)) == 2  # that file and the mmproj, nothing else of the repo
     s = pull_gguf(REPO, "f16", quiet=True)
-    assert s.files == [f"qwen2.5-tiny-instruct-f16-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert s.files == [f"qwen2.5-tiny-instruct-f16-0000{i}-of-00003.gguf" for i in (1, 2, 3)] + [MMPROJ]
     assert s.path.name.endswith("-00001-of-00003.gguf")
     llm = llama_cpp.Llama(str(s.path), n_ctx=64, verbose=False)  # llama.cpp finds the other parts beside it
     try:
@@ -145,3 +161,31 @@ def test_checkpoint_in_the_users_hf_cache(tiny_checkpoint, isolated_home, tmp_pa
     assert r.path == snap and r.fetched == [] and "Hugging Face cache" in r.warnings[0]
     out = CliRunner().invoke(main, ["convert", repo, "-o", str(tmp_path / "x.gguf"), "-q"])
     assert out.exit_code == 0, out.output
+
+
+def test_mmproj_choice():
+    names = ["m-Q4_K_M.gguf", "m-Q8_0.gguf", "mmproj-m-F16.gguf", "mmproj-m-Q8_0.gguf", "mmproj-m-BF16.gguf"]
+    assert mmproj_for_quant(names, "q8_0") == "mmproj-m-Q8_0.gguf"  # the model's own quantization
+    assert mmproj_for_quant(names, "Q4_K_M") == "mmproj-m-F16.gguf"  # else f16
+    assert mmproj_for_quant(["m-Q4_K_M.gguf"], "q4_k_m") is None
+
+
+def test_gguf_in_the_users_hf_cache(hub, tmp_path, monkeypatch):
+    """A quantization downloaded before by huggingface-cli or llama.cpp's -hf (the user's HF cache) is used
+    from there: nothing is fetched, online or offline, and its mmproj comes with it."""
+    import huggingface_hub
+
+    user = tmp_path / "user_hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(user))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    huggingface_hub.snapshot_download(REPO, cache_dir=str(user), endpoint=hub.endpoint,
+                                      allow_patterns=["qwen2.5-tiny-instruct-q8_0.gguf", MMPROJ])
+    before = len(hub.file_gets(REPO))
+    r = pull_gguf(REPO, "q8_0", quiet=True)
+    assert r.fetched == [] and r.path.is_relative_to(user) and len(hub.file_gets(REPO)) == before
+    assert "Hugging Face cache" in r.warnings[0] and r.mmproj == r.path.parent / MMPROJ
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert pull_gguf(REPO, "q8_0", quiet=True).path == r.path
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # a quantization the user's cache lacks: into the store as usual
+    f16 = pull_gguf(REPO, "f16", quiet=True)
+    assert not f16.path.is_relative_to(user) and f16.fetched

@@ -67,11 +67,13 @@ def summarize_cmd(files, model, n_ctx, kv_type, max_tokens, map_tokens, quiet):
 @click.option("--steps", is_flag=True, help="Reason step by step first (the reasoning goes to stderr).")
 @click.option("--embed-model", type=click.Path(), default=None,
               help="The embedding GGUF the index was built with (dense + BM25 retrieval).")
+@click.option("--rerank-model", type=click.Path(), default=None,
+              help="A reranker GGUF (Qwen3-Reranker): reorder the retrieved chunks by relevance.")
 @click.option("--max-tokens", "-n", type=click.IntRange(16), default=256, show_default=True,
               help="Length of the answer in tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print answer, citations and sources as JSON.")
 @_model_options
-def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model, n_ctx, kv_type):
+def ask_cmd(args, index_name, k, steps, embed_model, rerank_model, max_tokens, as_json, model, n_ctx, kv_type):
     """Answer QUESTION from FILES or from --index NAME, citing sources as [1], [2]."""
     from ..rag.answer import ask, ask_files
     from ..rag.documents import load_document
@@ -94,6 +96,12 @@ def ask_cmd(args, index_name, k, steps, embed_model, max_tokens, as_json, model,
 
         _check_embed_model(embed_model)
         embedder = Embedder(embed_model)
+    if rerank_model:
+        from ..engine.pooled import Reranker
+        from ..files import check_input_file
+
+        check_input_file(rerank_model, "reranker (--rerank-model)", "give a reranker GGUF file")
+        kw["reranker"] = Reranker(rerank_model)
     with _load(model, n_ctx, kv_type) as llm:
         if index_name:
             r = ask(llm, question, index_name, k=k, embedder=embedder, **kw)

@@ -63,7 +63,8 @@ def pull(repo_id: str, revision: str | None, token: str | None, quant: str | Non
         click.echo(json.dumps({"repo": r.repo_id, "revision": r.revision, "commit": r.commit, "path": str(r.path),
                                "files": r.files, "fetched": r.fetched, "bytes_fetched": r.bytes_fetched,
                                "total_bytes": r.total_bytes, "architecture": r.architecture,
-                               "offline": r.offline, "warnings": r.warnings}, indent=2))
+                               "offline": r.offline, "warnings": r.warnings,
+                               "mmproj": str(r.mmproj) if r.mmproj else None}, indent=2))
         return
     how = "found in the store (offline)" if r.offline else "pulled"
     click.echo(f"{r.repo_id} @ {r.revision} (commit {r.commit}) {how}")
@@ -72,10 +73,12 @@ def pull(repo_id: str, revision: str | None, token: str | None, quant: str | Non
     if r.fetched and not quiet:
         click.echo("  " + ", ".join(r.fetched))
     click.echo(f"  path: {r.path}")
+    if r.mmproj:
+        click.echo(f"  mmproj: {r.mmproj} (the vision tower, kept beside the model)")
 
 
 @main.command()
-@click.option("--known", is_flag=True, help="List the official Qwen2.5 repos from the manifest instead.")
+@click.option("--known", is_flag=True, help="List the official Qwen repos (safetensors and GGUF) from the manifest instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def models(known: bool, as_json: bool) -> None:
     """List the model store: pulled checkpoints, GGUF files and the default model."""
@@ -88,10 +91,13 @@ def models(known: bool, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(entries, indent=2))
             return
-        rows = [[m["repo"], m.get("variant", ""), f"{m['params_b']}B", m["license"], f"{m['f16_size_gb']} GB",
+        rows = [[m["repo"], m.get("variant", ""), m.get("kind", "chat"), m.get("format", "safetensors"),
+                 f"{m['params_b']}B", m["license"], f"{m['f16_size_gb']} GB" + ("" if m.get("verified", True) else "*"),
                  "yes" if m["pulled"] else ""] for m in entries]
-        click.echo(_table(rows, ["REPO", "VARIANT", "PARAMS", "LICENSE", "F16 SIZE", "PULLED"]))
-        click.echo("\nPull one with: edge-qwen pull REPO")
+        click.echo(_table(rows, ["REPO", "VARIANT", "KIND", "FORMAT", "PARAMS", "LICENSE", "F16 SIZE", "PULLED"]))
+        if any(not m.get("verified", True) for m in entries):
+            click.echo("* estimated from the parameter count (2 bytes each); not checked against the Hub")
+        click.echo("\nPull one with: edge-qwen pull REPO (a GGUF repo: edge-qwen pull REPO --quant Q4_K_M)")
         return
     from ..hub import store_summary
 

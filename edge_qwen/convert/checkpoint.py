@@ -28,7 +28,9 @@ SINGLE_FILE = "model.safetensors"
 # safetensors dtype name -> (numpy dtype name used to read the raw bytes, bytes per value)
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("uint16", 2)}
 # Newer transformers save a VL model's parts under these prefixes; llama.cpp reads both spellings.
-_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
+_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."),
+            # a headless model saved bare (Qwen3-Embedding): the published names without "model."
+            ("embed_tokens.", "model.embed_tokens."), ("layers.", "model.layers."), ("norm.", "model.norm."))
 
 
 def __getattr__(name: str) -> Any:
@@ -158,6 +160,9 @@ class TensorSource:
                 for e in range(ref.shape[0]):
                     for block in ref.chunks(max_bytes, rows=(e, e + 1)):
                         yield np.ascontiguousarray(block[0][:, i * width:(i + 1) * width].T)
+            elif take.startswith("pick:"):  # chosen rows, in the order given (a reranker's classifier)
+                for i in (int(x) for x in take[5:].split(",")):
+                    yield from ref.chunks(max_bytes, rows=(i, i + 1))
             else:  # "t:i": a patch convolution, small enough to read whole
                 t = int(take[2:])
                 yield np.ascontiguousarray(ref.read()[:, :, t])

@@ -181,15 +181,18 @@ def answer_from(llm: Any, question: str, hits: list[Hit], *, max_tokens: int = 2
 
 
 def ask(llm: Any, question: str, index: str | DocIndex, *, k: int = DEFAULT_K, embedder: Any = None,
-        **kw: Any) -> Answer:
-    """Answer `question` from index `index` (a name in the store or an open DocIndex)."""
+        reranker: Any = None, **kw: Any) -> Answer:
+    """Answer `question` from index `index` (a name in the store or an open DocIndex).
+
+    `embedder` (rag.embed.Embedder) adds dense retrieval; `reranker` (engine.pooled.Reranker)
+    reorders the retrieved candidates before the best `k` are kept."""
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 50:
         raise RequestError(f"k={k!r} must be an integer between 1 and 50", param="k")
     if isinstance(index, DocIndex):
-        hits = index.search(question, k, embedder=embedder)
+        hits = index.search(question, k, embedder=embedder, reranker=reranker)
     else:
         with DocIndex.open(index) as ix:
-            hits = ix.search(question, k, embedder=embedder)
+            hits = ix.search(question, k, embedder=embedder, reranker=reranker)
     return answer_from(llm, question, hits, **kw)
 
 

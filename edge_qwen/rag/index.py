@@ -401,12 +401,16 @@ class DocIndex:
             out[w] = math.log((n_docs - df + 0.5) / (df + 0.5) + 1.0)
         return out
 
-    def search(self, question: str, k: int = 5, *, embedder: Any = None, candidates: int = 50) -> list[Hit]:
+    def search(self, question: str, k: int = 5, *, embedder: Any = None, candidates: int = 50,
+               reranker: Any = None, rerank_candidates: int = 20) -> list[Hit]:
         """The `k` chunks that best match `question`, best first.
 
         BM25 over the question's content words (see `terms.query_terms`); each hit's `coverage` is
         the rarity-weighted share of those words it contains (1.0: all of them). With dense vectors
         in the index and an `embedder`, BM25 and cosine rankings are fused (reciprocal rank fusion).
+        A `reranker` (engine.pooled.Reranker) then scores the first `rerank_candidates` of that
+        order against the question, and the `k` it rates highest are returned (`score` is then
+        the reranker's).
         """
         if not isinstance(question, str) or not question.strip():
             raise IndexError_("the question is empty; ask something", param="question")
@@ -426,6 +430,12 @@ class DocIndex:
         order = [cid for cid, _ in ranked]
         if embedder is not None and self.meta().get("embed_model"):
             order = self._fuse(order, question, embedder, max(candidates, k))
+        if reranker is not None and order:
+            pool = order[:max(rerank_candidates, k)]
+            texts = [self.con.execute("SELECT text FROM chunks WHERE id = ?", (cid,)).fetchone()[0] for cid in pool]
+            ranked_pool = reranker.rank(question, texts)
+            scores = {pool[i]: s for i, s in ranked_pool}
+            order = [pool[i] for i, _s in ranked_pool]
         top = order[:k]
         hits = []
         total_idf = sum(idf.values()) or 1.0
@@ -442,7 +452,8 @@ class DocIndex:
     def _fuse(self, bm25_order: list[int], question: str, embedder: Any, n: int) -> list[int]:
         import numpy as np
 
-        q = np.asarray(embedder.embed([question])[0], dtype=np.float32)
+        embed_query = getattr(embedder, "embed_query", None)  # Qwen3-Embedding: the query with its instruction
+        q = np.asarray(embed_query(question) if embed_query else embedder.embed([question])[0], dtype=np.float32)
         ids, mats = [], []
         for cid, blob in self.con.execute("SELECT chunk_id, vec FROM vectors"):
             ids.append(cid)

@@ -111,6 +111,8 @@ class _Slot:
         self.llm_options = llm_options
         self.llm: Any = None
         self.owned = True  # False for an EdgeQwen the caller handed in (not closed here)
+        self.kind = "chat"  # or "embedding" / "rerank": a pooled model (engine.pooled), set by _Models
+        self.pooled_model: Any = None
         self._load_lock = threading.Lock()
         self._places: asyncio.Semaphore | None = None  # one per engine slot; FIFO for waiters
         self.pending = 0  # generating + waiting
@@ -152,6 +154,10 @@ class _Slot:
             raise BusyError(f"model {self.name!r} is answering {self.pending} request"
                             f"{'s' if self.pending != 1 else ''}; stop it when they are done")
         with self._load_lock:
+            if self.pooled_model is not None:  # an embedding model or reranker
+                pooled, self.pooled_model = self.pooled_model, None
+                pooled.close()
+                return True
             if self.llm is None:
                 return False
             llm, self.llm = self.llm, None
@@ -160,6 +166,20 @@ class _Slot:
             if self.owned:
                 llm.close()
         return True
+    def pooled(self) -> Any:
+        """The embedding model (rag.embed.Embedder) or reranker (engine.pooled.Reranker) this slot serves."""
+        with self._load_lock:
+            if self.pooled_model is None:
+                threads = self.llm_options.get("n_threads")
+                if self.kind == "rerank":
+                    from ..engine.pooled import Reranker
+
+                    self.pooled_model = Reranker(self.path, n_threads=threads)
+                else:
+                    from ..rag.embed import Embedder
+
+                    self.pooled_model = Embedder(self.path, n_threads=threads)
+            return self.pooled_model
 
     async def acquire(self) -> None:
         if self._places is None:
@@ -211,8 +231,11 @@ class _Models:
                 self.slots[name].llm = model
                 self.slots[name].owned = False
                 continue
-            check_gguf(model)  # a bad file fails here with a clear message, before llama.cpp sees it
+            info = check_gguf(model)  # a bad file fails here with a clear message, before llama.cpp sees it
             self.slots[name] = _Slot(name, Path(model), max_queue, llm_options)
+            from ..engine.pooled import model_kind
+
+            self.slots[name].kind = model_kind(info.metadata, info.architecture)
         first = next(iter(self.slots.values()))
         self.aliases = {a: first for a in (DEFAULT_NAME, "default", first.path.stem) if a not in self.slots}
 
@@ -290,7 +313,7 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
     if preload:
         for slot in registry.slots.values():
-            slot.model()
+            slot.model() if slot.kind == "chat" else slot.pooled()
     from .openai_chat import ChatRequests
 
     chats = ChatRequests()  # chat requests in flight: stopped and turned away when the server shuts down
@@ -381,7 +404,8 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     deps = [Depends(check_key)]
 
     def card(name: str, slot: _Slot) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen"}
+        return {"id": name, "object": "model", "created": int(slot.path.stat().st_mtime), "owned_by": "edge-qwen",
+                **({"kind": slot.kind} if slot.kind != "chat" else {})}
 
     @app.get("/v1/models", dependencies=deps, summary="Served models")
     async def list_models() -> dict[str, Any]:
@@ -417,10 +441,10 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
 def _families(app: FastAPI, deps: list[Any], **serve_options: Any) -> None:
     """The API families, one module each: OpenAI chat, the Qwen shape, completions, embeddings, responses,
     tokenize, Ollama, RAG, /metrics."""
-    from . import completions, embeddings, metrics, ollama, openai_chat, qwen, rag, responses, tokenize
+    from . import completions, embeddings, metrics, ollama, openai_chat, qwen, rag, rerank, responses, tokenize
 
     app.state.serve_options = serve_options  # what edge_qwen.serve.runner hands the family routers
-    for family in (openai_chat, qwen, completions, embeddings, responses, tokenize, ollama, rag):
+    for family in (openai_chat, qwen, completions, embeddings, rerank, responses, tokenize, ollama, rag):
         app.include_router(family.router(), dependencies=deps)
     metrics.install(app)
 
@@ -510,6 +534,11 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
     shown = f"[{host}]" if ":" in host else host
     for name, slot in app.state.models.slots.items():
         llm = slot.llm
+        if slot.kind != "chat":  # an embedding model or reranker: no chat, no KV cache to speak of
+            route = "/v1/rerank" if slot.kind == "rerank" else "/v1/embeddings"
+            print(f"edge-qwen: {name}: {slot.kind} model, {slot.pooled().n_ctx} tokens per input ({route})",
+                  file=sys.stderr, flush=True)
+            continue
         print(f"edge-qwen: {name}: {slot.parallel} parallel slot{'s' if slot.parallel != 1 else ''} x {llm.n_ctx} "
               f"tokens, KV cache {getattr(llm, 'kv_cache_bytes', 0) / 2**20:.0f} MiB ({llm.engine.kv_cells} cells), "
               f"host prompt cache up to {llm.engine.host_cache_bytes >> 20} MiB",

@@ -47,14 +47,18 @@ async def _watch(request: Request, cancel: threading.Event) -> None:
 
 
 async def run(request: Request, slot: Any, work: Callable[[Any, threading.Event], Any]) -> Any:
-    """Run `work(llm, cancel)` to completion in a worker thread, holding a place in the model's queue."""
+    """Run `work(llm, cancel)` to completion in a worker thread, holding a place in the model's queue.
+
+    `llm` is the EdgeQwen, or for an embedding model or reranker slot its pooled model (`slot.pooled()`)."""
     import anyio
 
     cancel = threading.Event()
     await slot.acquire()
     watcher = asyncio.create_task(_watch(request, cancel))
     try:
-        return await anyio.to_thread.run_sync(lambda: work(slot.model(), cancel))
+        # a pooled slot (embedding model, reranker) hands `work` its pooled model instead
+        load = slot.model if getattr(slot, "kind", "chat") == "chat" else slot.pooled
+        return await anyio.to_thread.run_sync(lambda: work(load(), cancel))
     finally:
         watcher.cancel()
         slot.release(0, cancel.is_set())

@@ -34,7 +34,8 @@ class Row:
     i-th of n equal row blocks (a fused qkv), "t:i" the i-th slice of axis 2 (a 3-D patch
     convolution split into 2-D ones), "xT:i/n" each expert's matrix of a fused 3-D expert tensor
     transposed after taking the i-th of n column blocks (Qwen3-VL-MoE's `gate_up_proj` stores
-    (experts, hidden, 2 x ffn)). `gguf_suffix` is appended to the GGUF name (".1"). `blocks`
+    (experts, hidden, 2 x ffn)), "pick:a,b" the rows a and b, in that order (a reranker's
+    classifier). `gguf_suffix` is appended to the GGUF name (".1"). `blocks`
     names the size that numbers this row's "{bid}" when it is not the architecture's
     `blocks_key` (Qwen3-VL's deepstack mergers), and the architecture's `block_ids` then gives
     the GGUF block number of each.
@@ -69,6 +70,8 @@ class Row:
         if self.take and self.take.startswith("xT:"):
             n = int(self.take.split("/")[1])
             return (shape[0], shape[2], shape[1] * n)
+        if self.take and self.take.startswith("pick:"):  # chosen rows of a (V, H) head (a reranker)
+            return (sizes["V"],) + shape[1:]
         return shape
 
 
@@ -108,6 +111,8 @@ class Architecture:
             return [(b, b) for b in range(sizes[self.blocks_key])]
         ids = self.block_ids(config, path)[row.blocks] if self.block_ids is not None else range(sizes[row.blocks])
         return list(enumerate(ids))
+    # the checkpoint's flavour of this architecture (a Qwen3-Reranker), decided from its files
+    variant: Callable[[Architecture, dict[str, Any], Path], Architecture] | None = None
 
     @property
     def arch_name(self) -> str:
@@ -288,6 +293,7 @@ def _registry() -> dict[str, Architecture]:
 
     archs = (qwen2.QWEN2, qwen3.QWEN3, qwen2moe.QWEN2MOE, qwen3moe.QWEN3MOE, qwen2vl.QWEN2VL)
     archs += (qwen3vl.QWEN3VL, qwen3vl.QWEN3VLMOE)
+    archs += (qwen3.QWEN3_BASE,)  # Qwen3Model: Qwen3-Embedding saved without its head
     return {a.name: a for a in archs}
 
 
@@ -342,4 +348,6 @@ def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -
     if part == "mmproj":
         raise CheckpointError(f"{path}: {found.name} has no vision tower; --mmproj is for the vision-language "
                               f"checkpoints ({', '.join(_vision_registry())})")
+    if found.variant is not None:
+        found = found.variant(found, config, path)
     return found

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import ATTN_ROWS, DENSE_FFN_ROWS, HEAD_ROWS, QKV_BIAS_ROWS, TEXT_SKIPPED, Architecture, text_hparams, text_sizes
+from .pooled import with_pooling
 
 QWEN2 = Architecture(
     name="Qwen2ForCausalLM",
@@ -10,6 +11,6 @@ QWEN2 = Architecture(
     gguf_arch="QWEN2",
     tensors=HEAD_ROWS + ATTN_ROWS + QKV_BIAS_ROWS + DENSE_FFN_ROWS,
     sizes=lambda config, path: text_sizes(config, path),
-    hparams=text_hparams,
+    hparams=with_pooling(text_hparams),  # sentence-transformers embedding models (gte-Qwen2)
     skipped=TEXT_SKIPPED,
 )
