@@ -184,7 +184,9 @@ def pulled_gguf(name: str) -> Path | None:
     if not dirs:
         return None
     snap = snaps / commit if commit and (snaps / commit).is_dir() else max(dirs, key=lambda d: d.stat().st_mtime)
-    ggufs = sorted(f for f in snap.glob("*.gguf") if not re.search(r"-0000[2-9]-of-|-000[1-9]\d-of-", f.name))
+    # later split parts load with the first; a vision tower (mmproj) travels with its model, it is not one
+    ggufs = sorted(f for f in snap.glob("*.gguf") if not re.search(r"-0000[2-9]-of-|-000[1-9]\d-of-", f.name)
+                   and not f.name.lower().startswith("mmproj"))
     if quant:
         ggufs = [f for f in ggufs if quant.lower() in f.name.lower()]
     from .errors import ModelNotFoundError
