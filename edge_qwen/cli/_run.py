@@ -23,6 +23,10 @@ REPL_HELP = "Type a message and press Enter. /reset starts a new conversation, /
 
 def _stream_reply(llm, messages: list[dict], write: Callable[[str], None], **kw: Any) -> tuple[str, str]:
     """Stream one reply through `write`; return (text, finish_reason). Ctrl-C cancels the reply only."""
+    if kw.pop("mcp", False):  # chat --mcp: the MCP tool loop (edge_qwen.cli._mcp)
+        from ._mcp import stream_reply
+
+        return stream_reply(llm, messages, write, **kw)
     parts, finish = [], "stop"
     stream = llm.generate(messages, **kw)
     try:
@@ -172,11 +176,20 @@ def _image_chat(model: str | None, prompt: str | None, system: str | None, mmpro
 @click.option("--steps", is_flag=True, help="Reason step by step first (reasoning on stderr, the answer on stdout).")
 @click.option("--kv-type", type=click.Choice(["f16", "q8_0", "q4_0"]), default="f16", show_default=True,
               help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on).")
+@click.option("--mcp", "mcp_config", type=click.Path(), metavar="CONFIG",
+              help='MCP servers ({"mcpServers": ...}, as Claude Desktop/Cursor): their tools are offered to the model '
+                   "and each call is shown (and logged) on stderr.")
+@click.option("--mcp-confirm", is_flag=True, help="Ask before each MCP tool call.")
+@click.option("--mcp-max-rounds", type=click.IntRange(1, 100), default=8, show_default=True,
+              help="Most rounds of MCP tool calls per reply; then the model answers without tools.")
+@click.option("--mcp-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds one MCP tool call may take; past it the model gets a timeout error as the result.")
 @sampling_options
 def chat(model: str | None, prompt: str | None, system: str | None, as_json: bool, schema: str | None,
          device: str, mmproj: str | None, images: tuple[str, ...], allow_http_images: bool, steps: bool, kv_type: str,
          temperature: float, top_p: float, max_tokens: int, seed: int | None,
-         stop: tuple[str, ...], n_ctx: int) -> None:
+         stop: tuple[str, ...], n_ctx: int, mcp_config: str | None = None, mcp_confirm: bool = False,
+         mcp_max_rounds: int = 8, mcp_timeout: float = 60.0) -> None:
     """Chat with MODEL (default: the default model). One reply to PROMPT, or interactive without it.
 
     With --mmproj and --image: one reply about the images (Qwen2.5-VL).
@@ -191,13 +204,22 @@ def chat(model: str | None, prompt: str | None, system: str | None, as_json: boo
     fmt = _response_format(as_json, schema)
     kw = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
               "stop": list(stop) or None, "response_format": fmt}
+    hub = None
+    if mcp_config is not None:
+        if fmt is not None or steps:
+            raise click.BadParameter("--mcp cannot be combined with --json, --schema or --steps", param_hint="--mcp")
+        from ._mcp import start_hub
+
+        hub = start_hub(mcp_config, mcp_confirm, mcp_timeout)  # a bad config fails before the model loads
+        kw = {**{k: v for k, v in kw.items() if k != "response_format"}, "mcp": True,
+              "mcp_max_rounds": mcp_max_rounds, "mcp_timeout": mcp_timeout}
 
     def write(text: str) -> None:
         click.echo(text, nl=False)
 
     # Interactive turns extend the previous prompt: reuse its KV cache there.
     with _schema_errors(schema, as_json), EdgeQwen(model, n_ctx=n_ctx, device=device, kv_type=kv_type,
-                                                   reuse_prefix=prompt is None) as llm:
+                                                   reuse_prefix=prompt is None, mcp=hub) as llm:
         if steps:
             if prompt is None:
                 raise click.UsageError("--steps answers one PROMPT; give it on the command line")

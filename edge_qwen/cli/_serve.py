@@ -49,11 +49,24 @@ from .options import quiet_option
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
               help="Flash attention (as llama-server's default): faster batched decoding and long prompts; "
                    "--no-flash-attn needs --kv-type f16.")
+@click.option("--alias", "aliases", multiple=True, metavar="PATTERN=NAME",
+              help="Answer requests for model PATTERN (a name or a pattern like 'claude-*') with the served model NAME "
+                   "(e.g. for Anthropic clients such as Claude Code). Repeatable.")
+@click.option("--mcp", "mcp_config", type=click.Path(), metavar="CONFIG",
+              help='MCP servers ({"mcpServers": ...}): their tools are used only by requests that name them '
+                   "(mcp_servers, or a Responses mcp tool). Needs --api-key unless --host is loopback.")
+@click.option("--mcp-confirm", is_flag=True, help="Each MCP call waits for a yes from the client (the web page asks).")
+@click.option("--mcp-max-rounds", type=click.IntRange(1, 100), default=8, show_default=True,
+              help="Most rounds of MCP tool calls per request.")
+@click.option("--mcp-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds one MCP tool call may take.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
                   prompt_cache: bool, cache_ram: int, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
-                  read_timeout: float, kv_type: str, flash_attn: bool | None, quiet: bool) -> None:
+                  read_timeout: float, kv_type: str, flash_attn: bool | None, quiet: bool, aliases: tuple[str, ...] = (),
+                  mcp_config: str | None = None, mcp_confirm: bool = False, mcp_max_rounds: int = 8,
+                  mcp_timeout: float = 60.0) -> None:
     """Serve GGUF models over HTTP: /v1/chat/completions, /api/v1/qwen/predict, /v1/models, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
@@ -61,9 +74,18 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
     """
     from ..serve.app import model_table, serve
 
+    alias_table = {}
+    for spec in aliases:
+        pattern, sep, target = spec.partition("=")
+        if not sep or not pattern.strip() or not target.strip():
+            raise click.BadParameter(f"{spec!r}: give PATTERN=NAME, e.g. --alias 'claude-*=qwen2.5'",
+                                     param_hint="--alias")
+        alias_table[pattern.strip()] = target.strip()
+
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
           **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}),
-          flash_attn=flash_attn, host_cache_mb=cache_ram if prompt_cache else 0)
+          flash_attn=flash_attn, host_cache_mb=cache_ram if prompt_cache else 0, aliases=alias_table,
+          mcp=mcp_config, mcp_options={"max_rounds": mcp_max_rounds, "timeout": mcp_timeout, "confirm": mcp_confirm})

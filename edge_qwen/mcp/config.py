@@ -47,7 +47,7 @@ def _strings(value: Any, what: str) -> bool:
 def load_config(source: str | Path | dict[str, Any]) -> dict[str, ServerSpec]:
     """The servers of an MCP config (a file path or the parsed dict), checked; MCPConfigError names any problem."""
     where = "the MCP config"
-    if isinstance(source, dict):
+    if not isinstance(source, (str, Path)):
         data: Any = source
     else:
         path = Path(source).expanduser()

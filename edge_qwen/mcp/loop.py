@@ -5,7 +5,10 @@ as it comes, and per call two extension chunks, `delta.mcp_call` when the call i
 `delta.mcp_result` when its result is in, so every consumer shows the calls as they happen);
 not streamed, one chat.completion whose message carries the calls in `mcp_calls`. Usage counts
 every round. The loop is bounded: at most `max_rounds` rounds of calls, each call within
-`timeout` seconds; after the last round the model must answer without tools.
+`timeout` seconds; after the last round the model must answer without tools. A round whose calls
+all repeat calls already answered in this reply (same tool, same arguments: small models do this
+in a loop) is not run again: the model is told, in edge-qwen's own words, to answer from the
+results it has, and answers without tools.
 
 A tool result is data: it reaches the model as a tool message, never as instructions to
 edge-qwen, and nothing in it changes what the loop does.
@@ -24,6 +27,9 @@ from .hub import Confirm, MCPHub
 
 DEFAULT_MAX_ROUNDS = 8
 DEFAULT_TIMEOUT_S = 60.0
+# edge-qwen's own note (never a tool's words) when the model repeats a call it has the result of.
+ANSWER_NOW = ("The tool results above answer the request. Do not call a tool again: write the final answer "
+              "for the user now, using those results.")
 
 
 def _add_usage(total: dict[str, Any] | None, u: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -58,8 +64,10 @@ def mcp_chat_stream(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, se
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
 
     yield chunk({"role": "assistant", "content": ""})
+    done: set[tuple[str, str]] = set()  # (tool, arguments) answered in this reply
+    answer_now = False
     for rnd in range(max_rounds + 1):
-        last = rnd == max_rounds
+        last = rnd == max_rounds or answer_now
         calls: dict[int, dict[str, Any]] = {}
         client_calls = False
         final: dict[str, Any] | None = None
@@ -84,6 +92,10 @@ def mcp_chat_stream(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, se
         assert final is not None
         mine = [c for _, c in sorted(calls.items()) if c["name"] in mcp_names]
         others = [c for _, c in sorted(calls.items()) if c["name"] not in mcp_names]
+        if mine and not others and all((c["name"], _canonical(c["arguments"])) in done for c in mine):
+            answer_now = True  # the same calls again: answer from the results already in the history
+            history.append({"role": "system", "content": ANSWER_NOW})
+            continue
         if others:  # calls of the client's own tools: handed back to it, as without MCP
             client_calls = True
             for i, c in enumerate(others):
@@ -107,6 +119,7 @@ def mcp_chat_stream(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, se
             except ValueError:
                 args = {}
             tool = hub.tools[c["name"]]
+            done.add((c["name"], _canonical(c["arguments"])))
             asks = confirm is not None or hub.confirm is not None
             yield chunk({"mcp_call": {"id": c["id"], "server": tool.server, "name": c["name"], "arguments": args,
                                       **({"confirm": True} if asks else {})}})
@@ -118,6 +131,13 @@ def mcp_chat_stream(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, se
                             "content": f"Error: {result.text}" if result.is_error else result.text})
             if cancel is not None and cancel.is_set():
                 break
+
+
+def _canonical(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments or "{}"), sort_keys=True)
+    except ValueError:
+        return arguments
 
 
 def mcp_chat(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, stream: bool = False,

@@ -356,6 +356,9 @@ class ChatRequest(_OpenAIFields, _Tooling, _Sampling):
     cache_salt: str | None = Field(default=None, max_length=256, description=(
         "Prefix-cache scope (vLLM's name): a prompt reuses cached KV only from requests with the same API key "
         "and the same cache_salt."))
+    mcp_servers: list[str | dict[str, Any]] | None = Field(default=None, description=(
+        "edge-qwen extension (serve --mcp): names of the server's MCP servers whose tools the model may call; the "
+        "server runs the tool loop, and a stream shows each call (delta.mcp_call) and result (delta.mcp_result)."))
 
     @field_validator("stop")
     @classmethod
