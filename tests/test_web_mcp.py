@@ -26,7 +26,7 @@ def test_page_lists_tools_confirms_and_shows_the_call(mcp_setup, pages):  # noqa
     listed = page.locator("#mcp-tools li").all_inner_texts()
     assert any(t.startswith("codes.lookup_code") for t in listed), listed
     posts = record_posts(page)
-    set_settings(page, temperature=0, max_tokens=120)
+    set_settings(page, temperature=0, max_tokens=60)
     page.fill("#prompt", "Use the lookup_code tool to find the code word of project alpha, then tell me the code word.")
     page.press("#prompt", "Enter")
     wait_until(page, "document.querySelector('.mcp-call[data-name=lookup_code] .ask button') !== null")

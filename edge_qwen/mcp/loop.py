@@ -72,9 +72,11 @@ def mcp_chat_stream(llm: Any, hub: MCPHub, messages: list[dict[str, Any]], *, se
         client_calls = False
         final: dict[str, Any] | None = None
         text = ""
+        kw = dict(chat_kwargs)
+        if rnd > 0 and kw.get("reuse_prefix") is not False:
+            kw["reuse_prefix"] = True  # this round's prompt extends the last one: evaluate only what is new
         for c in llm.chat(history, stream=True, tools=tools or None,
-                          tool_choice="none" if last else (choice if rnd == 0 else None), cancel=cancel,
-                          **chat_kwargs):
+                          tool_choice="none" if last else (choice if rnd == 0 else None), cancel=cancel, **kw):
             usage = _add_usage(usage, c.get("usage"))
             ch = (c.get("choices") or [{}])[0]
             delta = dict(ch.get("delta") or {})
