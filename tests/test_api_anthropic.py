@@ -129,6 +129,8 @@ def test_errors_in_anthropic_shape(claude, server):
     raw = httpx.post(f"{server}/v1/messages", content=b"{not json", headers={"x-api-key": KEY})
     assert raw.status_code == 400 and raw.json()["type"] == "error"
     assert raw.json()["error"]["type"] == "invalid_request_error"
+    big = httpx.post(f"{server}/v1/messages", content=b" " * 1_000_001, headers={"x-api-key": KEY})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "request_too_large"  # before any endpoint
 
 
 # --- a thinking model ------------------------------------------------------------------------------

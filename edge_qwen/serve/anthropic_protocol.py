@@ -11,7 +11,7 @@ import inspect
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import RequestError
 
@@ -57,6 +57,14 @@ class MessagesRequest(_Strict):
     metadata: dict[str, Any] | None = Field(default=None, description="Accepted; changes nothing.")
     mcp_servers: list[Any] | None = Field(default=None, description=(
         "edge-qwen extension (with `serve --mcp`): names of configured MCP servers whose tools the server runs."))
+
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, v: Any) -> Any:
+        from .protocol import _check_stop
+
+        return _check_stop(v)
 
 
 class CountTokensRequest(MessagesRequest):
@@ -124,7 +132,7 @@ def to_messages(body: MessagesRequest) -> list[dict[str, Any]]:
     """The request's system prompt and messages as the chat messages EdgeQwen.chat takes."""
     out: list[dict[str, Any]] = []
     if body.system:
-        system = body.system if isinstance(body.system, str) else "\n\n".join(
+        system = _text({"text": body.system}, "system") if isinstance(body.system, str) else "\n\n".join(
             _text(b, f"system[{i}]") for i, b in enumerate(_blocks(body.system, "system")))
         out.append({"role": "system", "content": system})
     for i, m in enumerate(body.messages):

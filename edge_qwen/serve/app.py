@@ -258,7 +258,8 @@ class _InternalErrors:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await send_error(send, 500, error_body(f"internal server error ({type(exc).__name__}); see the "
-                                                       "server log", type="server_error", code="internal_error"))
+                                                       "server log", type="server_error", code="internal_error"),
+                                 scope=scope)
 
 
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
