@@ -109,7 +109,7 @@ def test_chat_cli_calls_the_tool(default_model, codes, tmp_path):
 
     # --mcp-confirm asks first; "n" declines, the tool never runs, and the chat still answers.
     out = _cli("chat", str(default_model), "--mcp", str(config), "--mcp-confirm", "--temperature", "0",
-               "--max-tokens", "20", "--mcp-max-rounds", "1", ASK_ALPHA, stdin="n\n")
+               "--max-tokens", "30", "--mcp-max-rounds", "1", ASK_ALPHA, stdin="n\n")
     assert out.returncode == 0, out.stderr
     assert "run codes.lookup_code" in out.stderr and "declined" in out.stderr
     assert len(calls(log)) == before + 1
