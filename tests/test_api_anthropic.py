@@ -18,6 +18,8 @@ import pytest
 
 from family_models import THINKING_SCRIPT, make_scripted_qwen3
 
+pytestmark = pytest.mark.slow  # real generations on the default model and a converted Qwen3 checkpoint
+
 KEY = "anthropic-test-key-51c9"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},

@@ -96,6 +96,7 @@ def codes(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("mcp-codes"))
 
 
+@pytest.mark.slow
 def test_chat_cli_calls_the_tool(default_model, codes, tmp_path):
     config, log = codes
     before = len(calls(log))
@@ -115,6 +116,7 @@ def test_chat_cli_calls_the_tool(default_model, codes, tmp_path):
     assert len(calls(log)) == before + 1
 
 
+@pytest.mark.slow
 def test_crash_mid_call_in_the_loop(llm, tmp_path):
     """The server dies during the model's call: the model gets the error as the result and answers.
     (A hanging tool's timeout is tested on the hub above: in the loop it is the same error result.)"""
@@ -144,6 +146,7 @@ def mcp_server(llm, codes):
     hub.close()
 
 
+@pytest.mark.slow
 def test_serve_uses_mcp_only_when_asked(mcp_server, codes):
     import openai
 
@@ -185,6 +188,7 @@ def test_serve_uses_mcp_only_when_asked(mcp_server, codes):
                                        extra_body={"mcp_servers": ["elsewhere"]})
 
 
+@pytest.mark.slow
 def test_anthropic_request_with_mcp_servers(mcp_server, codes):
     import anthropic
 
@@ -197,6 +201,7 @@ def test_anthropic_request_with_mcp_servers(mcp_server, codes):
     assert "ZEBRA-4417" in msg.content[-1].text and msg.stop_reason == "end_turn"
 
 
+@pytest.mark.slow
 def test_mcp_never_offered_to_keyless_remote_clients(mcp_server, llm, codes):
     import anyio
 

@@ -11,6 +11,9 @@ from mcp_servers import calls, write_config
 from test_web import Serve, browser, pages, record_posts, set_settings, wait_done, wait_until  # noqa: F401
 
 
+pytestmark = pytest.mark.slow  # a served default model runs the tool loop
+
+
 @pytest.fixture(scope="module")
 def mcp_setup(default_model, tmp_path_factory):
     config, log = write_config(tmp_path_factory.mktemp("web-mcp"))
