@@ -52,7 +52,15 @@ def timing_lines(timings: Any, total_s: float) -> list[str]:
 
 
 def stream_reply(llm: Any, messages: list[dict], write: Callable[[str], None], **kw: Any) -> tuple[str, str, Any]:
-    """Stream one reply through `write`; return (text, finish_reason, timings). Ctrl-C cancels the reply only."""
+    """Stream one reply through `write`; return (text, finish_reason, timings). Ctrl-C cancels the reply only.
+
+    `reply` (in kw) replaces the plain generation: a callable (llm, messages, write, **kw) -> (text,
+    finish), such as `chat --mcp`'s tool loop (edge_qwen.cli._mcp.stream_reply).
+    """
+    reply = kw.pop("reply", None)
+    if reply is not None:
+        text, finish = reply(llm, messages, write, **kw)
+        return text, finish, None
     parts, finish, timings = [], "stop", None
     stream = llm.generate(messages, **kw)
     try:

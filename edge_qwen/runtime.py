@@ -161,6 +161,9 @@ class EdgeQwen:
         exactly only when the request runs alone (see docs/runtime.md).
     host_cache_mb: host memory for conversations cut from their slot (restored when a later
         prompt continues them, llama-server's --cache-ram); default 512, 0 turns it off.
+    mcp: an MCP config (a path or dict in the `{"mcpServers": ...}` format) or an edge_qwen.mcp.MCPHub:
+        its servers start with the model (stopped by close()), and `mcp_chat` runs the tool loop over
+        their tools. Plain `chat` never calls them.
     """
 
     def __init__(self, model: str | Path | None = None, *, n_ctx: int = 4096, device: str = "auto",
@@ -168,7 +171,7 @@ class EdgeQwen:
                  context_overflow: str = "error", verbose: bool = False, n_batch: int = 512,
                  reuse_prefix: bool = False, parallel: int = 1, kv_type: str = "f16",
                  flash_attn: bool | None = None, rope_scaling: str | None = None,
-                 host_cache_mb: int | None = None):
+                 host_cache_mb: int | None = None, mcp: Any = None):
         from .device import select_device
         from .gguf_file import check_gguf
         from .store import resolve_model
@@ -176,6 +179,7 @@ class EdgeQwen:
         if context_overflow not in OVERFLOW_POLICIES:
             raise RequestError(f"context_overflow={context_overflow!r}; use one of {', '.join(OVERFLOW_POLICIES)}",
                                param="context_overflow")
+        self.mcp = None  # MCP servers (edge_qwen.mcp), started after the model loads
         path = resolve_model(model)
         info = check_gguf(path)  # before llama.cpp: it may abort the process on a damaged file
         from .engine.pooled import refuse_chat
@@ -225,6 +229,14 @@ class EdgeQwen:
         self._owners: dict[int, int] = {}  # thread id -> streams it has open (to refuse a self-deadlock)
         self._owners_lock = threading.Lock()
         self._closed = False
+        if mcp is not None:
+            from .mcp import MCPHub
+
+            try:
+                self.mcp = mcp if isinstance(mcp, MCPHub) else MCPHub.start(mcp)
+            except BaseException:
+                self.close()
+                raise
 
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
@@ -563,6 +575,8 @@ class EdgeQwen:
                        "tool_calls": [c.openai() for c in calls]}
             finish = "tool_calls" if finish == "stop" else finish
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+        if last.stop is not None:  # vLLM's field: which stop string ended the reply (the Anthropic API reports it)
+            choice["stop_reason"] = last.stop
         if want is not None:
             choice["logprobs"] = {"content": self.openai_logprobs(lps), "refusal": None}
         return {
@@ -632,6 +646,20 @@ class EdgeQwen:
             close = getattr(merged, "close", None)
             if close is not None:
                 close()
+
+    def mcp_chat(self, messages: Any, *, stream: bool = False, **kw: Any) -> dict | Iterator[dict]:
+        """chat() with the tools of this model's MCP servers (EdgeQwen(mcp=CONFIG)), running the tool loop.
+
+        The same shape as chat(); each call shows as a `delta.mcp_call` / `delta.mcp_result` chunk when
+        streamed, and in the message's `mcp_calls` otherwise. Keywords of edge_qwen.mcp.loop.mcp_chat
+        (servers, max_rounds, timeout, confirm) and of chat().
+        """
+        if self.mcp is None:
+            raise RequestError("this EdgeQwen has no MCP servers; create it with EdgeQwen(..., mcp=\"mcp.json\")",
+                               param="mcp")
+        from .mcp.loop import mcp_chat
+
+        return mcp_chat(self, self.mcp, messages, stream=stream, **kw)
 
     def summarize(self, text: str, **kw: Any) -> Any:
         """A summary of `text` of any length within this model's window (edge_qwen.rag.summarize.summarize:
@@ -703,7 +731,10 @@ class EdgeQwen:
                             yield chunk(delta)
                         if parser.finish()[1] and finish == "stop":
                             finish = "tool_calls"
-                    yield chunk({}, finish, _usage(c))
+                    last = chunk({}, finish, _usage(c))
+                    if getattr(c, "stop", None) is not None:  # as in chat(): the stop string that ended it
+                        last["choices"][0]["stop_reason"] = c.stop
+                    yield last
         finally:
             gen.close()  # a closed stream releases the model at once
 
@@ -732,6 +763,8 @@ class EdgeQwen:
             if self._closed:
                 return
             self._closed = True
+        if self.mcp is not None:
+            self.mcp.close()
         self.engine.close()
         self.llama.close()
 

@@ -57,6 +57,8 @@ def test_fuzz_openapi_schema(url, mode):
                 assert str(r.status_code) in documented, (case.body, r.status_code)  # 400, never FastAPI's 422
                 if r.status_code >= 400 and op.path.startswith("/api/") and op.path != "/api/v1/qwen/predict":
                     assert isinstance(r.json()["error"], str), r.text  # Ollama's own shape: {"error": "..."}
+                elif r.status_code >= 400 and op.path.startswith("/v1/messages"):  # Anthropic's own shape
+                    assert r.json()["type"] == "error" and set(r.json()["error"]) == {"type", "message"}, r.text
                 elif r.status_code >= 400:
                     assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
                 elif r.headers["content-type"].startswith("application/json"):

@@ -156,6 +156,14 @@ def chat_options(f):
                      help="KV cache type (q8_0/q4_0 about halve/quarter its memory; flash attention turns on)."),
         click.option("--verbose", is_flag=True, help="After each answer, print token counts and tokens per second "
                                                      "(prompt and generation) on stderr."),
+        click.option("--mcp", "mcp_config", type=click.Path(), metavar="CONFIG",
+                     help='MCP servers ({"mcpServers": ...}, as Claude Desktop/Cursor): their tools are offered to '
+                          "the model and each call is shown (and logged) on stderr."),
+        click.option("--mcp-confirm", is_flag=True, help="Ask before each MCP tool call."),
+        click.option("--mcp-max-rounds", type=click.IntRange(1, 100), default=8, show_default=True,
+                     help="Most rounds of MCP tool calls per reply; then the model answers without tools."),
+        click.option("--mcp-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+                     help="Seconds one MCP tool call may take; past it the model gets a timeout error as the result."),
         sampling_options,
     ]):
         f = opt(f)
@@ -203,7 +211,8 @@ def _chat(model: str | None, prompt: str | None, *, prompt_opt: str | None, syst
           json_object: bool, schema: str | None, device: str, n_gpu_layers: int | None, threads: int | None,
           mmproj: str | None, images: tuple[str, ...], allow_http_images: bool, steps: bool, kv_type: str,
           verbose: bool, temperature: float, top_p: float, top_k: int, max_tokens: int, seed: int | None,
-          stop: tuple[str, ...], n_ctx: int) -> None:
+          stop: tuple[str, ...], n_ctx: int, mcp_config: str | None = None, mcp_confirm: bool = False,
+          mcp_max_rounds: int = 8, mcp_timeout: float = 60.0) -> None:
     from ..runtime import EdgeQwen
 
     if prompt_opt is not None:
@@ -222,6 +231,17 @@ def _chat(model: str | None, prompt: str | None, *, prompt_opt: str | None, syst
     fmt = _response_format(json_object, schema)
     kw = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
           "stop": list(stop) or None, "response_format": fmt, **({"top_k": top_k} if top_k else {})}
+    hub = None
+    if mcp_config is not None:
+        if fmt is not None or steps or as_json:
+            raise click.BadParameter("--mcp cannot be combined with --json, --json-object, --schema or --steps",
+                                     param_hint="--mcp")
+        from ._mcp import start_hub, stream_reply
+
+        hub = start_hub(mcp_config, mcp_confirm, mcp_timeout)  # a bad config fails before the model loads
+        kw = {**{k: v for k, v in kw.items() if k != "response_format"},
+              "reply": lambda llm, messages, write, **rest: stream_reply(
+                  llm, messages, write, mcp_max_rounds=mcp_max_rounds, mcp_timeout=mcp_timeout, **rest)}
 
     def write(text: str) -> None:
         click.echo(text, nl=False)
@@ -232,7 +252,7 @@ def _chat(model: str | None, prompt: str | None, *, prompt_opt: str | None, syst
     # Interactive turns extend the previous prompt: reuse its KV cache there.
     with _schema_errors(schema, json_object), EdgeQwen(model, n_ctx=n_ctx, device=device, kv_type=kv_type,
                                                        n_threads=threads, n_gpu_layers=n_gpu_layers,
-                                                       reuse_prefix=prompt is None) as llm:
+                                                       reuse_prefix=prompt is None, mcp=hub) as llm:
         if steps:
             if prompt is None:
                 raise click.UsageError("--steps answers one PROMPT; give it on the command line")

@@ -54,13 +54,26 @@ from .options import gpu_layers_option, quiet_option, short_threads_option
 @click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
               help="Flash attention (as llama-server's default): faster batched decoding and long prompts; "
                    "--no-flash-attn needs --kv-type f16.")
+@click.option("--alias", "aliases", multiple=True, metavar="PATTERN=NAME",
+              help="Answer requests for model PATTERN (a name or a pattern like 'claude-*') with the served model NAME "
+                   "(e.g. for Anthropic clients such as Claude Code). Repeatable.")
+@click.option("--mcp", "mcp_config", type=click.Path(), metavar="CONFIG",
+              help='MCP servers ({"mcpServers": ...}): their tools are used only by requests that name them '
+                   "(mcp_servers, or a Responses mcp tool). Needs --api-key unless --host is loopback.")
+@click.option("--mcp-confirm", is_flag=True, help="Each MCP call waits for a yes from the client (the web page asks).")
+@click.option("--mcp-max-rounds", type=click.IntRange(1, 100), default=8, show_default=True,
+              help="Most rounds of MCP tool calls per request.")
+@click.option("--mcp-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True,
+              help="Seconds one MCP tool call may take.")
 @quiet_option
 def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: str, port: int, api_key: str | None,
                   n_ctx: int, max_queue: int, parallel: int | None, max_tokens_limit: int | None, n_threads: int | None, max_body: int,
                   prompt_cache: bool, cache_ram: int, cors_origins: tuple[str, ...], allowed_hosts: tuple[str, ...],
                   read_timeout: float, kv_type: str, flash_attn: bool | None, quiet: bool,
-                  api_key_file: str | None = None, n_gpu_layers: int | None = None) -> None:
-    """Serve models over HTTP: the OpenAI, Ollama and Qwen APIs, the chat page, /health.
+                  api_key_file: str | None = None, n_gpu_layers: int | None = None, aliases: tuple[str, ...] = (),
+                  mcp_config: str | None = None, mcp_confirm: bool = False, mcp_max_rounds: int = 8,
+                  mcp_timeout: float = 60.0) -> None:
+    """Serve models over HTTP: the OpenAI, Ollama, Qwen and Anthropic APIs, the chat page, /health.
 
     With no model, serves the default model as "qwen2.5". Models are checked and loaded at
     startup, before the port opens. Ctrl-C stops the server cleanly.
@@ -77,13 +90,22 @@ def serve_command(model_paths: tuple[str, ...], named: tuple[str, ...], host: st
         click.echo(f"warning: {warning}", err=True)
     bare = tuple(m for m in named if "=" not in m)  # -m MODEL, llama.cpp's spelling of a bare MODEL
     model_paths, named = model_paths + bare, tuple(m for m in named if "=" in m)
+    alias_table = {}
+    for spec in aliases:
+        pattern, sep, target = spec.partition("=")
+        if not sep or not pattern.strip() or not target.strip():
+            raise click.BadParameter(f"{spec!r}: give PATTERN=NAME, e.g. --alias 'claude-*=qwen2.5'",
+                                     param_hint="--alias")
+        alias_table[pattern.strip()] = target.strip()
+
     serve(model_table(model_paths, named), host=host, port=port, api_key=api_key or None, max_queue=max_queue,
           max_body_bytes=max_body, n_ctx=n_ctx, max_tokens_limit=max_tokens_limit, quiet=quiet,
           prompt_cache=prompt_cache, cors_origins=cors_origins, parallel=parallel, allowed_hosts=allowed_hosts,
           read_timeout=read_timeout,
           **({"n_threads": n_threads} if n_threads else {}), **({"kv_type": kv_type} if kv_type != "f16" else {}),
           **({"n_gpu_layers": n_gpu_layers} if n_gpu_layers is not None else {}),
-          flash_attn=flash_attn, host_cache_mb=cache_ram if prompt_cache else 0)
+          flash_attn=flash_attn, host_cache_mb=cache_ram if prompt_cache else 0, aliases=alias_table,
+          mcp=mcp_config, mcp_options={"max_rounds": mcp_max_rounds, "timeout": mcp_timeout, "confirm": mcp_confirm})
 
 
 def _server_options(f):

@@ -142,7 +142,8 @@ def split_reasoning(gen: Iterator[GenerationChunk], in_reasoning: bool = False) 
                 reasoning, answer = reasoning + r2, answer + a2
             answer_ids = c.token_ids if answer else []
             if reasoning or answer or c.finish_reason is not None:
-                yield ReasoningChunk(answer, answer_ids, c.finish_reason, c.timings, c.logprobs, reasoning=reasoning)
+                yield ReasoningChunk(answer, answer_ids, c.finish_reason, c.timings, c.logprobs, stop=c.stop,
+                                     reasoning=reasoning)
     finally:
         close = getattr(gen, "close", None)
         if close is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import threading
 import time
@@ -45,6 +46,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from .anthropic import anthropic_error_body, is_anthropic_path
 from .api_errors import api_key_problem, error_body, error_body_of
 from ..errors import BusyError, ContextOverflowError, EdgeQwenError, ModelNotFoundError
 from ..web import router as web_router
@@ -219,7 +221,8 @@ class _Slot:
 class _Models:
     """Served names -> slots. The first model also answers to "qwen2.5", "default" and no name."""
 
-    def __init__(self, table: Mapping[str, Any], max_queue: int, llm_options: dict[str, Any]):
+    def __init__(self, table: Mapping[str, Any], max_queue: int, llm_options: dict[str, Any],
+                 aliases: Mapping[str, str] | None = None):
         from ..gguf_file import check_gguf
 
         if not table:
@@ -238,15 +241,32 @@ class _Models:
             self.slots[name].kind = model_kind(info.metadata, info.architecture)
         first = next(iter(self.slots.values()))
         self.aliases = {a: first for a in (DEFAULT_NAME, "default", first.path.stem) if a not in self.slots}
+        # `serve --alias PATTERN=NAME`: other names (fnmatch patterns, e.g. "claude-*") for a served model.
+        self.patterns: dict[str, _Slot] = {}
+        for pattern, target in (aliases or {}).items():
+            slot = self.slots.get(target) or self.aliases.get(target)
+            if slot is None:
+                from ..errors import RequestError
+
+                raise RequestError(f"--alias {pattern}={target}: {target!r} is not a served model; serve it or "
+                                   f"name one of {', '.join(self.slots)}", param="alias")
+            self.patterns[pattern] = slot
 
     def get(self, name: str | None) -> _Slot:
         if name is None or name == "":
             return next(iter(self.slots.values()))
-        slot = self.slots.get(name) or self.aliases.get(name)
+        slot = self.slots.get(name) or self.aliases.get(name) or self.patterns.get(name)
         if slot is None:
+            from fnmatch import fnmatchcase
+
+            slot = next((s for p, s in self.patterns.items() if fnmatchcase(name, p)), None)
+        if slot is None:
+            hint = (f"; names mapped by --alias: {', '.join(self.patterns)}" if self.patterns else
+                    "; to answer a client that asks for another model's name, start the server with "
+                    f"--alias '{_cut(name.split('-')[0], 32)}-*={next(iter(self.slots))}'")
             raise ModelNotFoundError(
                 f"model {_cut(name)!r} is not served here; available models: {', '.join(self.slots)} "
-                f"(the first also answers to {', '.join(repr(a) for a in self.aliases)})", param="model")
+                f"(the first also answers to {', '.join(repr(a) for a in self.aliases)}){hint}", param="model")
         return slot
 
 
@@ -283,14 +303,16 @@ class _InternalErrors:
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 await send_error(send, 500, error_body(f"internal server error ({type(exc).__name__}); see the "
-                                                       "server log", type="server_error", code="internal_error"))
+                                                       "server log", type="server_error", code="internal_error"),
+                                 scope=scope)
 
 
 def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None = None,
                max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY, n_ctx: int = 4096,
                max_tokens_limit: int | None = None, preload: bool = True, prompt_cache: bool = True,
                cors_origins: list[str] | tuple[str, ...] = (), allowed_hosts: list[str] | tuple[str, ...] = (),
-               bind_host: str = "127.0.0.1", **llm_options: Any) -> FastAPI:
+               bind_host: str = "127.0.0.1", aliases: Mapping[str, str] | None = None, mcp: Any = None,
+               mcp_options: dict[str, Any] | None = None, **llm_options: Any) -> FastAPI:
     """The FastAPI app serving `models` ({name: GGUF path or loaded EdgeQwen}; None: the default model
     as "qwen2.5"). A loaded EdgeQwen is used as it is (and not closed by the server).
 
@@ -303,14 +325,18 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     requests with a `seed` (see the module docstring). `cors_origins` lets web pages from those
     origins ("*" for any) call the API from a browser; a page of any other origin is refused (403), and so
     is a Host header that names neither the loopback interface, `bind_host` nor one of `allowed_hosts`
-    ("*": any), see serve/security.py. Extra keyword arguments go to EdgeQwen.
+    ("*": any), see serve/security.py. `aliases` ({pattern: served name}, fnmatch patterns) lets a client
+    ask for other names (a Claude model's, for the Anthropic API). `mcp` (an edge_qwen.mcp.MCPHub or a
+    config file) offers MCP servers' tools to requests that name them (serve/mcp_routes.py), with
+    `mcp_options` {max_rounds, timeout, confirm}. Extra
+    keyword arguments go to EdgeQwen.
     """
     if api_key is not None and api_key_problem(api_key):
         from ..errors import RequestError
 
         raise RequestError(f"{api_key_problem(api_key)}; choose another key", param="api_key")
     table = dict(models) if models else model_table()
-    registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options})
+    registry = _Models(table, max_queue, {"n_ctx": n_ctx, **llm_options}, aliases)
     if preload:
         for slot in registry.slots.values():
             slot.model() if slot.kind == "chat" else slot.pooled()
@@ -330,6 +356,14 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                              404: {"model": ErrorBody},
                              413: {"model": ErrorBody}, 503: {"model": ErrorBody}})
     app.state.models = registry
+    app.state.api_key_set = api_key is not None
+    if mcp is not None and not hasattr(mcp, "call"):
+        from ..mcp import MCPHub
+
+        mcp = MCPHub.start(mcp)
+    from .mcp_routes import install
+
+    install(app, mcp, mcp_options)
     app.state.chat_requests = chats
     app.state.begin_shutdown = begin_shutdown
     app.add_middleware(BodyLimit, limit=max_body_bytes)
@@ -346,12 +380,14 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                        cors_origins=tuple(cors_origins))
     bearer = HTTPBearer(auto_error=False, description="Required when the server runs with --api-key.")
 
-    async def check_key(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def check_key(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if api_key is None:
             return
-        if creds is None or not hmac.compare_digest(creds.credentials.encode(), api_key.encode()):
-            raise AuthError("missing or wrong API key: send the header `Authorization: Bearer <key>` "
-                            "with the key the server was started with (--api-key / EDGE_QWEN_API_KEY)")
+        given = creds.credentials if creds is not None else request.headers.get("x-api-key")  # Anthropic's header
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), api_key.encode()):
+            raise AuthError("missing or wrong API key: send the header `Authorization: Bearer <key>` (or "
+                            "`x-api-key: <key>`) with the key the server was started with (--api-key / "
+                            "EDGE_QWEN_API_KEY)")
 
     @app.exception_handler(EdgeQwenError)
     async def _edge_error(request: Request, exc: EdgeQwenError) -> JSONResponse:
@@ -368,11 +404,14 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
                     f"context window of {n_ctx} tokens; shorten the messages or lower max_tokens")
             body["error"]["message"] = (f"{what} (the server can be started with a larger window, "
                                         f"`edge-qwen serve --ctx N`, up to {n_train})")
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+        return JSONResponse(_shaped(request, body, exc.status), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc)
+        answer = validation_error(exc)
+        if is_anthropic_path(request.url.path):
+            return JSONResponse(anthropic_error_body(400, json.loads(answer.body)), status_code=400)
+        return answer
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -384,9 +423,10 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
             message = ("request body could not be read as JSON (nested too deeply or a number too long); "
                        "send a plain JSON object")
         if exc.status_code == 404:
-            message += "; endpoints: POST /v1/chat/completions, POST /api/v1/qwen/predict, GET /v1/models, GET /health"
-        return JSONResponse(error_body(message, code=kind), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+            message += ("; endpoints: POST /v1/chat/completions, POST /v1/messages, POST /api/v1/qwen/predict, "
+                        "GET /v1/models, GET /health")
+        return JSONResponse(_shaped(request, error_body(message, code=kind), exc.status_code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     def openapi() -> dict[str, Any]:
         # Validation failures are answered 400 (above), so FastAPI's generated 422 entries would lie.
@@ -438,13 +478,20 @@ def create_app(models: Mapping[str, Any] | None = None, *, api_key: str | None =
     return app
 
 
+def _shaped(request: Request, body: dict[str, Any], status: int) -> dict[str, Any]:
+    """An error body in the shape of the API the request called (Anthropic's on /v1/messages)."""
+    return anthropic_error_body(status, body) if is_anthropic_path(request.url.path) else body
+
+
 def _families(app: FastAPI, deps: list[Any], **serve_options: Any) -> None:
     """The API families, one module each: OpenAI chat, the Qwen shape, completions, embeddings, responses,
     tokenize, Ollama, RAG, /metrics."""
-    from . import completions, embeddings, metrics, ollama, openai_chat, qwen, rag, rerank, responses, tokenize
+    from . import (anthropic, completions, embeddings, mcp_routes, metrics, ollama, openai_chat, qwen, rag, rerank,
+                   responses, tokenize)
 
     app.state.serve_options = serve_options  # what edge_qwen.serve.runner hands the family routers
-    for family in (openai_chat, qwen, completions, embeddings, rerank, responses, tokenize, ollama, rag):
+    for family in (openai_chat, qwen, completions, embeddings, rerank, responses, tokenize, ollama, rag, anthropic,
+                   mcp_routes):
         app.include_router(family.router(), dependencies=deps)
     metrics.install(app)
 
@@ -513,23 +560,42 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
           api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE, max_body_bytes: int = DEFAULT_MAX_BODY,
           n_ctx: int = 4096, max_tokens_limit: int | None = None, quiet: bool = False, prompt_cache: bool = True,
           cors_origins: list[str] | tuple[str, ...] = (), allowed_hosts: list[str] | tuple[str, ...] = (),
-          read_timeout: float | None = None, max_connections: int | None = None, **llm_options: Any) -> None:
+          read_timeout: float | None = None, max_connections: int | None = None,
+          aliases: Mapping[str, str] | None = None, mcp: Any = None, mcp_options: dict[str, Any] | None = None,
+          **llm_options: Any) -> None:
     """Check every model, load them, then serve on host:port until Ctrl-C (which returns normally).
 
     `read_timeout` (default security.READ_TIMEOUT_S) bounds how long a request may take to arrive;
     `max_connections` (default: what the open-file limit leaves room for) caps open connections.
 
     Binds 127.0.0.1 unless told otherwise. Bad model paths and a busy port fail here with a
-    clear message before anything listens.
+    clear message before anything listens. `mcp` (a config file) starts its MCP servers; on an
+    address other than loopback it needs an `api_key`, since their tools run code on this machine.
     """
     import sys
 
     import uvicorn
 
+    from .mcp_routes import check_mcp_host
+
+    check_mcp_host(mcp, host, api_key)
     _check_port(host, port)
-    app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
-                     max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache,
-                     cors_origins=cors_origins, allowed_hosts=allowed_hosts, bind_host=host, **llm_options)
+    hub = None
+    if mcp is not None:
+        from ..mcp import MCPHub
+
+        timeout = (mcp_options or {}).get("timeout")
+        # A bad config or a missing command fails here, before anything listens.
+        hub = MCPHub.start(mcp, **({"call_timeout": timeout} if timeout else {}))
+    try:
+        app = create_app(models, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes, n_ctx=n_ctx,
+                         max_tokens_limit=max_tokens_limit, preload=True, prompt_cache=prompt_cache,
+                         cors_origins=cors_origins, allowed_hosts=allowed_hosts, bind_host=host, aliases=aliases,
+                         mcp=hub, mcp_options=mcp_options, **llm_options)
+    except BaseException:
+        if hub is not None:
+            hub.close()
+        raise
     names = ", ".join(f"{name} ({slot.path})" for name, slot in app.state.models.slots.items())
     shown = f"[{host}]" if ":" in host else host
     for name, slot in app.state.models.slots.items():
@@ -543,9 +609,12 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
               f"tokens, KV cache {getattr(llm, 'kv_cache_bytes', 0) / 2**20:.0f} MiB ({llm.engine.kv_cells} cells), "
               f"host prompt cache up to {llm.engine.host_cache_bytes >> 20} MiB",
               file=sys.stderr, flush=True)
-    print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, "
+    print(f"edge-qwen: serving {names}\n  on http://{shown}:{port}  (POST /v1/chat/completions, POST /v1/messages, "
           f"POST /api/v1/qwen/predict, GET /v1/models, /health, /docs){'  API key required' if api_key else ''}\n"
           "  Ctrl-C to stop", file=sys.stderr, flush=True)
+    if hub is not None:
+        print(f"edge-qwen: MCP tools: {', '.join(hub.tool_names()) or '(none)'} -- used only by requests that name "
+              "their servers (mcp_servers)", file=sys.stderr, flush=True)
     # lifespan off: _uvicorn_server's shutdown already stops generations, and a lifespan task
     # would print a traceback on a forced second Ctrl-C.
     from .security import KEEP_ALIVE_S, MAX_HEADER_BYTES, READ_TIMEOUT_S, guarded_h11
@@ -565,6 +634,9 @@ def serve(models: Mapping[str, str | Path] | None = None, *, host: str = "127.0.
         _uvicorn_server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
         pass
+    finally:
+        if hub is not None:
+            hub.close()
     print("edge-qwen: server stopped", file=sys.stderr, flush=True)
 
 

@@ -166,6 +166,14 @@ async def complete(request: Request, body: ChatRequest, shape: OpenAIShape | Non
     kwargs.update(max_tokens=max_tokens, default_max_tokens=default,
                   reuse_prefix=prompt_cache and body.seed is None,
                   cache_key=_cache_scope(request, "\0".join(filter(None, (body.cache_salt, body.prompt_cache_key)))))
+    answer = None  # the model's chat, or the MCP tool loop around it when the request names MCP servers
+    if getattr(body, "mcp_servers", None):
+        from .mcp_routes import mcp_runner
+
+        loop = mcp_runner(request, body.mcp_servers)
+
+        def answer(messages: Any, **kw: Any) -> Any:
+            return loop(slot.model(), messages, **kw)
     if state.closing:
         raise ShuttingDownError
     cancel = threading.Event()
@@ -194,13 +202,13 @@ async def complete(request: Request, body: ChatRequest, shape: OpenAIShape | Non
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await _stream(slot, messages, kwargs, cancel, done, include_usage, shape, headers)
+        return await _stream(slot, messages, kwargs, cancel, done, include_usage, shape, headers, answer)
     import anyio
 
     released = False
     try:
         def run() -> dict[str, Any]:
-            return slot.model().chat(messages, stream=False, cancel=cancel, **kwargs)
+            return (answer or slot.model().chat)(messages, stream=False, cancel=cancel, **kwargs)
 
         result = await anyio.to_thread.run_sync(run)
         slot.release(int(result["usage"]["completion_tokens"]),
@@ -216,13 +224,13 @@ async def complete(request: Request, body: ChatRequest, shape: OpenAIShape | Non
 
 async def _stream(slot: Any, messages: list[dict[str, str]], kwargs: dict[str, Any],
                   cancel: threading.Event, done: Any, include_usage: bool, shape: OpenAIShape,
-                  headers: dict[str, str] | None) -> Any:
+                  headers: dict[str, str] | None, answer: Any = None) -> Any:
     # The last chunk with choices always carries `usage` (as llama.cpp's server does); with
     # stream_options.include_usage an OpenAI-style extra chunk with `choices: []` follows it.
     state = {"n": 0, "cancelled": False}
 
     def chunks_of_reply() -> Any:
-        chunks = slot.model().chat(messages, stream=True, cancel=cancel, **kwargs)
+        chunks = (answer or slot.model().chat)(messages, stream=True, cancel=cancel, **kwargs)
         late = 0
         try:
             for chunk in chunks:

@@ -356,6 +356,9 @@ class ChatRequest(_OpenAIFields, _Tooling, _Sampling):
     cache_salt: str | None = Field(default=None, max_length=256, description=(
         "Prefix-cache scope (vLLM's name): a prompt reuses cached KV only from requests with the same API key "
         "and the same cache_salt."))
+    mcp_servers: list[str | dict[str, Any]] | None = Field(default=None, description=(
+        "edge-qwen extension (serve --mcp): names of the server's MCP servers whose tools the model may call; the "
+        "server runs the tool loop, and a stream shows each call (delta.mcp_call) and result (delta.mcp_result)."))
 
     @field_validator("stop")
     @classmethod
@@ -534,9 +537,15 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-async def send_error(send: Any, status: int, body: dict[str, Any], close: bool = False) -> None:
+async def send_error(send: Any, status: int, body: dict[str, Any], close: bool = False, scope: Any = None) -> None:
     """Answer an error body as JSON straight through ASGI `send` (for middleware, below the app's handlers).
-    With `close` the answer says `Connection: close` and the server closes the connection after it."""
+    With `close` the answer says `Connection: close` and the server closes the connection after it. With the
+    request's `scope`, an Anthropic API path gets Anthropic's error shape (serve/anthropic.py)."""
+    if scope is not None:
+        from .anthropic import anthropic_error_body, is_anthropic_path
+
+        if is_anthropic_path(scope.get("path", "")):
+            body = anthropic_error_body(status, body)
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status,
@@ -552,17 +561,17 @@ class BodyLimit:
     def __init__(self, app: Any, limit: int):
         self.app, self.limit = app, limit
 
-    async def _reject(self, send: Any, size: str) -> None:
+    async def _reject(self, send: Any, size: str, scope: Any = None) -> None:
         await send_error(send, 413, error_body(f"request body of {size} bytes is over this server's limit of "
                                                f"{self.limit} bytes (serve --max-body); send a shorter request",
-                                               code="request_too_large"))
+                                               code="request_too_large"), scope=scope)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > self.limit:
-                return await self._reject(send, value.decode())
+                return await self._reject(send, value.decode(), scope)
         parts, total = [], 0
         while True:  # buffer the body (it is small by definition) so chunked uploads are counted too
             message = await receive()
@@ -571,7 +580,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.limit:
-                return await self._reject(send, f"more than {self.limit}")
+                return await self._reject(send, f"more than {self.limit}", scope)
             parts.append(chunk)
             if not message.get("more_body"):
                 break
@@ -580,7 +589,7 @@ class BodyLimit:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
             return await send_error(send, 400, error_body(f"request body is not UTF-8 (bad byte at offset {e.start}); "
-                                                          "send JSON encoded as UTF-8", code="invalid_json"))
+                                                          "send JSON encoded as UTF-8", code="invalid_json"), scope=scope)
         headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
         scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         replayed = False

@@ -96,12 +96,43 @@ def _tools(body: ResponsesRequest) -> list[dict[str, Any]] | None:
         return None
     out = []
     for i, t in enumerate(body.tools):
+        if t.get("type") == "mcp":
+            continue  # the server's own MCP servers: see _mcp_servers
         if t.get("type") != "function":
-            raise RequestError(f"tools[{i}].type {t.get('type')!r} is not served; only function tools",
+            raise RequestError(f"tools[{i}].type {t.get('type')!r} is not served; only function and mcp tools",
                                param=f"tools[{i}].type")
         fn = {k: t[k] for k in ("name", "description", "parameters") if k in t}
         out.append({"type": "function", "function": fn})
     return out
+
+
+def _mcp_servers(body: ResponsesRequest) -> list[str]:
+    """The server_label of each `mcp` tool: MCP servers of this server's --mcp config (never a remote url)."""
+    labels = []
+    for i, t in enumerate(body.tools or []):
+        if t.get("type") != "mcp":
+            continue
+        where = f"tools[{i}]"
+        if t.get("server_url") or t.get("connector_id"):
+            raise RequestError(f"{where}: this server connects only to the MCP servers of its own --mcp config; name "
+                               "one by server_label and leave server_url out", param=f"{where}.server_url")
+        if t.get("require_approval") not in (None, "never"):
+            raise RequestError(f"{where}.require_approval: approval is the server's setting (serve --mcp-confirm); "
+                               'leave it out or "never"', param=f"{where}.require_approval")
+        if t.get("allowed_tools") is not None:
+            raise RequestError(f"{where}.allowed_tools is not served: every tool of the named server is offered; "
+                               "leave it out", param=f"{where}.allowed_tools")
+        labels.append(t.get("server_label"))
+    return labels
+
+
+def _mcp_item(call: dict[str, Any]) -> dict[str, Any]:
+    """An MCP call of the tool loop as a Responses `mcp_call` item."""
+    failed = bool(call.get("is_error"))
+    return {"type": "mcp_call", "id": f"mcp_{call['id']}", "server_label": call["server"], "name": call["name"],
+            "arguments": json.dumps(call.get("arguments", {}), ensure_ascii=False),
+            "output": None if failed else call.get("output"), "error": call.get("output") if failed else None,
+            "status": "failed" if failed else "completed"}
 
 
 def _tool_choice(choice: Any) -> Any:
@@ -145,6 +176,18 @@ def router() -> APIRouter:
                   "temperature": 1.0 if body.temperature is None else body.temperature,
                   "top_p": 1.0 if body.top_p is None else body.top_p, "max_tokens": max_tokens}
         rid, created = f"resp_{uuid.uuid4().hex[:24]}", int(time.time())
+        labels = _mcp_servers(body)
+        loop = None  # the MCP tool loop, when the request has mcp tools
+        if labels:
+            from .mcp_routes import mcp_runner
+
+            loop = mcp_runner(request, labels)
+
+        def answer(llm: Any, cancel: Any, stream: bool) -> Any:
+            if loop is None:
+                return llm.chat(cancel=cancel, stream=stream, **kwargs)
+            kw = {k: v for k, v in kwargs.items() if k != "messages"}
+            return loop(llm, kwargs["messages"], cancel=cancel, stream=stream, **kw)
 
         def envelope(status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
                      incomplete: bool = False) -> dict[str, Any]:
@@ -165,7 +208,7 @@ def router() -> APIRouter:
                     "output_tokens_details": {"reasoning_tokens": 0}}
 
         def items_of(message: dict[str, Any]) -> list[dict[str, Any]]:
-            out = []
+            out = [_mcp_item(c) for c in message.get("mcp_calls") or []]
             if message.get("content"):
                 out.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "completed",
                             "role": "assistant",
@@ -177,13 +220,13 @@ def router() -> APIRouter:
             return out
 
         if not body.stream:
-            result = await runner.run(request, slot, lambda llm, cancel: llm.chat(cancel=cancel, **kwargs))
+            result = await runner.run(request, slot, lambda llm, cancel: answer(llm, cancel, False))
             choice = result["choices"][0]
             return JSONResponse(envelope("incomplete" if choice["finish_reason"] == "length" else "completed",
                                          items_of(choice["message"]), usage_of(result["usage"]),
                                          choice["finish_reason"] == "length"))
 
-        chunks = await runner.stream(request, slot, lambda llm, cancel: llm.chat(cancel=cancel, stream=True, **kwargs))
+        chunks = await runner.stream(request, slot, lambda llm, cancel: answer(llm, cancel, True))
 
         async def events():
             seq = [0]
@@ -199,6 +242,7 @@ def router() -> APIRouter:
             text_item: dict[str, Any] | None = None
             calls: dict[int, dict[str, Any]] = {}
             usage, finish = None, None
+            pending_args: dict[str, Any] = {}
 
             def close_text() -> list[bytes]:
                 nonlocal text_item
@@ -226,6 +270,19 @@ def router() -> APIRouter:
                 ch = chunk["choices"][0]
                 delta = ch.get("delta", {})
                 finish = ch.get("finish_reason") or finish
+                if delta.get("mcp_call") or delta.get("mcp_result"):  # the MCP tool loop, as it happens
+                    for b in close_text():
+                        yield b
+                    if delta.get("mcp_call"):
+                        item = {**_mcp_item({**delta["mcp_call"], "output": None}), "status": "in_progress"}
+                        yield ev("response.output_item.added", output_index=len(output), item=item)
+                    else:
+                        item = _mcp_item(delta["mcp_result"] | {"arguments": pending_args.get(delta["mcp_result"]["id"], {})})
+                        yield ev("response.output_item.done", output_index=len(output), item=item)
+                        output.append(item)
+                    if delta.get("mcp_call"):
+                        pending_args[delta["mcp_call"]["id"]] = delta["mcp_call"]["arguments"]
+                    continue
                 if delta.get("content"):
                     if text_item is None:
                         text_item = {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "in_progress",

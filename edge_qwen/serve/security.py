@@ -99,14 +99,14 @@ class HostOriginGuard:
             return await send_error(send, 400, error_body(
                 "the request has both Content-Length and Transfer-Encoding, which makes its end ambiguous "
                 "(RFC 9112 section 6.1); send one of them. The connection is closed.", code="ambiguous_framing"),
-                close=True)
+                close=True, scope=scope)
         host_header = headers.get(b"host", [b""])[0].decode("latin-1")
         host = _split_host(host_header)
         if host_header and not self.host_allowed(host):
             return await send_error(send, 403, error_body(
                 f"Host {host[:64]!r} is not one this server answers to (DNS-rebinding protection); use "
                 "http://127.0.0.1 or http://localhost, or start the server with --allowed-host NAME",
-                code="host_not_allowed"))
+                code="host_not_allowed"), scope=scope)
         origin = headers.get(b"origin", [None])[0]
         if origin is not None:
             text = origin.decode("latin-1")
@@ -114,7 +114,7 @@ class HostOriginGuard:
                 return await send_error(send, 403, error_body(
                     f"requests from web pages of origin {text[:80]!r} are refused (a page on another site must "
                     "not drive this server); start the server with --cors-origin ORIGIN to allow that page",
-                    code="origin_not_allowed"))
+                    code="origin_not_allowed"), scope=scope)
         await self.app(scope, receive, send)
 
 

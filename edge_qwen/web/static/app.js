@@ -29,6 +29,7 @@
     max_tokens: $("max_tokens"), jsonMode: $("json-mode"), schema: $("schema"), schemaError: $("schema-error"),
     jsonBadge: $("json-badge"), modelPick: $("model-pick"), model: $("model"), keyDialog: $("key-dialog"),
     keyForm: $("key-form"), keyInput: $("api-key"), keyError: $("key-error"),
+    mcpPanel: $("mcp-panel"), mcpUse: $("mcp-use"), mcpTools: $("mcp-tools"),
   };
 
   // --- words on the page ---------------------------------------------------------------------
@@ -137,6 +138,43 @@
     }
   }
 
+  // The MCP tool loop's calls (serve --mcp): each call, its arguments and its result, as text only --
+  // a tool result is data, never markup.
+  function renderCalls(box, msg) {
+    box.textContent = "";
+    for (const call of (msg.meta && msg.meta.calls) || []) {
+      const d = document.createElement("details");
+      d.className = "mcp-call";
+      d.dataset.name = call.name;
+      d.dataset.state = call.done ? (call.is_error ? "error" : "done") : "running";
+      d.open = true;
+      const summary = document.createElement("summary");
+      summary.textContent = `${t("mcpCall")}: ${call.server}.${call.name}`;
+      const args = document.createElement("pre");
+      args.className = "mcp-args";
+      args.textContent = JSON.stringify(call.arguments);
+      const out = document.createElement("pre");
+      out.className = "mcp-output" + (call.is_error ? " error" : "");
+      out.textContent = call.done ? `${call.is_error ? t("mcpFailed") : t("mcpResult")}: ${call.output}` : t("mcpRunning");
+      d.append(summary, args, out);
+      if (call.confirm && !call.answered && !call.done) {
+        const ask = document.createElement("div");
+        ask.className = "ask";
+        const q = document.createElement("span");
+        q.textContent = t("mcpAsk");
+        const answer = (allow) => {
+          call.answered = true;
+          api("/v1/mcp/confirm", { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify({ id: call.id, allow }) });
+          renderCalls(box, msg);
+        };
+        ask.append(q, button("mcpAllow", () => answer(true), "small primary"), button("mcpDecline", () => answer(false)));
+        d.appendChild(ask);
+      }
+      box.appendChild(d);
+    }
+  }
+
   function button(label, onClick, cls) {
     const b = document.createElement("button");
     b.type = "button";
@@ -154,6 +192,9 @@
     const who = document.createElement("h3");
     who.className = "who";
     who.textContent = msg.role === "user" ? t("you") : t("assistant");
+    const calls = document.createElement("div");
+    calls.className = "mcp-calls";
+    if (msg.role === "assistant") renderCalls(calls, msg);
     const body = document.createElement("div");
     body.className = "content";
     fillBody(body, msg);
@@ -167,7 +208,7 @@
         if (last) tools.appendChild(button("regenerate", () => regenerate(conv)));
       }
     }
-    art.append(who, body, tools);
+    art.append(who, calls, body, tools);
     return art;
   }
 
@@ -306,6 +347,29 @@
     applyModelChoice();
   }
 
+  let mcpServers = [];
+
+  async function loadMcp() {
+    let listed;
+    try {
+      const response = await api("/v1/mcp/tools");
+      if (!response.ok) return; // an older server, or MCP not allowed here: no panel
+      listed = (await response.json()).servers || {};
+    } catch (e) { return; }
+    mcpServers = Object.keys(listed);
+    el.mcpTools.textContent = "";
+    for (const [server, info] of Object.entries(listed)) {
+      for (const tool of info.tools) {
+        const li = document.createElement("li");
+        const code = document.createElement("code");
+        code.textContent = `${server}.${tool.name}`;
+        li.append(code, document.createTextNode(tool.description ? " — " + tool.description : ""));
+        el.mcpTools.appendChild(li);
+      }
+    }
+    el.mcpPanel.hidden = mcpServers.length === 0;
+  }
+
   function applyModelChoice() {
     const conv = current();
     if (!served.length) return;
@@ -332,6 +396,7 @@
     const body = { messages, stream: true, temperature: Number(s.temperature), top_p: Number(s.top_p),
                    max_tokens: Number(s.max_tokens) };
     if (s.model) body.model = s.model;
+    if (mcpServers.length && el.mcpUse.checked) body.mcp_servers = mcpServers;
     if (s.json_mode) {
       body.response_format = { type: "json_schema",
                                json_schema: { name: "answer", schema: JSON.parse(s.schema), strict: true } };
@@ -371,6 +436,11 @@
       if (!node) return;
       if (msg.meta.json) node.textContent = msg.content; // raw while it streams; the object once it is done
       else markdown(node, msg.content);
+      const calls = node.parentNode && node.parentNode.querySelector(".mcp-calls");
+      if (calls && msg.meta.calls && calls.dataset.version !== String(msg.meta.callsVersion)) {
+        calls.dataset.version = String(msg.meta.callsVersion); // only when a call changed: a click must land
+        renderCalls(calls, msg);
+      }
       el.messages.scrollTop = el.messages.scrollHeight;
     };
     let lastSave = 0;
@@ -400,6 +470,17 @@
             if (chunk.error) throw new Error(chunk.error.message || "error");
             const choice = chunk.choices && chunk.choices[0];
             if (choice && choice.delta && choice.delta.content) msg.content += choice.delta.content;
+            if (choice && choice.delta && choice.delta.mcp_call) {
+              msg.meta.calls = msg.meta.calls || [];
+              msg.meta.calls.push({ ...choice.delta.mcp_call });
+              msg.meta.callsVersion = (msg.meta.callsVersion || 0) + 1;
+            }
+            if (choice && choice.delta && choice.delta.mcp_result) {
+              const r = choice.delta.mcp_result;
+              const call = (msg.meta.calls || []).find((c) => c.id === r.id);
+              if (call) Object.assign(call, { output: r.output, is_error: r.is_error, done: true });
+              msg.meta.callsVersion = (msg.meta.callsVersion || 0) + 1;
+            }
             if (choice && choice.finish_reason) msg.meta.finish = choice.finish_reason;
             if (chunk.usage) msg.meta.usage = chunk.usage;
           }
@@ -563,4 +644,5 @@
   render();
   el.prompt.focus();
   loadModels();
+  loadMcp();
 })();

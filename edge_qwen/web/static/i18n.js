@@ -3,6 +3,15 @@
 
 window.EDGE_QWEN_STRINGS = {
   en: {
+    mcpTools: "MCP tools",
+    mcpUse: "Let the model use them",
+    mcpCall: "Tool call",
+    mcpResult: "Result",
+    mcpFailed: "Error",
+    mcpRunning: "running…",
+    mcpAsk: "Run this tool?",
+    mcpAllow: "Allow",
+    mcpDecline: "Decline",
     skip: "Skip to the message box",
     conversations: "Conversations",
     model: "Model",
@@ -44,6 +53,15 @@ window.EDGE_QWEN_STRINGS = {
     tokens: (n, s) => `${n} tokens · ${s} s`,
   },
   zh: {
+    mcpTools: "MCP 工具",
+    mcpUse: "允许模型使用",
+    mcpCall: "工具调用",
+    mcpResult: "结果",
+    mcpFailed: "错误",
+    mcpRunning: "运行中…",
+    mcpAsk: "运行这个工具？",
+    mcpAllow: "允许",
+    mcpDecline: "拒绝",
     skip: "跳到输入框",
     conversations: "对话",
     model: "模型",
