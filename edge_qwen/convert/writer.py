@@ -94,8 +94,8 @@ def _license(folder: Path, config: dict[str, Any]) -> str | None:
 
 
 # GGUF tensors llama.cpp keeps in float32 whatever the outtype (it computes them in f32):
-# the MoE routers and position embeddings.
-_F32_TENSORS = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "V_ENC_EMBD_POS")
+# the MoE routers, position embeddings and the linear attention's conv1d kernel.
+_F32_TENSORS = ("FFN_GATE_INP", "FFN_GATE_INP_SHEXP", "POS_EMBD", "V_ENC_EMBD_POS", "SSM_CONV1D")
 
 
 def _tensor_type(outtype: str, shape: tuple[int, ...], src: TensorSource | None = None, part: str = "model"):
@@ -179,11 +179,13 @@ def _check_values(block: Any, ref: Any, qtype: Any, row0: int) -> None:
 
 def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtype: str = "f16",
             force: bool = False, quiet: bool = False, name: str | None = None,
-            chunk_bytes: int = 64 << 20, mmproj: bool = False) -> Path:
+            chunk_bytes: int = 64 << 20, mmproj: bool = False, mtp: bool = True) -> Path:
     """Convert a Hugging Face Qwen checkpoint folder (or pulled repo id) to a GGUF file.
 
     Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE and Qwen2.5-VL (the text model). `mmproj=True`
     writes a Qwen2.5-VL checkpoint's vision tower instead (the `mmproj-*.gguf` libmtmd loads).
+    Qwen3.5/3.6 (dense and MoE) and Qwen3-Next keep their MTP block unless `mtp=False`
+    (llama.cpp's --no-mtp).
     `outtype`: f32, f16, bf16 or q8_0 (norms and biases are always f32). The output is
     written under a temporary name and renamed when complete; an existing `out` is kept
     unless `force`. Returns the output path. Raises CheckpointError / OutputExistsError.
@@ -198,7 +200,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
         raise CheckpointError(f"outtype {outtype!r} is not supported; choose one of {', '.join(OUTTYPES)}")
     folder = resolve_source(src)
     part = "mmproj" if mmproj else "model"
-    ckpt = open_checkpoint(folder, part)
+    ckpt = open_checkpoint(folder, part, mtp=mtp)
     prov = _provenance(ckpt)
     # a hub snapshot folder is named after its commit: name the model after the repo instead
     base = prov["repo"].split("/")[-1] if "revision" in prov else folder.resolve().name
@@ -284,11 +286,12 @@ PROVENANCE_PREFIXES = ("general.", "edge_qwen.")
 
 
 def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
-    """A summary of a GGUF file: size, parameters, bits per weight, tensor types, metadata, provenance."""
-    from ..gguf_file import check_gguf
+    """A summary of a GGUF file: size, parameters, bits per weight, tensor types, layer kinds, metadata, provenance."""
+    from ..gguf_file import check_gguf, layer_kinds, read_header
 
     info = check_gguf(path, architectures=None)
     meta = {k: v for k, v in info.metadata.items()}
+    layers = layer_kinds(meta, read_header(info.path)[1])
     return {
         "path": str(info.path),
         "architecture": info.architecture,
@@ -298,6 +301,8 @@ def inspect_gguf(path: str | os.PathLike) -> dict[str, Any]:
         "bits_per_weight": round(info.bits_per_weight, 3),
         "file_type": info.file_type,
         "tensor_types": dict(sorted(info.tensor_types.items())),
+        "layer_kinds": layers["counts"],  # attention / linear_attention (recurrent) / mtp, "+moe" with experts
+        "layers": layers["blocks"],
         "provenance": {k: v for k, v in meta.items() if k.startswith(PROVENANCE_PREFIXES)},
         "metadata": {k: v for k, v in meta.items() if not k.startswith(PROVENANCE_PREFIXES)},
     }
