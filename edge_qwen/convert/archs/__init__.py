@@ -159,6 +159,8 @@ def row_blocks(arch: "Architecture", row: Row, sizes: dict[str, int],
     if "{bid}" not in row.hf:
         if row.bid_offset is None:
             return [(None, None)]
+        if row.blocks is not None and not sizes[row.blocks]:
+            return []  # a tensor of blocks there are none of (the MTP block, left out)
         return [(None, sizes[row.bid_offset])]
     n = sizes[row.blocks or arch.blocks_key]
     offset = sizes[row.bid_offset] if row.bid_offset else 0

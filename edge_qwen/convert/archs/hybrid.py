@@ -111,10 +111,10 @@ FUSED_EXPERT_ROWS = SHARED_EXPERT_ROWS + (
 )
 # The MTP block's own tensors, beside its full-attention layer (block L of the GGUF)
 MTP_HEAD_ROWS = (
-    Row("mtp.fc.weight", "NEXTN_EH_PROJ", "weight", "H,H2", bid_offset="L"),
-    Row("mtp.pre_fc_norm_embedding.weight", "NEXTN_ENORM", "weight", "H", fn=PLUS1, bid_offset="L"),
-    Row("mtp.pre_fc_norm_hidden.weight", "NEXTN_HNORM", "weight", "H", fn=PLUS1, bid_offset="L"),
-    Row("mtp.norm.weight", "NEXTN_SHARED_HEAD_NORM", "weight", "H", fn=PLUS1, bid_offset="L"),
+    Row("mtp.fc.weight", "NEXTN_EH_PROJ", "weight", "H,H2", blocks="MTP", bid_offset="L"),
+    Row("mtp.pre_fc_norm_embedding.weight", "NEXTN_ENORM", "weight", "H", fn=PLUS1, blocks="MTP", bid_offset="L"),
+    Row("mtp.pre_fc_norm_hidden.weight", "NEXTN_HNORM", "weight", "H", fn=PLUS1, blocks="MTP", bid_offset="L"),
+    Row("mtp.norm.weight", "NEXTN_SHARED_HEAD_NORM", "weight", "H", fn=PLUS1, blocks="MTP", bid_offset="L"),
 )
 
 
