@@ -54,12 +54,15 @@ class TensorRef:
     def nbytes(self) -> int:
         return _DTYPES[self.dtype][1] * _numel(self.shape)
 
-    def chunks(self, max_bytes: int = 64 << 20, rows: tuple[int, int] | None = None) -> Iterator[Any]:
+    def chunks(self, max_bytes: int = 64 << 20, rows: tuple[int, int] | None = None,
+               raw: bool = False) -> Iterator[Any]:
         """Yield float32 row blocks of the tensor (rows of the first axis), read via mmap.
 
         `rows` limits the blocks to rows [start, stop) (the elements of a 1-D tensor). Each
         block's memory map is dropped before the next one is made, so resident memory stays at
-        one block however large the tensor is. bf16 is widened exactly to float32.
+        one block however large the tensor is. bf16 is widened exactly to float32. `raw`: f32
+        and f16 blocks are the memory map itself (read-only, no copy); the caller drops each
+        block before taking the next.
         """
         import numpy as np
 
@@ -80,6 +83,8 @@ class TensorRef:
                     f"file was cut short or changed while being read); {fetch_again(self.file.parent)}") from None
             if self.dtype == "BF16":
                 block = (mm.astype(np.uint32) << 16).view(np.float32)
+            elif raw:
+                block = mm.view(np.ndarray)  # the mapped pages, kept until the caller drops the block
             else:
                 block = mm.astype(np.float32)
             del mm
@@ -141,8 +146,8 @@ class TensorSource:
     def file(self) -> Path:
         return self.pieces[0].ref.file
 
-    def chunks(self, max_bytes: int = 64 << 20) -> Iterator[Any]:
-        """float32 row blocks of the GGUF tensor, in the order its bytes are laid out."""
+    def chunks(self, max_bytes: int = 64 << 20, raw: bool = False) -> Iterator[Any]:
+        """float32 row blocks of the GGUF tensor, in the order its bytes are laid out (`raw`: see TensorRef.chunks)."""
         import numpy as np
 
         if self.row is not None and self.row.fn:
@@ -164,11 +169,11 @@ class TensorSource:
         for piece in self.pieces:
             ref, take = piece.ref, piece.take
             if take is None:
-                yield from ref.chunks(max_bytes)
+                yield from ref.chunks(max_bytes, raw=raw)
             elif take.startswith("rows:"):
                 i, n = (int(x) for x in take[5:].split("/"))
                 per = ref.shape[0] // n
-                yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per))
+                yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per), raw=raw)
             elif take.startswith("mid:"):  # part i of n of axis 1, expert by expert (fused gate_up_proj)
                 i, n = (int(x) for x in take[4:].split("/"))
                 per = ref.shape[1] // n
