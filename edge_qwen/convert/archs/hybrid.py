@@ -213,9 +213,9 @@ def hybrid_hparams(w: Any, config: dict[str, Any], path: Path, mrope_default: bo
     w.add_uint32(KEYS["ssm_time_step_rank"].format(arch=arch), int(tc["linear_num_value_heads"]))
     w.add_uint32(KEYS["ssm_inner_size"].format(arch=arch),
                  int(tc["linear_value_head_dim"]) * int(tc["linear_num_value_heads"]))
-    if isinstance(tc.get("layer_types"), list):
-        w.add_array(KEYS["recurrent_layers"].format(arch=arch),
-                    [k == LINEAR for k in tc["layer_types"]] + [False] * n_mtp)
+    # llama.cpp's converter reads the config through transformers, which fills layer_types from
+    # full_attention_interval when the file has none (Qwen3-Next): the flags are always written
+    w.add_array(KEYS["recurrent_layers"].format(arch=arch), [k == LINEAR for k in layer_kinds(config)] + [False] * n_mtp)
     w.add_uint32(KEYS["full_attention_interval"].format(arch=arch), int(tc.get("full_attention_interval", 4)))
     from . import rope_parameters
 
