@@ -31,9 +31,12 @@ REFERENCE = json.loads((Path(__file__).parent / "data" / "llamacpp_reference_hyb
 CASES = {"qwen35": ("qwen35", True, True), "qwen35-nomtp": ("qwen35", True, False),
          "qwen35moe": ("qwen35moe", True, True), "qwen3next": ("qwen3next", True, True),
          "qwen3next-nomtp": ("qwen3next", False, False)}
-# What CI converts (all 15 recorded files are checked by make_llamacpp_reference.py --hybrid)
-COMPARED = [("qwen35", "f16"), ("qwen35", "q8_0"), ("qwen35-nomtp", "f16"), ("qwen35moe", "bf16"),
-            ("qwen3next", "f16"), ("qwen3next", "q8_0"), ("qwen3next-nomtp", "f16")]
+# What CI converts: each architecture, outtype and MTP variant once in the fast tier, more in the
+# slow one (all 15 recorded files are checked by make_llamacpp_reference.py --hybrid)
+SLOW = pytest.mark.slow
+COMPARED = [("qwen35", "f16"), pytest.param("qwen35", "q8_0", marks=SLOW), pytest.param("qwen35-nomtp", "f16", marks=SLOW),
+            ("qwen35moe", "bf16"), pytest.param("qwen3next", "f16", marks=SLOW), ("qwen3next", "q8_0"),
+            ("qwen3next-nomtp", "f16")]
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +141,7 @@ def test_unknown_future_qwen_architecture(hybrid, tmp_path):
 
 # --- quantize, imatrix, inspect, load and generate -------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["qwen35", "qwen35moe", "qwen3next"])
 def test_quantize_inspect_and_generate(converted, case, tmp_path):
     import llama_cpp
@@ -248,7 +252,8 @@ def served(converted, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "edge_qwen.cli", "serve", str(q4), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-c", "from edge_qwen.cli import main; main()", "serve", str(q4),
+                             "--port", str(port),
                              "--parallel", "2", "--ctx", "1024", "--threads", "2"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -276,6 +281,7 @@ def oa(served):
     return openai.OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+@pytest.mark.slow
 def test_served_chat_stream_and_thinking(oa):
     model = oa.models.list().data[0].id
     msgs = [{"role": "user", "content": "Where is Paris?"}]
@@ -294,6 +300,7 @@ def test_served_chat_stream_and_thinking(oa):
     assert chunks[-1].choices[-1].finish_reason in ("stop", "length") or chunks[-2].choices[0].finish_reason
 
 
+@pytest.mark.slow
 def test_served_json_schema(oa):
     import jsonschema
 
@@ -304,6 +311,7 @@ def test_served_json_schema(oa):
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA["json_schema"]["schema"])
 
 
+@pytest.mark.slow
 def test_served_xml_tool_calls(oa):
     """Qwen3.5 calls tools in XML; the call is constrained by its grammar and returned as OpenAI tool_calls,
     streamed too, without the XML in the content."""
@@ -328,6 +336,7 @@ def test_served_xml_tool_calls(oa):
     assert json.loads(streamed) == args
 
 
+@pytest.mark.slow
 def test_served_parallel_requests(oa):
     from concurrent.futures import ThreadPoolExecutor
 
