@@ -175,6 +175,33 @@ def _writer_class() -> Any:
     return FastWriter
 
 
+def _f16_converter() -> Any:
+    """float32 (or float16) array -> float16, the bytes numpy's astype gives (round to nearest even,
+    IEEE overflow and subnormals), through ggml's vectorized row converter: about 15x faster than
+    numpy's scalar loop, which was half of an f16 conversion's time."""
+    import ctypes
+
+    import numpy as np
+
+    try:
+        from llama_cpp._ggml import libggml
+
+        fn = libggml.ggml_cpu_fp32_to_fp16
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    except (ImportError, AttributeError, OSError):  # another llama.cpp build: numpy's own conversion
+        return lambda a: np.asarray(a).astype(np.float16)
+
+    def convert(a: Any) -> Any:
+        if a.dtype == np.float16:
+            return a
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        out = np.empty(a.shape, dtype=np.float16)
+        fn(a.ctypes.data, out.ctypes.data, a.size)
+        return out
+
+    return convert
+
+
 def _encode(block: Any, qtype: Any) -> Any:
     import gguf
     import numpy as np
@@ -298,22 +325,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None = None, outtyp
             w.write_ti_data_to_file()
             del vocab
             fout = w.fout[0]
+            to_f16 = _f16_converter()
             total = sum(p[3] for p in plan)
             with progress(total, f"converting to {outtype}", "B", quiet, unit_scale=True) as bar:
                 for i, (gguf_name, ref, qtype, nbytes) in enumerate(plan, 1):
                     w.write_padding(fout, fout.tell())
                     written = row0 = 0
-                    # f16 out of an f32/f16 checkpoint: straight from the memory map, checked on the
-                    # (half-size) result; a non-finite value is then described from the source
+                    # f16: straight from the memory map (no float32 copy), through ggml's converter
                     direct = qtype == gguf.GGMLQuantizationType.F16
                     for block in ref.chunks(chunk_bytes, raw=direct):
-                        if direct:
-                            data = block.astype(np.float16)
-                            if not np.isfinite(data).all():
-                                _check_values(np.asarray(block, dtype=np.float32), ref, qtype, row0)
-                        else:
-                            _check_values(block, ref, qtype, row0)
-                            data = _encode(block, qtype)
+                        _check_values(block, ref, qtype, row0)
+                        data = to_f16(block) if direct else _encode(block, qtype)
                         row0 += block.shape[0] if block.ndim > 1 else 0
                         del block
                         # fout.write, not ndarray.tofile: tofile reports a full disk without an errno
