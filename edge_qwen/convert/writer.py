@@ -191,11 +191,18 @@ def _f16_converter() -> Any:
     except (ImportError, AttributeError, OSError):  # another llama.cpp build: numpy's own conversion
         return lambda a: np.asarray(a).astype(np.float16)
 
+    buf = np.empty(0, dtype=np.float16)
+
     def convert(a: Any) -> Any:
+        """The result lives in one buffer reused chunk after chunk (fresh pages cost a fault each):
+        write it out before converting the next block."""
+        nonlocal buf
         if a.dtype == np.float16:
             return a
         a = np.ascontiguousarray(a, dtype=np.float32)
-        out = np.empty(a.shape, dtype=np.float16)
+        if buf.size < a.size:
+            buf = np.empty(a.size, dtype=np.float16)
+        out = buf[:a.size].reshape(a.shape)
         fn(a.ctypes.data, out.ctypes.data, a.size)
         return out
 
