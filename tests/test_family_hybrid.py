@@ -36,7 +36,7 @@ CASES = {"qwen35": ("qwen35", True, True), "qwen35-nomtp": ("qwen35", True, Fals
 SLOW = pytest.mark.slow
 COMPARED = [("qwen35", "f16"), pytest.param("qwen35", "q8_0", marks=SLOW), pytest.param("qwen35-nomtp", "f16", marks=SLOW),
             ("qwen35moe", "bf16"), pytest.param("qwen3next", "f16", marks=SLOW), ("qwen3next", "q8_0"),
-            ("qwen3next-nomtp", "f16")]
+            pytest.param("qwen3next-nomtp", "f16", marks=SLOW)]
 
 
 @pytest.fixture(scope="module")
