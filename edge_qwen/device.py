@@ -48,22 +48,63 @@ DEFAULT_PARALLEL_GPU = 8
 def kv_cache_bytes(metadata: dict[str, Any], cells: int, type_k: int = 1, type_v: int = 1) -> int:
     """Bytes of a KV cache of `cells` tokens for the model described by GGUF `metadata`.
 
-    Per cell and layer llama.cpp stores head_count_kv keys of key_length and values of
+    Per cell and attention layer llama.cpp stores head_count_kv keys of key_length and values of
     value_length (both embedding_length / head_count unless the GGUF says otherwise), in
-    type_k / type_v (ggml type ids; 1 = f16, the default).
+    type_k / type_v (ggml type ids; 1 = f16, the default). A hybrid model's linear-attention
+    layers hold no KV cells (their recurrent state is `recurrent_state_bytes`).
     """
     arch = metadata.get("general.architecture", "")
 
     def get(key: str, default: Any = None) -> Any:
         return metadata.get(f"{arch}.{key}", default)
 
-    layers, embd, heads = int(get("block_count", 0)), int(get("embedding_length", 0)), int(get("attention.head_count", 1))
+    layers, embd, heads = attention_layers(metadata), int(get("embedding_length", 0)), int(get("attention.head_count", 1))
     heads_kv = get("attention.head_count_kv", heads)
     heads_kv = int(max(heads_kv) if isinstance(heads_kv, list) else heads_kv)
     head_k = int(get("attention.key_length", embd // max(heads, 1)))
     head_v = int(get("attention.value_length", embd // max(heads, 1)))
     per_cell = layers * heads_kv * (head_k * KV_TYPE_BYTES.get(type_k, 2.0) + head_v * KV_TYPE_BYTES.get(type_v, 2.0))
     return int(per_cell * cells)
+
+
+def _recurrent_flags(metadata: dict[str, Any]) -> list[bool]:
+    """Which of the model's blocks (not its MTP block) are recurrent (Gated DeltaNet / SSM)."""
+    arch = metadata.get("general.architecture", "")
+    n = int(metadata.get(f"{arch}.block_count", 0) or 0) - int(metadata.get(f"{arch}.nextn_predict_layers", 0) or 0)
+    if not metadata.get(f"{arch}.ssm.conv_kernel"):
+        return [False] * max(n, 0)
+    flags = metadata.get(f"{arch}.attention.recurrent_layers")
+    if isinstance(flags, list) and len(flags) >= n:
+        return [bool(f) for f in flags[:n]]
+    every = int(metadata.get(f"{arch}.full_attention_interval", 4) or 4)  # llama.cpp's rule without the array
+    return [(i + 1) % every != 0 for i in range(n)]
+
+
+def attention_layers(metadata: dict[str, Any]) -> int:
+    """Blocks that keep a KV cache: all of them, less a hybrid model's recurrent ones and its MTP block."""
+    flags = _recurrent_flags(metadata)
+    return len(flags) - sum(flags)
+
+
+def recurrent_state_bytes(metadata: dict[str, Any], n_seq: int = 1) -> int:
+    """Bytes of the recurrent state of `n_seq` sequences (0 for attention-only models).
+
+    Each recurrent layer keeps, per sequence and whatever its length, a conv state of
+    (conv_kernel - 1) x (inner_size + 2 x group_count x state_size) and a delta-rule state of
+    state_size x inner_size, float32 (llama.cpp's n_embd_r and n_embd_s). Every slot of
+    --parallel holds its own: it is allocated per sequence, not per cell.
+    """
+    arch = metadata.get("general.architecture", "")
+
+    def get(key: str) -> int:
+        return int(metadata.get(f"{arch}.{key}", 0) or 0)
+
+    layers = sum(_recurrent_flags(metadata))
+    if not layers:
+        return 0
+    conv, inner, groups, state = get("ssm.conv_kernel"), get("ssm.inner_size"), get("ssm.group_count"), get("ssm.state_size")
+    per_layer = (max(conv - 1, 0) * (inner + 2 * groups * state) + state * inner) * 4
+    return layers * per_layer * n_seq
 
 
 def default_parallel(device: str, n_ctx: int, metadata: dict[str, Any] | None = None) -> int:
@@ -77,7 +118,7 @@ def default_parallel(device: str, n_ctx: int, metadata: dict[str, Any] | None = 
             budget = psutil.virtual_memory().total / 4
         except (ImportError, OSError):
             budget = 4 << 30
-        per_slot = max(kv_cache_bytes(metadata, n_ctx), 1)
+        per_slot = max(kv_cache_bytes(metadata, n_ctx) + recurrent_state_bytes(metadata), 1)
         n = max(1, min(n, int(budget // per_slot)))
     return n
 
@@ -85,7 +126,11 @@ def default_parallel(device: str, n_ctx: int, metadata: dict[str, Any] | None = 
 def describe_kv(metadata: dict[str, Any], n_ctx: int, parallel: int, type_k: int = 1, type_v: int = 1) -> str:
     """'4 slots x 4096 tokens = 16384 cells, 192 MiB': the KV memory of an engine, for people."""
     b = kv_cache_bytes(metadata, n_ctx * parallel, type_k, type_v)
-    return f"{parallel} slot{'s' if parallel != 1 else ''} x {n_ctx} tokens = {n_ctx * parallel} cells, {b / 2**20:.0f} MiB"
+    text = f"{parallel} slot{'s' if parallel != 1 else ''} x {n_ctx} tokens = {n_ctx * parallel} cells, {b / 2**20:.0f} MiB"
+    r = recurrent_state_bytes(metadata, parallel)
+    if r:  # a hybrid model: each slot also holds its recurrent state, whatever its length
+        text += f" + recurrent state {parallel} x {r / parallel / 2**20:.1f} MiB = {r / 2**20:.1f} MiB"
+    return text
 
 
 def physical_cores() -> int:

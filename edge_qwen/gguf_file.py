@@ -16,6 +16,10 @@ from .errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("qwen2", "qwen3", "qwen2moe", "qwen3moe", "qwen2vl")  # the Qwen family (issue 14)
+# Gated DeltaNet linear attention interleaved with full attention (issue 23): Qwen3.5/3.6, Qwen3-Next,
+# Qwen3.8-Flash-Next. Their recurrent state cannot be cut back to a prefix (see engine.scheduler).
+HYBRID_ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next", "qwen4exp")
+SUPPORTED_ARCHITECTURES += HYBRID_ARCHITECTURES
 
 # Qwen3-VL (issue 23): its text models, which take images with their --mmproj vision tower
 SUPPORTED_ARCHITECTURES += ("qwen3vl", "qwen3vlmoe")
@@ -214,3 +218,36 @@ def check_gguf(path: str | os.PathLike, architectures: tuple[str, ...] | None = 
     return GGUFInfo(path=p, size=p.stat().st_size, architecture=arch,
                     file_type=int(ft) if isinstance(ft, int) else None,
                     n_tensors=len(tensors), n_params=n_params, metadata=meta, tensor_types=types)
+
+
+def layer_kinds(metadata: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], int, int]]) -> dict[str, Any]:
+    """What each block of a model is, from its tensors: "attention", "linear_attention" (Gated
+    DeltaNet / SSM state: ssm_* tensors) or "mtp" (the multi-token-prediction block after the
+    model's, `nextn_predict_layers`), each with "+moe" when it has experts. Returns
+    {"blocks": [kind per block], "counts": {kind: n}}."""
+    arch = metadata.get("general.architecture", "")
+    n_blocks = int(metadata.get(f"{arch}.block_count") or 0)
+    n_mtp = int(metadata.get(f"{arch}.nextn_predict_layers") or 0)
+    parts: dict[int, set[str]] = {}
+    for name, *_ in tensors:
+        p = name.split(".")
+        if len(p) > 2 and p[0] == "blk" and p[1].isdigit():
+            parts.setdefault(int(p[1]), set()).add(p[2])
+    blocks = []
+    for b in range(n_blocks):
+        t = parts.get(b, set())
+        if n_mtp and b >= n_blocks - n_mtp:
+            kind = "mtp"
+        elif any(x.startswith("ssm_") for x in t):
+            kind = "linear_attention"
+        elif t & {"attn_q", "attn_qkv", "attn_k"}:
+            kind = "attention"
+        else:
+            kind = "other"
+        if t & {"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"}:
+            kind += "+moe"
+        blocks.append(kind)
+    counts: dict[str, int] = {}
+    for k in blocks:
+        counts[k] = counts.get(k, 0) + 1
+    return {"blocks": blocks, "counts": counts}

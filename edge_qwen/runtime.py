@@ -361,7 +361,7 @@ class EdgeQwen:
         `retry_cut` (the caller collects the whole reply, as a non-streamed chat does): a JSON answer
         cut at max_tokens is retried once under a stricter variant of its schema (engine/json_retry.py).
         """
-        from .engine.reasoning import EMPTY_THINK, AfterThinking, plan_thinking, think_close_id
+        from .engine.reasoning import EMPTY_THINK, THINK_OPEN, AfterThinking, plan_thinking, think_close_id
         from .engine.tool_calls import ToolCallConstraint, prepare_history
 
         self._check_open()
@@ -378,7 +378,11 @@ class EdgeQwen:
         _, prompt = self.fit_messages(messages, max_tokens, tools.specs if active else None)
         thinking = plan_thinking(self, messages, enable_thinking)
         if thinking.split and not thinking.thinking:  # Qwen3's switch: an empty think block, then the answer
-            prompt = prompt + self.tokenize(EMPTY_THINK)
+            opened = self.tokenize(THINK_OPEN + "\n")
+            if prompt[-len(opened):] == opened:  # the template opened it (Qwen3.5): tokens as its enable_thinking=false
+                prompt = prompt[:-1] + self.tokenize(EMPTY_THINK[len(THINK_OPEN):])
+            else:
+                prompt = prompt + self.tokenize(EMPTY_THINK)
         if max_tokens is None:
             params = dataclasses.replace(params, max_tokens=min(default_max_tokens, self.n_ctx - len(prompt)))
         if active:

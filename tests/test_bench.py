@@ -120,7 +120,8 @@ def test_resume_refuses_results_of_other_settings(sweep, f16):
 
 def test_memory_estimate(f16):
     shape = model_shape(f16)
-    assert shape == {"n_layer": 24, "n_head": 14, "n_head_kv": 2, "head_dim": 64, "n_embd": 896, "n_vocab": 151936}
+    assert shape == {"n_layer": 24, "n_head": 14, "n_head_kv": 2, "head_dim": 64, "n_embd": 896, "n_vocab": 151936,
+                     "n_layer_kv": 24, "recurrent_bytes": 0}  # attention only: no recurrent state
     assert kv_cache_bytes(shape, 4096) == 2 * 24 * 4096 * 2 * 64 * 2 == 50_331_648  # llama.cpp says 48.00 MiB
     # llama.cpp 0.3.36 reports 302.00 MiB at 4096 and 489.26 MiB at 16384 for this model
     assert abs(compute_buffer_bytes(shape, 4096) / 2**20 - 302.0) < 5

@@ -229,8 +229,8 @@ def _edit_config(folder: Path, fn) -> None:
     ("qwen3moe", lambda c: c.update(mlp_only_layers=[1]), "mlp_only_layers"),
     ("qwen3moe", lambda c: c.pop("moe_intermediate_size"), "moe_intermediate_size"),
     ("qwen2vl", lambda c: c["vision_config"].update(fullatt_block_indexes=[0, 3]), "fullatt_block_indexes"),
-    ("qwen3", lambda c: c.update(architectures=["Qwen3NextForCausalLM"], model_type="qwen3_next"),
-     "Qwen3NextForCausalLM is not supported"),
+    ("qwen3", lambda c: c.update(architectures=["Qwen5ForCausalLM"], model_type="qwen5"),  # a future Qwen
+     "Qwen5ForCausalLM is not supported"),
 ])
 def test_bad_family_checkpoint(family, tmp_path, arch, change, message):
     src = tmp_path / "src"

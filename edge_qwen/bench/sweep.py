@@ -306,14 +306,21 @@ def model_shape(path: str | os.PathLike) -> dict[str, int]:
     n_embd = int(meta[f"{arch}.embedding_length"])
     n_head = int(meta[f"{arch}.attention.head_count"])
     emb = next((shape for name, shape, _, _ in tensors if name == "token_embd.weight"), None)
+    from ..device import attention_layers, recurrent_state_bytes
+
     return {"n_layer": int(meta[f"{arch}.block_count"]), "n_head": n_head,
             "n_head_kv": int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
-            "head_dim": n_embd // n_head, "n_embd": n_embd, "n_vocab": int(emb[1]) if emb else 151936}
+            "head_dim": int(meta.get(f"{arch}.attention.key_length", n_embd // n_head)),
+            "n_embd": n_embd, "n_vocab": int(emb[1]) if emb else 151936,
+            # a hybrid model: KV cells in its attention layers only, a recurrent state per sequence
+            "n_layer_kv": attention_layers(meta), "recurrent_bytes": recurrent_state_bytes(meta)}
 
 
-def kv_cache_bytes(shape: dict[str, int], n_ctx: int) -> int:
-    """f16 K and V for every layer: 2 * n_layer * n_ctx * n_head_kv * head_dim * 2 bytes."""
-    return 2 * shape["n_layer"] * n_ctx * shape["n_head_kv"] * shape["head_dim"] * 2
+def kv_cache_bytes(shape: dict[str, int], n_ctx: int, parallel: int = 1) -> int:
+    """f16 K and V for every attention layer (2 * n_layer_kv * n_ctx * n_head_kv * head_dim * 2 bytes) per
+    slot, plus each slot's recurrent state (hybrid models): `parallel` slots of n_ctx tokens."""
+    kv = 2 * shape.get("n_layer_kv", shape["n_layer"]) * n_ctx * shape["n_head_kv"] * shape["head_dim"] * 2
+    return (kv + shape.get("recurrent_bytes", 0)) * parallel
 
 
 def compute_buffer_bytes(shape: dict[str, int], n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
@@ -327,11 +334,12 @@ def compute_buffer_bytes(shape: dict[str, int], n_ctx: int, n_ubatch: int = N_UB
 
 
 def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: int, n_ctx: int = 4096,
-              quiet: bool = False) -> dict[str, Any]:
+              quiet: bool = False, parallel: int = 1) -> dict[str, Any]:
     """The lowest-KL type whose memory need (file + KV cache for n_ctx + compute buffer) fits.
 
     `source` is a sweep folder / results.json, the rows `run_sweep` returned, or an f16 GGUF
     (then a quick sweep of all default types runs, or resumes, under the store's bench folder).
+    `parallel` slots each hold n_ctx tokens of KV cache and, on a hybrid model, their own recurrent state.
     Returns {"choice", "n_ctx", "max_ram_bytes", "candidates": [...]} (candidates sorted by KL);
     raises BenchError, with the smallest need, when nothing fits.
     """
@@ -358,7 +366,7 @@ def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: i
     if shape is None:
         raise BenchError("these results carry no model shape (made by an older edge-qwen); run the sweep again")
     try:  # a results.json edited or damaged by hand: one line, not a KeyError
-        kv, compute = kv_cache_bytes(shape, n_ctx), compute_buffer_bytes(shape, n_ctx)
+        kv, compute = kv_cache_bytes(shape, n_ctx, parallel), compute_buffer_bytes(shape, n_ctx)
         cands = []
         for r in rows:
             need = r["size_bytes"] + kv + compute
@@ -378,7 +386,8 @@ def recommend(source: str | os.PathLike | list[dict[str, Any]], max_ram_bytes: i
             f"no measured type fits in {max_ram_bytes / 1e6:.0f} MB with a {n_ctx}-token context: the smallest, "
             f"{small['type']}, needs {small['need_bytes'] / 1e6:.0f} MB (file {small['size_bytes'] / 1e6:.0f} MB + "
             f"KV cache {kv / 1e6:.0f} MB + compute {compute / 1e6:.0f} MB); raise --max-ram or lower --ctx")
-    return {"choice": fitting[0]["type"], "n_ctx": n_ctx, "max_ram_bytes": max_ram_bytes, "candidates": cands}
+    return {"choice": fitting[0]["type"], "n_ctx": n_ctx, "max_ram_bytes": max_ram_bytes, "parallel": parallel,
+            "recurrent_bytes": int(shape.get("recurrent_bytes", 0)) * parallel, "candidates": cands}
 
 
 def _worker_main(argv: list[str]) -> int:

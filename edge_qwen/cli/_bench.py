@@ -89,8 +89,11 @@ def bench_cmd(f16_gguf, model_opt, types, out_dir, quick, imatrix, no_resume, ke
 @click.option("--max-ram", required=True, type=SizeType(), help="RAM budget for model + KV cache, e.g. 1.5GB.")
 @click.option("--ctx", "n_ctx", default=4096, show_default=True, type=click.IntRange(min=16),
               help="Context length the model will be loaded with.")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Slots served at once (serve --parallel): each holds a KV cache of --ctx tokens and, on a "
+                   "hybrid model (Qwen3.5, Qwen3-Next), its own recurrent state.")
 @quiet_option
-def recommend_cmd(source, max_ram, n_ctx, quiet):
+def recommend_cmd(source, max_ram, n_ctx, parallel, quiet):
     """The best-quality (lowest KL) type that fits --max-ram, from SOURCE: a bench folder or an f16 GGUF model."""
     from pathlib import Path
 
@@ -103,7 +106,7 @@ def recommend_cmd(source, max_ram, n_ctx, quiet):
     if not Path(source).exists():
         raise EdgeQwenError(f"{source} does not exist ({missing_path_note(source)}); give a bench --out folder or "
                             "an f16 GGUF")
-    rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet)
+    rec = recommend(source, max_ram, n_ctx=n_ctx, quiet=quiet, parallel=parallel)
     mb = lambda v: "-" if v is None else f"{v / 1e6:.0f}"  # noqa: E731
     click.echo("| Type | Size (MB) | KV cache (MB) | Compute (MB) | Need (MB) | Measured RSS (MB) | KL mean | PPL | Fits |")
     click.echo("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |")
@@ -114,5 +117,8 @@ def recommend_cmd(source, max_ram, n_ctx, quiet):
         click.echo(f"| {mark}{c['type']}{' (ref)' if c['reference'] else ''}{mark} | {mb(c['size_bytes'])} | "
                    f"{mb(c['kv_bytes'])} | {mb(c['compute_bytes'])} | {mb(c['need_bytes'])} | "
                    f"{mb(c['peak_rss_bytes'])} | {kl} | {ppl} | {'yes' if c['fits'] else 'no'} |")
+    if rec["recurrent_bytes"]:
+        click.echo(f"\nKV cache includes the recurrent state of {parallel} slot(s): "
+                   f"{rec['recurrent_bytes'] / 1e6:.1f} MB (per sequence, whatever its length)")
     click.echo(f"\nRecommended: {rec['choice']} (lowest KL divergence that fits {max_ram / 1e6:.0f} MB "
-               f"with a {n_ctx}-token context)")
+               f"with a {n_ctx}-token context{f' x {parallel} slots' if parallel > 1 else ''})")

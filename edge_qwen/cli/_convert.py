@@ -28,14 +28,18 @@ from .options import force_option, model_option, model_path, pick_model, quiet_o
 @click.option("--mmproj", is_flag=True,
               help="Write the vision tower of a Qwen2.5-VL, Qwen3-VL or Qwen3.5 checkpoint (the mmproj GGUF for --mmproj) "
                    "instead of its text model.")
+@click.option("--no-mtp", "no_mtp", is_flag=True,
+              help="Leave out the multi-token-prediction block (mtp.*) of a Qwen3.5/3.6 or Qwen3-Next "
+                   "checkpoint, as llama.cpp's --no-mtp.")
 @force_option
 @quiet_option
 def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix: str | None,
-            calibration: str | None, mmproj: bool, force: bool, quiet: bool) -> None:
+            calibration: str | None, mmproj: bool, no_mtp: bool, force: bool, quiet: bool) -> None:
     """Convert a Hugging Face Qwen checkpoint (folder or pulled repo id) to GGUF.
 
     Qwen2/2.5, Qwen3, Qwen2-MoE, Qwen3-MoE, Qwen2.5-VL and Qwen3-VL (text model; --mmproj for
-    its vision tower, also of Qwen3.5). With --type, quantize the converted model in the same step.
+    its vision tower, also of Qwen3.5), Qwen3.5/3.6 and Qwen3-Next (with their MTP block unless
+    --no-mtp), Qwen3-Embedding and Qwen3-Reranker. With --type, quantize the converted model in the same step.
     """
     if mmproj and qtype is not None:
         raise click.BadParameter("a vision tower (--mmproj) is not quantized; use --outtype f16 or q8_0",
@@ -45,14 +49,14 @@ def convert(src: str, out: str | None, outtype: str, qtype: str | None, imatrix:
             raise click.BadParameter("--imatrix and --calibration need --type", param_hint="--type")
         from ..convert.writer import convert as run_convert
 
-        path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet, mmproj=mmproj)
+        path = run_convert(src, out, outtype=outtype, force=force, quiet=quiet, mmproj=mmproj, mtp=not no_mtp)
         if not quiet:
             click.echo(f"wrote {path}")
         return
     from ..quant.quantize import convert_and_quantize
 
     res = convert_and_quantize(src, out, qtype=qtype, force=force, quiet=quiet,
-                               imatrix=imatrix, calibration=calibration)
+                               imatrix=imatrix, calibration=calibration, mtp=not no_mtp)
     for f in res.files:
         click.echo(f"wrote {f.path}  ({f.qtype}, {f.size / 2**20:.1f} MiB, {f.bits_per_weight:.2f} bpw)")
 
@@ -78,6 +82,9 @@ def inspect(file: str | None, model_opt: str | None, as_json: bool) -> None:
                f"{info['n_params'] / 1e6:.1f} M parameters, {info['bits_per_weight']:.2f} bits/weight")
     click.echo("tensors: " + ", ".join(f"{t} {n}" for t, n in info["tensor_types"].items())
                + f" ({info['n_tensors']} in all)")
+    if info["layers"]:
+        click.echo(f"layers: {len(info['layers'])} (" + ", ".join(
+            f"{n} {k.replace('_', ' ').replace('+moe', ' + MoE')}" for k, n in info["layer_kinds"].items()) + ")")
     for title, section in (("provenance", info["provenance"]), ("metadata", info["metadata"])):
         click.echo(f"{title}:")
         for k, v in section.items():

@@ -314,19 +314,37 @@ def _schema_errors(schema: str | None, json_object: bool):
 @main.command()
 @click.option("--no-offload-check", is_flag=True, help="Skip loading the model on the GPU to prove offload.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def doctor(no_offload_check: bool, as_json: bool) -> None:
+@click.option("--model", "model_path", type=click.Path(), default=None,
+              help="Also size this GGUF's KV cache (and a hybrid model's recurrent state) for --parallel slots.")
+@click.option("--parallel", default=None, type=click.IntRange(min=1),
+              help="With --model: slots served at once (default: serve's default for this machine).")
+def doctor(no_offload_check: bool, as_json: bool, model_path: str | None, parallel: int | None) -> None:
     """Report the llama.cpp build (CPU/Metal/CUDA), CPU features, threads and the default model."""
     from dataclasses import asdict
 
     from ..device import doctor as run_doctor
 
     report = run_doctor(check_offload=not no_offload_check)
+    memory = _model_memory(model_path, parallel) if model_path else None
     if as_json:
-        click.echo(json.dumps(asdict(report), indent=2))
+        click.echo(json.dumps({**asdict(report), **({"model_memory": memory} if memory else {})}, indent=2))
     else:
         for line in report.lines():
             click.echo(line)
         _kv_lines(report.default_model if report.default_model_present else None)
+        if memory:
+            click.echo(f"{memory['model']}: {memory['describe']}")
+
+
+def _model_memory(model: str, parallel: int | None) -> dict:
+    """KV cache and recurrent state of `model` served with `parallel` slots of 4096 tokens."""
+    from ..device import default_parallel, describe_kv, kv_cache_bytes, recurrent_state_bytes, select_device
+    from ..gguf_file import check_gguf
+
+    meta = check_gguf(model).metadata
+    n = parallel or default_parallel(select_device("auto").device, 4096, meta)
+    return {"model": model, "parallel": n, "n_ctx": 4096, "kv_bytes": kv_cache_bytes(meta, 4096 * n),
+            "recurrent_state_bytes": recurrent_state_bytes(meta, n), "describe": describe_kv(meta, 4096, n)}
 
 
 def _kv_lines(model: str | None) -> None:

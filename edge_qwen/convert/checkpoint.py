@@ -28,7 +28,7 @@ SINGLE_FILE = "model.safetensors"
 # safetensors dtype name -> (numpy dtype name used to read the raw bytes, bytes per value)
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("uint16", 2)}
 # Newer transformers save a VL model's parts under these prefixes; llama.cpp reads both spellings.
-_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."),
+_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."), ("model.mtp.", "mtp."),
             # a headless model saved bare (Qwen3-Embedding): the published names without "model."
             ("embed_tokens.", "model.embed_tokens."), ("layers.", "model.layers."), ("norm.", "model.norm."))
 
@@ -56,12 +56,15 @@ class TensorRef:
     def nbytes(self) -> int:
         return _DTYPES[self.dtype][1] * _numel(self.shape)
 
-    def chunks(self, max_bytes: int = 64 << 20, rows: tuple[int, int] | None = None) -> Iterator[Any]:
+    def chunks(self, max_bytes: int = 64 << 20, rows: tuple[int, int] | None = None,
+               raw: bool = False) -> Iterator[Any]:
         """Yield float32 row blocks of the tensor (rows of the first axis), read via mmap.
 
         `rows` limits the blocks to rows [start, stop) (the elements of a 1-D tensor). Each
         block's memory map is dropped before the next one is made, so resident memory stays at
-        one block however large the tensor is. bf16 is widened exactly to float32.
+        one block however large the tensor is. bf16 is widened exactly to float32. `raw`: f32
+        and f16 blocks are the memory map itself (read-only, no copy); the caller drops each
+        block before taking the next.
         """
         import numpy as np
 
@@ -82,6 +85,8 @@ class TensorRef:
                     f"file was cut short or changed while being read); {fetch_again(self.file.parent)}") from None
             if self.dtype == "BF16":
                 block = (mm.astype(np.uint32) << 16).view(np.float32)
+            elif raw:
+                block = mm.view(np.ndarray)  # the mapped pages, kept until the caller drops the block
             else:
                 block = mm.astype(np.float32)
             del mm
@@ -137,23 +142,40 @@ class TensorSource:
     shape: tuple[int, ...]  # numpy order
     pieces: list[Piece]
     row: Any  # the archs.Row it comes from
+    sizes: dict[str, int] = field(default_factory=dict)  # the config's sizes, for the row's transforms
 
     @property
     def file(self) -> Path:
         return self.pieces[0].ref.file
 
-    def chunks(self, max_bytes: int = 64 << 20) -> Iterator[Any]:
-        """float32 row blocks of the GGUF tensor, in the order its bytes are laid out."""
+    def chunks(self, max_bytes: int = 64 << 20, raw: bool = False) -> Iterator[Any]:
+        """float32 row blocks of the GGUF tensor, in the order its bytes are laid out (`raw`: see TensorRef.chunks)."""
         import numpy as np
 
+        if self.row is not None and self.row.fn:
+            # a transformed tensor (a hybrid model's head reorder, -exp(A_log), ...): read whole,
+            # transformed as llama.cpp's converter does, then streamed in row blocks
+            from .archs.transforms import apply
+
+            data = apply(self.row.fn, self._read_pieces(), self.sizes)
+            if tuple(data.shape) != tuple(self.shape):
+                raise RuntimeError(f"internal error: {self.gguf_name} transformed to {data.shape}, planned {self.shape}")
+            if data.ndim == 1:
+                yield data
+                return
+            row = max(1, _numel(data.shape[1:]) * 4)
+            step = max(1, max_bytes // row)
+            for start in range(0, data.shape[0], step):
+                yield data[start:start + step]
+            return
         for piece in self.pieces:
             ref, take = piece.ref, piece.take
             if take is None:
-                yield from ref.chunks(max_bytes)
+                yield from ref.chunks(max_bytes, raw=raw)
             elif take.startswith("rows:"):
                 i, n = (int(x) for x in take[5:].split("/"))
                 per = ref.shape[0] // n
-                yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per))
+                yield from ref.chunks(max_bytes, rows=(i * per, (i + 1) * per), raw=raw)
             elif take.startswith("xT:"):  # each expert's column block, transposed (one expert at a time)
                 i, n = (int(x) for x in take[3:].split("/"))
                 width = ref.shape[2] // n
@@ -163,9 +185,23 @@ class TensorSource:
             elif take.startswith("pick:"):  # chosen rows, in the order given (a reranker's classifier)
                 for i in (int(x) for x in take[5:].split(",")):
                     yield from ref.chunks(max_bytes, rows=(i, i + 1))
+            elif take.startswith("mid:"):  # part i of n of axis 1, expert by expert (fused gate_up_proj)
+                i, n = (int(x) for x in take[4:].split("/"))
+                per = ref.shape[1] // n
+                flat = TensorRef(ref.name, ref.file, ref.offset, ref.dtype, (ref.shape[0] * ref.shape[1],) + ref.shape[2:])
+                for e in range(ref.shape[0]):
+                    start = e * ref.shape[1] + i * per
+                    for block in flat.chunks(max_bytes, rows=(start, start + per)):
+                        yield block[None]
             else:  # "t:i": a patch convolution, small enough to read whole
                 t = int(take[2:])
                 yield np.ascontiguousarray(ref.read()[:, :, t])
+
+    def _read_pieces(self) -> Any:
+        import numpy as np
+
+        parts = [p.ref.read() for p in self.pieces]
+        return parts[0] if len(parts) == 1 else np.stack(parts)
 
 
 def _numel(shape) -> int:
@@ -191,11 +227,14 @@ def expected_tensors(config: dict[str, Any], path: Path = Path("."), part: str =
     """
     from .archs import find_architecture
 
+    from .archs import row_blocks
+
     arch = find_architecture(config, path, part)
     sizes = arch.sizes(config, path)
+    kinds = arch.layer_kinds(config) if arch.layer_kinds is not None else None
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for row in arch.tensors:
-        for b, gb in arch.block_pairs(row, sizes, config, path):
+        for b, gb in row_blocks(arch, row, sizes, kinds, config, path):
             xids = range(sizes["E"]) if "{xid}" in row.hf else [None]
             for x in xids:
                 out.setdefault(row.hf.format(bid=b, xid=x), (row.gguf_name(gb), row.hf_shape(sizes)))
@@ -208,11 +247,14 @@ def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
     `lm_head.weight` is planned whenever the checkpoint stores it, tied or not: llama.cpp's
     converter writes it too, and llama.cpp then uses it instead of the embedding.
     """
+    from .archs import dims, row_blocks
+
     arch = ckpt.arch
     sizes = arch.sizes(ckpt.config, ckpt.path)
+    kinds = arch.layer_kinds(ckpt.config) if arch.layer_kinds is not None else None
     plan: list[tuple[int, TensorSource]] = []
     for order, row in enumerate(arch.tensors):
-        for b, gb in arch.block_pairs(row, sizes, ckpt.config, ckpt.path):
+        for b, gb in row_blocks(arch, row, sizes, kinds, ckpt.config, ckpt.path):
             name = row.hf.format(bid=b, xid="{xid}")
             if "{xid}" in row.hf:
                 refs = [ckpt.tensors[name.format(xid=x)] for x in range(sizes["E"])]
@@ -221,8 +263,8 @@ def tensor_plan(ckpt: Checkpoint) -> list[TensorSource]:
                 if name not in ckpt.tensors:  # only lm_head of a tied checkpoint (checked in _validate)
                     continue
                 refs, label = [ckpt.tensors[name]], name
-            shape = tuple(sizes[d] for d in row.shape.split(","))
-            src = TensorSource(label, row.gguf_name(gb), shape, [Piece(r, row.take) for r in refs], row)
+            shape = dims(row.shape, sizes)
+            src = TensorSource(label, row.gguf_name(gb), shape, [Piece(r, row.take) for r in refs], row, sizes)
             plan.append(((-1 if gb is None else gb), order, src))  # type: ignore[arg-type]
     plan.sort(key=lambda item: (item[0], item[1]))
     return [src for *_k, src in plan]
@@ -336,13 +378,14 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     return header, start
 
 
-def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, part: str = "model", mtp: bool = True) -> Checkpoint:
     """Validate a checkpoint folder and index its tensors (no tensor data is read).
 
     Checks: config.json and architecture; every shard present and complete; every tensor
     known to the architecture's table (or deliberately skipped, or of the other part of a VL
     checkpoint), of dtype F32/F16/BF16 and of the shape the config implies; no required
     tensor missing. `part="mmproj"` checks the vision tower instead of the text model.
+    `mtp=False` leaves a hybrid model's MTP block (`mtp.*`) out, as llama.cpp's --no-mtp.
     Raises CheckpointError naming the file, tensor or key and what to do.
     """
     from .archs import find_architecture
@@ -393,6 +436,10 @@ def open_checkpoint(path: str | os.PathLike, part: str = "model") -> Checkpoint:
             if canonical_name(tname) not in ckpt.tensors:
                 raise CheckpointError(f"tensor {tname!r} is listed in {INDEX_FILE} but missing from {shard}; "
                                       f"{fetch_again(folder)}")
+    if arch.mtp and part == "model":  # how many MTP layers the GGUF gets (0: --no-mtp), for the sizes
+        from .archs.hybrid import mtp_layers
+
+        ckpt.config = {**config, "_mtp_layers": mtp_layers(config, list(ckpt.tensors), folder, mtp)}
     _validate(ckpt)
     return ckpt
 
@@ -416,6 +463,8 @@ def _validate(ckpt: Checkpoint) -> None:
     for name, ref in ckpt.tensors.items():
         if name.startswith(arch.other_part_prefixes):
             continue  # converted by the other part's table (the text model / the vision tower)
+        if arch.mtp and name.startswith("mtp.") and not ckpt.config.get("_mtp_layers"):
+            continue  # the MTP block, left out (--no-mtp)
         if ref.dtype not in _DTYPES:
             raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} has dtype {ref.dtype}; edge-qwen reads "
                                   "F32, F16 and BF16 checkpoints only (dequantize GPTQ/AWQ checkpoints first)")
@@ -429,6 +478,10 @@ def _validate(ckpt: Checkpoint) -> None:
             raise CheckpointError(f"tensor {ref.name!r} in {ref.file.name} has shape {list(ref.shape)} but config.json "
                                   f"implies {list(shape)}; the weights do not match config.json")
     for name in expected:
+        if name.startswith("mtp.") and name not in ckpt.tensors:
+            raise CheckpointError(f"the MTP block of {ckpt.path} is incomplete: tensor {name!r} is missing; download "
+                                  "the complete checkpoint, or convert with --no-mtp (mtp=False) to leave the MTP "
+                                  "block out")
         if name not in ckpt.tensors and not (name == "lm_head.weight" and ckpt.tied):
             raise CheckpointError(f"tensor {name!r} is missing from {ckpt.path}; the checkpoint is incomplete "
                                   f"(download all shards) or is not a {arch.name} model")

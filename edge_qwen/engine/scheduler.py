@@ -20,6 +20,13 @@ in a shared pool the cells are shared; across streams the slot's buffer is copie
 the prefix; either way nothing is recomputed) -- but only between requests with the same `cache_key`,
 so prefixes (and timing) never leak between API keys / cache_salt scopes.
 
+Hybrid and recurrent models (Qwen3.5/3.6, Qwen3-Next: Gated DeltaNet layers beside attention)
+keep a recurrent state per sequence that cannot be cut back to a prefix the way attention KV
+cells can. On them (`exact_prefix` False) every request evaluates its whole prompt afresh: no
+cached prefix, no copy between slots, no host cache, and no placeholder tokens in idle slots
+(a placeholder would advance the idle slot's state). Correct, never wrong, until their prompt
+cache is made exact with state checkpoints.
+
 Batched logits are not bit-identical to single-sequence logits (other rows change the matrix
 shapes llama.cpp computes with), see docs/runtime.md for what a seed still reproduces.
 """
@@ -116,6 +123,11 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk or max(32, self.n_batch // 4))
         self.pieces = pieces or TokenPieces(llama)
         self.n_vocab = llama.n_vocab()
+        model = llama.model
+        # Attention KV can be cut at any position; a recurrent state only as a whole (see the module docstring).
+        self.exact_prefix = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        if not self.exact_prefix:
+            host_cache_mb = 0
 
         params = llama_cpp.llama_context_params.from_buffer_copy(llama.context_params)
         params.n_ctx = self.kv_cells
@@ -430,6 +442,10 @@ class Engine:
         import llama_cpp
 
         prompt, key = seq.req.prompt, seq.req.cache_key
+        if not self.exact_prefix:  # a recurrent state: the whole prompt, evaluated afresh in a cleared slot
+            target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+            self._clear_slot(target, save=False)
+            return target, 0
         limit = len(prompt) - 1  # at least one prompt token must be evaluated for logits
         busy = [s.seq_id for s in self.slots if s.running is not None]
 
@@ -520,7 +536,7 @@ class Engine:
         ids = sorted(plan)
         fill: dict[int, int] = {}  # slot -> position of its placeholder token (removed after the step)
         room = self.n_batch - sum(len(toks) for _, toks, _ in plan.values())
-        for sid in range(ids[0], ids[-1] + 1) if not self.unified else ():
+        for sid in range(ids[0], ids[-1] + 1) if not self.unified and self.exact_prefix else ():
             if sid not in plan and room > 0 and len(self.slots[sid].tokens) < self.n_ctx:  # a free cell there
                 fill[sid] = len(self.slots[sid].tokens)
                 room -= 1

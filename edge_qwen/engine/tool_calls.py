@@ -37,6 +37,7 @@ from .json_schema import check_schema, validate_output
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
+XML_FUNCTION = "<function="  # Qwen3.5 / Qwen3-Coder write calls as XML (engine/tool_calls_xml.py)
 TOOL_CHOICES = ("none", "auto", "required")
 _NAME = re.compile(r'^[^\s"\\<>]{1,64}$')
 _ANY_OBJECT = {"type": "object"}
@@ -332,8 +333,16 @@ class ToolCallConstraint:
     def __init__(self, llm: Any, tools: Tools):
         from .json_constraint import make_constraint
 
-        self._make = lambda: make_constraint(llm, {"type": "json_schema", "json_schema": {
-            "name": "tool_call", "schema": tools.call_schema()}}, param="tools")
+        # A model trained on XML calls (Qwen3.5, Qwen3-Coder: its chat template shows <function=...>)
+        # gets the XML call's grammar after <tool_call> instead of the JSON one (engine/tool_calls_xml.py).
+        self.xml = XML_FUNCTION in (getattr(llm, "chat_template", None) or "")
+        if self.xml:
+            from .tool_calls_xml import make_xml_constraint
+
+            self._make = lambda: make_xml_constraint(llm, tools)
+        else:
+            self._make = lambda: make_constraint(llm, {"type": "json_schema", "json_schema": {
+                "name": "tool_call", "schema": tools.call_schema()}}, param="tools")
         self.tools = tools
         tok = llm.tokenize
         open_ids = tok(OPEN_TAG, special=True)
@@ -356,6 +365,8 @@ class ToolCallConstraint:
         self._after_tokens = 0
         if not tools.constrain or not tools.names:  # measurement mode (nothing masked), or nothing to call
             self.phase, self._watching = "text", False
+        if self.xml:  # a call starts with <tool_call> only (no bare-JSON start to watch for)
+            self._watching = False
 
     # the Constraint protocol
     def mask_logits(self, logits: Any) -> None:
@@ -537,6 +548,7 @@ class ToolCallParser:
         self._current: ToolCall | None = None
         self._end = _ValueEnd()
         self._n = 0                 # calls begun (valid or not): the next call's index
+        self._xml: Any = None       # the XML call being read (tool_calls_xml.XmlCall)
 
     def feed(self, text: str, token_ids: list[int] | None = None) -> list[tuple]:
         if self.mode == "text":
@@ -604,6 +616,10 @@ class ToolCallParser:
         return []
 
     def _call(self) -> list[tuple]:
+        if self._xml is not None or (self._current is None and self._hold.lstrip().startswith(XML_FUNCTION)):
+            return self._call_xml()
+        if self._current is None and XML_FUNCTION.startswith(self._hold.lstrip()) and self._hold.strip():
+            return []  # "<func...": may still become an XML call
         if self._current is None:
             m = _HEADER.match(self._hold)
             if m is None:
@@ -632,6 +648,42 @@ class ToolCallParser:
             events.append(("args", self._current.index, piece))
         if cut >= 0:
             self._hold, self.mode = rest[cut:], "close"
+        return events
+
+    def _call_xml(self) -> list[tuple]:
+        """Qwen3.5 / Qwen3-Coder's XML call: <function=NAME> <parameter=KEY>VALUE</parameter>... </function>.
+
+        The arguments stream as JSON text, one parameter at a time as each closes (see xml_value)."""
+        from .tool_calls_xml import XmlCall
+
+        if self._xml is None:
+            s = self._hold.lstrip()
+            end = s.find(">")
+            if end < 0:
+                return self._give_up() if len(s) > 256 else []
+            name = s[len(XML_FUNCTION):end].strip()
+            if self.tools is None or name not in self.tools.schemas:
+                return self._give_up()
+            self._current = ToolCall(new_call_id(), name, "", self._n)
+            self._n += 1
+            self._xml = XmlCall(self.tools.schemas[name])
+            self._hold = s[end + 1:]
+            return [("call", self._current.index, self._current.id, name)]
+        call = self._current
+        assert call is not None
+        pieces, rest, state = self._xml.feed(self._hold)
+        self._hold = rest
+        events: list[tuple] = []
+        for piece in pieces:
+            call.arguments += piece
+            events.append(("args", call.index, piece))
+        if state == "bad":
+            self._xml = None
+            return events + self._close(valid=False)
+        if state == "done":
+            self._xml = None
+            self.mode = "after"
+            return events + self._close(valid=True)
         return events
 
     def _close(self, valid: bool) -> list[tuple]:

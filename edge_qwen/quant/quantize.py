@@ -391,7 +391,7 @@ def quantize(src: str | os.PathLike, out: str | os.PathLike | None = None, qtype
 
 def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None,
                          qtype: Any = "Q4_K_M", keep_f16: bool = False, force: bool = False,
-                         quiet: bool = False, **quantize_kwargs: Any) -> QuantizeResult:
+                         quiet: bool = False, mtp: bool = True, **quantize_kwargs: Any) -> QuantizeResult:
     """Convert a Hugging Face checkpoint to f16 GGUF, then quantize it, in one step.
 
     The f16 intermediate is written beside the outputs (under a temporary name) and removed
@@ -429,7 +429,7 @@ def convert_and_quantize(checkpoint: str | os.PathLike, out: str | os.PathLike |
         check_output(d, force)
     f16 = f16_name if keep_f16 else partial_path(f16_name)
     try:
-        made = convert(str(checkpoint), f16, outtype="f16", force=force or not keep_f16, quiet=quiet)
+        made = convert(str(checkpoint), f16, outtype="f16", force=force or not keep_f16, quiet=quiet, mtp=mtp)
     except OutputWriteError as e:  # name the intermediate as the user would know it, not its temporary name
         raise type(e)(e.message.replace(str(f16), f"{f16_name} (the f16 intermediate)"), param=e.param) from None
     f16 = Path(getattr(made, "path", made) or f16)

@@ -48,18 +48,29 @@ class Row:
     take: str | None = None
     gguf_suffix: str = ""
     fixed_bid: int | None = None  # a numbered GGUF tensor outside the blocks ("mm.0", "mm.2")
+    # Hybrid models (archs/hybrid.py): `fn` names transforms of archs.transforms.TRANSFORMS applied
+    # in order to the whole tensor (llama.cpp's modify_tensors), `src_shape` the Hugging Face
+    # tensor's shape when they change it; `blocks` the size that numbers this row's "{bid}"
+    # (default the architecture's blocks_key; Qwen3-VL's deepstack mergers, whose GGUF numbers
+    # come from the architecture's `block_ids`), `bid_offset` a size added to the GGUF block number
+    # (an MTP block follows the model's blocks); `only` the layer kind the row belongs to.
+    fn: tuple[str, ...] = ()
+    src_shape: str | None = None
     blocks: str | None = None
+    bid_offset: str | None = None
+    only: str | None = None
 
     def gguf_name(self, bid: int | None = None) -> str:
-        import gguf
-
         bid = self.fixed_bid if self.fixed_bid is not None else bid
-        base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[self.tensor]]
-        return (base.format(bid=bid) if "{bid}" in base else base) + "." + self.suffix + self.gguf_suffix
+        base = tensor_base_name(self.tensor)
+        return (base.format(bid=bid) if "{bid}" in base else base) + ("." + self.suffix if self.suffix else "") \
+            + self.gguf_suffix
 
     def hf_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
         """The shape each Hugging Face piece must have."""
-        shape = tuple(sizes[d] for d in self.shape.split(","))
+        if self.src_shape is not None:
+            return dims(self.src_shape, sizes)
+        shape = dims(self.shape, sizes)
         if "{xid}" in self.hf:
             return shape[1:]
         if self.take and self.take.startswith("rows:"):
@@ -72,6 +83,9 @@ class Row:
             return (shape[0], shape[2], shape[1] * n)
         if self.take and self.take.startswith("pick:"):  # chosen rows of a (V, H) head (a reranker)
             return (sizes["V"],) + shape[1:]
+        if self.take and self.take.startswith("mid:"):  # one of n equal parts of axis 1 (fused gate_up experts)
+            n = int(self.take.split("/")[1])
+            return (shape[0], shape[1] * n) + shape[2:]
         return shape
 
 
@@ -101,24 +115,84 @@ class Architecture:
     # for rows with `blocks`: that size's Hugging Face index -> GGUF block number (a deepstack
     # merger is numbered after the vision block it reads)
     block_ids: Callable[[dict[str, Any], Path], dict[str, tuple[int, ...]]] | None = None
-
-    def block_pairs(self, row: Row, sizes: dict[str, int], config: dict[str, Any], path: Path
-                    ) -> list[tuple[int | None, int | None]]:
-        """(Hugging Face block, GGUF block) for each tensor of `row` ((None, None) if unnumbered)."""
-        if "{bid}" not in row.hf:
-            return [(None, None)]
-        if row.blocks is None:
-            return [(b, b) for b in range(sizes[self.blocks_key])]
-        ids = self.block_ids(config, path)[row.blocks] if self.block_ids is not None else range(sizes[row.blocks])
-        return list(enumerate(ids))
     # the checkpoint's flavour of this architecture (a Qwen3-Reranker), decided from its files
     variant: Callable[[Architecture, dict[str, Any], Path], Architecture] | None = None
+    # the kind of each block ("linear_attention" / "full_attention"), for rows with `only`
+    layer_kinds: Callable[[dict[str, Any]], list[str]] | None = None
+    mtp: bool = False  # carries an MTP block (`mtp.*`) that --no-mtp leaves out
 
     @property
     def arch_name(self) -> str:
         import gguf
 
-        return gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[self.gguf_arch]]
+        member = getattr(gguf.MODEL_ARCH, self.gguf_arch, None)
+        if member is not None and member in gguf.MODEL_ARCH_NAMES:
+            return gguf.MODEL_ARCH_NAMES[member]
+        return EXTRA_ARCH_NAMES[self.gguf_arch]
+
+
+def dims(spec: str, sizes: dict[str, int]) -> tuple[int, ...]:
+    """A shape spec ("E,IE,H", "NV,1") as numbers: config sizes or integer literals."""
+    return tuple(int(d) if d.isdigit() else sizes[d] for d in spec.split(","))
+
+
+# GGUF tensor names newer than the gguf-py on PyPI (0.19.0): llama.cpp's names, kept here so
+# conversion does not depend on an unreleased gguf-py. gguf-py's own table wins where it has one.
+EXTRA_TENSOR_NAMES: dict[str, str] = {
+    "ATTN_GATE": "blk.{bid}.attn_gate",
+    "ATTN_POST_NORM": "blk.{bid}.post_attention_norm",
+    "SSM_CONV1D": "blk.{bid}.ssm_conv1d",
+    "SSM_DT": "blk.{bid}.ssm_dt",
+    "SSM_A": "blk.{bid}.ssm_a",
+    "SSM_NORM": "blk.{bid}.ssm_norm",
+    "SSM_OUT": "blk.{bid}.ssm_out",
+    "SSM_ALPHA": "blk.{bid}.ssm_alpha",
+    "SSM_BETA": "blk.{bid}.ssm_beta",
+    "SSM_BETA_ALPHA": "blk.{bid}.ssm_ba",
+    "NEXTN_EH_PROJ": "blk.{bid}.nextn.eh_proj",
+    "NEXTN_ENORM": "blk.{bid}.nextn.enorm",
+    "NEXTN_HNORM": "blk.{bid}.nextn.hnorm",
+    "NEXTN_SHARED_HEAD_NORM": "blk.{bid}.nextn.shared_head_norm",
+}
+
+
+# GGUF architecture names newer than the gguf-py on PyPI (llama.cpp's src/llama-arch.cpp)
+EXTRA_ARCH_NAMES: dict[str, str] = {"QWEN3NEXT": "qwen3next", "QWEN35": "qwen35", "QWEN35MOE": "qwen35moe"}
+
+
+def tensor_base_name(tensor: str) -> str:
+    """The GGUF name pattern of a gguf.MODEL_TENSOR member name ("blk.{bid}.attn_q")."""
+    import gguf
+
+    member = getattr(gguf.MODEL_TENSOR, tensor, None)
+    if member is not None and member in gguf.TENSOR_NAMES:
+        return gguf.TENSOR_NAMES[member]
+    return EXTRA_TENSOR_NAMES[tensor]
+
+
+def row_blocks(arch: "Architecture", row: Row, sizes: dict[str, int], kinds: list[str] | None = None,
+               config: dict[str, Any] | None = None, path: Path | None = None) -> list[tuple[int | None, int | None]]:
+    """(Hugging Face block number, GGUF block number) of every copy of `row`.
+
+    A row numbered by another size than the architecture's blocks (`row.blocks`) takes its GGUF
+    numbers from the architecture's `block_ids` when it has them (Qwen3-VL's deepstack mergers).
+    """
+    if "{bid}" not in row.hf:
+        if row.bid_offset is None:
+            return [(None, None)]
+        if row.blocks is not None and not sizes[row.blocks]:
+            return []  # a tensor of blocks there are none of (the MTP block, left out)
+        return [(None, sizes[row.bid_offset])]
+    n = sizes[row.blocks or arch.blocks_key]
+    offset = sizes[row.bid_offset] if row.bid_offset else 0
+    if row.blocks is not None and arch.block_ids is not None and config is not None and path is not None:
+        return [(b, g + offset) for b, g in enumerate(arch.block_ids(config, path)[row.blocks])]
+    out = []
+    for b in range(n):
+        if row.only is not None and row.bid_offset is None and kinds is not None and kinds[b] != row.only:
+            continue
+        out.append((b, b + offset))
+    return out
 
 
 # --- shared helpers for the architecture modules ------------------------------------------------
@@ -188,7 +262,8 @@ def text_hparams(w: Any, config: dict[str, Any], path: Path) -> None:
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(int(config.get("max_position_embeddings") or 32768))
     w.add_embedding_length(h)
-    w.add_feed_forward_length(config["intermediate_size"])
+    if config.get("intermediate_size") is not None:  # a hybrid MoE config may have none
+        w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(nh)
     w.add_head_count_kv(int(config.get("num_key_value_heads") or nh))
     rope = rope_parameters(config)
@@ -290,8 +365,9 @@ EXPERT_ROWS: tuple[Row, ...] = (
 
 def _registry() -> dict[str, Architecture]:
     from . import qwen2, qwen2moe, qwen2vl, qwen3, qwen3moe, qwen3vl
+    from .hybrid import HYBRID_ARCHS
 
-    archs = (qwen2.QWEN2, qwen3.QWEN3, qwen2moe.QWEN2MOE, qwen3moe.QWEN3MOE, qwen2vl.QWEN2VL)
+    archs = (qwen2.QWEN2, qwen3.QWEN3, qwen2moe.QWEN2MOE, qwen3moe.QWEN3MOE, qwen2vl.QWEN2VL, *HYBRID_ARCHS)
     archs += (qwen3vl.QWEN3VL, qwen3vl.QWEN3VLMOE)
     archs += (qwen3.QWEN3_BASE,)  # Qwen3Model: Qwen3-Embedding saved without its head
     return {a.name: a for a in archs}
@@ -323,7 +399,8 @@ def find_architecture(config: dict[str, Any], path: Path, part: str = "model") -
     archs = config.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    supported = f"edge-qwen converts {', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL, Qwen3-VL and fine-tunes)"
+    supported = (f"edge-qwen converts {', '.join(reg)} (Qwen2/2.5, Qwen3, their MoE models, Qwen2.5-VL, "
+                 "Qwen3-VL, Qwen3.5/3.6, Qwen3-Next, Qwen3-Embedding/Reranker and fine-tunes)")
     if not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"{path / 'config.json'}: \"architectures\" must be a list of class names, got "
                               f"{json.dumps(config.get('architectures'))[:80]}; {supported}")
