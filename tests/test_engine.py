@@ -145,7 +145,7 @@ def test_idle_slot_between_running_ones_gets_placeholders_and_keeps_its_cache(de
     # removed after the step (or the next step's placeholder would not fit its positions).
     from edge_qwen import EdgeQwen
 
-    counts = [user(f"Count from {k} to {k + 30}, separated by commas. Only the numbers.") for k in (1, 40, 70)]
+    counts = [user(f"Count from {k} to {k + 30}, separated by commas. Only the numbers.") for k in (10, 40, 70)]
     kw = {"temperature": 0, "max_tokens": 24, "reuse_prefix": True}
     with EdgeQwen(default_model, n_ctx=512, parallel=3) as m:
         alone = [m.chat(c, **{**kw, "reuse_prefix": False}) for c in counts]  # empty slots first: 0, 1, 2
