@@ -10,10 +10,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_completion_and_stream(client):
-    r = client.completions.create(model="qwen2.5", prompt="The capital of France is", max_tokens=4, temperature=0)
-    assert r.object == "text_completion" and "Paris" in r.choices[0].text and r.usage.completion_tokens <= 4
+    # A continuation with no near-tie: the streamed request finds the prompt cached, and a cached
+    # prefix may move a logprob by a few hundredths (batched vs single prefill numerics).
+    prompt = "Counting: 1, 2, 3, 4, 5, 6, 7,"
+    r = client.completions.create(model="qwen2.5", prompt=prompt, max_tokens=4, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.startswith(" 8,") and r.usage.completion_tokens <= 4
     parts = [c.choices[0].text for c in client.completions.create(
-        model="qwen2.5", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True) if c.choices]
+        model="qwen2.5", prompt=prompt, max_tokens=4, temperature=0, stream=True) if c.choices]
     assert "".join(parts) == r.choices[0].text
 
 
