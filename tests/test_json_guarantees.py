@@ -111,7 +111,7 @@ def test_cli_schema_file_errors_name_the_file_and_the_fix(tmp_path, text, says):
 
     path = tmp_path / "my-schema.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    r = CliRunner().invoke(main, ["chat", "--schema", str(path), "hi"])
+    r = CliRunner().invoke(main, ["chat", "--schema", str(path), "-p", "hi"])
     assert r.exit_code != 0 and "Traceback" not in r.output, r.output
     assert "my-schema.json" in r.output and "response_format" not in r.output, r.output
     for fragment in says:
